@@ -1,0 +1,64 @@
+"""Per-domain parameter modules (the trainable, natural form of one domain at one unit).
+
+    x ──► W (shared, frozen) ──► z ──(+)──► BN_d ──► y          parallel: (+) adds A_d ∗ x (1x1, conv stride)
+    └──────────── A_d ────────────┘                             series:   (+) adds A_d ∗ BN'_d(z)
+
+`A_d` is a 1x1 matrix, full or low-rank (U_d V_d). It starts at zero so a new domain starts as the base
+network; a low-rank V starts random so the gradient reaches U (as LoRA does).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class AdapterMatrix(nn.Module):
+    """A 1x1 adapter matrix [c_out, c_in]: full (`weight`) or low-rank (`u` [c_out, r] @ `v` [r, c_in])."""
+
+    def __init__(self, c_out: int, c_in: int, rank: int | None) -> None:
+        super().__init__()
+        self.rank = rank
+        if rank is None:
+            self.weight = nn.Parameter(torch.zeros(c_out, c_in))
+        else:
+            self.u = nn.Parameter(torch.zeros(c_out, rank))
+            self.v = nn.Parameter(torch.randn(rank, c_in) / math.sqrt(c_in))
+
+    def matrix(self) -> Tensor:
+        return self.weight if self.rank is None else self.u @ self.v
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.rank is None:
+            return F.conv2d(x, self.weight[:, :, None, None])
+        return F.conv2d(F.conv2d(x, self.v[:, :, None, None]), self.u[:, :, None, None])
+
+
+class DomainUnitParams(nn.Module):
+    """One domain's tensors at one conv+BN unit: its BN, and optionally an adapter (parallel or series)."""
+
+    def __init__(
+        self,
+        channels: int,
+        base_bn: nn.BatchNorm2d,
+        *,
+        domain_bn: bool,
+        adapter: tuple[str, int, int, int | None] | None,
+    ) -> None:
+        super().__init__()
+        self.bn: nn.BatchNorm2d | None = None
+        if domain_bn:
+            self.bn = nn.BatchNorm2d(channels, eps=base_bn.eps, momentum=base_bn.momentum)
+            self.bn.load_state_dict(base_bn.state_dict())  # start from the backbone's statistics
+        self.adapter: AdapterMatrix | None = None
+        self.series_bn: nn.BatchNorm2d | None = None
+        self.mode: str | None = None
+        if adapter is not None:
+            mode, c_out, c_in, rank = adapter
+            self.mode = mode
+            self.adapter = AdapterMatrix(c_out, c_in, rank)
+            if mode == "series":
+                self.series_bn = nn.BatchNorm2d(c_out, eps=base_bn.eps)

@@ -1,0 +1,327 @@
+"""`MultiDomainNet`: one frozen backbone, many domains.
+
+The architecture (`body`) is an ordinary module whose conv+BN pairs are `DomainUnit`s and whose classifier
+is a `DomainHead`; which parameters a forward uses is set through the shared `ForwardContext`:
+
+- `forward_domain(x, name)`: one domain's trainable modules (training, reference);
+- `forward(x, domain_index)`: the adapter bank, every row its own slot (mixed batches);
+- `forward_merged(x, slot)`: one slot's folded weights, at the plain backbone's cost;
+- `forward_base(x)`: the plain backbone, base BN and its own classifier if it was imported with one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from residual_adapters.config import AdapterConfig, pointwise_rank, select_units
+from residual_adapters.context import ForwardContext
+from residual_adapters.units import BN_TENSORS, AdapterShape, DomainHead, DomainUnit
+
+TensorSpec = tuple[tuple[int, ...], str]
+"""(shape, dtype) of one domain tensor: the domain spec is data, so the store can check it without torch.nn."""
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    config: AdapterConfig
+    num_classes: int
+
+
+class DomainMismatch(ValueError):
+    """Domain tensors that do not fit this backbone (names, shapes) or a bank that cannot hold them."""
+
+
+class MultiDomainNet(nn.Module):
+    def __init__(self, body: nn.Module, ctx: ForwardContext, architecture: dict[str, Any]) -> None:
+        super().__init__()
+        self.body = body
+        self.ctx = ctx
+        self.architecture = architecture
+        """{"name": registry name, "kwargs": structural arguments}: enough to rebuild the body."""
+        self.units: list[DomainUnit] = []
+        heads: list[DomainHead] = []
+        for name, module in body.named_modules():
+            if isinstance(module, DomainUnit):
+                module.name = name
+                self.units.append(module)
+            elif isinstance(module, DomainHead):
+                heads.append(module)
+        if len(heads) != 1:
+            raise ValueError(f"a body needs exactly one DomainHead, found {len(heads)}")
+        self.head = heads[0]
+        self.domains: dict[str, DomainInfo] = {}
+        self.slots: list[DomainInfo | None] = []
+
+    # -- shared weights -----------------------------------------------------------------------------
+    def shared_state_dict(self) -> dict[str, Tensor]:
+        """The frozen weights (convs and base BN), in a stable order; what a backbone artifact stores."""
+        return {
+            k: v
+            for k, v in self.body.state_dict().items()
+            if ".domains." not in f".{k}" and not k.endswith("num_batches_tracked")
+        }
+
+    def load_shared_state_dict(self, tensors: dict[str, Tensor]) -> None:
+        expected = self.shared_state_dict()
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise DomainMismatch(f"shared weights do not fit {self.architecture['name']}: missing {missing[:5]}, extra {extra[:5]}")
+        with torch.no_grad():
+            for k, v in expected.items():
+                if tuple(tensors[k].shape) != tuple(v.shape):
+                    raise DomainMismatch(f"shared tensor {k}: shape {tuple(tensors[k].shape)}, expected {tuple(v.shape)}")
+                v.copy_(tensors[k])
+
+    def fingerprint(self) -> str:
+        """sha256 of the architecture and every shared tensor: ties artifacts to the exact weights they were trained on."""
+        h = hashlib.sha256(json.dumps(self.architecture, sort_keys=True).encode())
+        for k, v in sorted(self.shared_state_dict().items()):
+            t = v.detach().to("cpu", torch.float32).contiguous()
+            h.update(f"{k}:{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+    @property
+    def shared_parameter_count(self) -> int:
+        return sum(v.numel() for k, v in self.shared_state_dict().items() if "running_" not in k)
+
+    # -- domain layout ------------------------------------------------------------------------------
+    def adaptable_units(self) -> list[str]:
+        return [u.name for u in self.units if u.adaptable]
+
+    def unit_adapter(self, unit: DomainUnit, config: AdapterConfig) -> AdapterShape | None:
+        """Where and how big the adapter at `unit` is for `config` (None: BN only)."""
+        if not config.has_adapters or not unit.adaptable or unit.name not in self._selected(config):
+            return None
+        assert unit.conv is not None
+        mode = "series" if config.kind == "series" else "parallel"
+        c_out = unit.conv.out_channels
+        c_in = c_out if mode == "series" else unit.conv.in_channels
+        rank: int | None = None
+        if unit.name in config.unit_ranks:
+            rank = config.unit_ranks[unit.name]
+        elif unit.pointwise:  # a low-rank domain's 1x1 adapters never exceed the pointwise budget
+            rank = pointwise_rank(c_out, c_in, config.pointwise_budget)
+            if config.kind == "lowrank":
+                rank = min(rank, int(config.rank or rank))
+        elif config.kind == "lowrank":
+            rank = config.rank
+        return (mode, c_out, c_in, rank)
+
+    def _selected(self, config: AdapterConfig) -> set[str]:
+        return select_units(config.allocation, self.adaptable_units())
+
+    def domain_spec(self, config: AdapterConfig, num_classes: int) -> dict[str, TensorSpec]:
+        """Exact names, shapes and dtypes of every tensor of a domain with this config."""
+        spec: dict[str, TensorSpec] = {}
+        for unit in self.units:
+            if config.has_domain_bn:
+                for k in BN_TENSORS:
+                    spec[f"{unit.name}.bn.{k}"] = ((unit.channels,), "float32")
+            shape = self.unit_adapter(unit, config)
+            if shape is None:
+                continue
+            mode, c_out, c_in, rank = shape
+            if rank is None:
+                spec[f"{unit.name}.adapter.weight"] = ((c_out, c_in), "float32")
+            else:
+                spec[f"{unit.name}.adapter.u"] = ((c_out, rank), "float32")
+                spec[f"{unit.name}.adapter.v"] = ((rank, c_in), "float32")
+            if mode == "series":
+                for k in BN_TENSORS:
+                    spec[f"{unit.name}.series_bn.{k}"] = ((c_out,), "float32")
+        spec["head.weight"] = ((num_classes, self.head.in_features), "float32")
+        spec["head.bias"] = ((num_classes,), "float32")
+        return spec
+
+    # -- trainable domains --------------------------------------------------------------------------
+    def add_domain(self, name: str, config: AdapterConfig, num_classes: int) -> None:
+        """A new trainable domain, starting as the base network (zero adapters, base BN statistics)."""
+        if name in self.domains:
+            raise ValueError(f"domain {name!r} already exists")
+        device = next(self.body.parameters()).device
+        for unit in self.units:
+            unit.add_domain(name, domain_bn=config.has_domain_bn, adapter=self.unit_adapter(unit, config))
+        self.head.add_domain(name, num_classes)
+        self.domains[name] = DomainInfo(config, num_classes)
+        self.to(device)
+        self.train(self.training)  # new modules follow the network's train/eval mode
+
+    def remove_domain(self, name: str) -> None:
+        self._require(name)
+        for unit in self.units:
+            del unit.domains[name]
+        del self.head.domains[name]
+        del self.domains[name]
+
+    def _require(self, name: str) -> DomainInfo:
+        if name not in self.domains:
+            raise KeyError(f"unknown domain {name!r}; known: {sorted(self.domains)}")
+        return self.domains[name]
+
+    def domain_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """The trainable tensors of one domain, by spec name (what an optimiser gets)."""
+        return {k: v for k, v in self._domain_tensors(name, params_only=True).items() if isinstance(v, nn.Parameter)}
+
+    def domain_state(self, name: str) -> dict[str, Tensor]:
+        """One domain's tensors by spec name: exactly what an artifact stores."""
+        return {k: v.detach() for k, v in self._domain_tensors(name, params_only=False).items()}
+
+    def _domain_tensors(self, name: str, *, params_only: bool) -> dict[str, Tensor]:
+        self._require(name)
+        out: dict[str, Tensor] = {}
+        for unit in self.units:
+            module = unit.domains[name]
+            items = module.named_parameters() if params_only else module.state_dict(keep_vars=True).items()
+            for k, v in items:
+                if not k.endswith("num_batches_tracked"):
+                    out[f"{unit.name}.{k}"] = v
+        head = self.head.domains[name]
+        out["head.weight"], out["head.bias"] = head.weight, head.bias
+        return out
+
+    def load_domain(self, name: str, config: AdapterConfig, tensors: dict[str, Tensor]) -> None:
+        """Add a trainable domain with the given tensors (checked against the spec)."""
+        num_classes = int(tensors["head.bias"].shape[0]) if "head.bias" in tensors else -1
+        check_tensors(self.domain_spec(config, max(num_classes, 0)), tensors)
+        self.add_domain(name, config, num_classes)
+        with torch.no_grad():
+            for k, v in self._domain_tensors(name, params_only=False).items():
+                v.copy_(tensors[k])
+
+    # -- forward paths ------------------------------------------------------------------------------
+    def forward_domain(self, x: Tensor, name: str) -> Tensor:
+        self._require(name)
+        with self.ctx.use(mode="domain", domain=name):
+            return self.body(x)  # type: ignore[no-any-return]
+
+    def forward_base(self, x: Tensor) -> Tensor:
+        with self.ctx.use(mode="base"):
+            return self.body(x)  # type: ignore[no-any-return]
+
+    def forward(self, x: Tensor, domain_index: Tensor) -> Tensor:
+        """Mixed-domain forward through the bank: row i uses slot domain_index[i].
+
+        Returns [B, K_max] logits, classes beyond a row's own count set to -inf.
+        Shared convs run once over the whole batch; domain tensors are gathered per row.
+        """
+        present = domain_index.unique().tolist()  # one host sync per batch, not per layer
+        for s in present:
+            if not 0 <= s < len(self.slots) or self.slots[s] is None:
+                raise KeyError(f"bank slot {s} is empty")
+        series = any(self.slots[s].config.kind == "series" for s in present)  # type: ignore[union-attr]
+        single = present[0] if len(present) == 1 else None
+        with self.ctx.use(mode="mixed", slot_index=domain_index, slot=single, series=series):
+            logits = self.body(x)
+        if single is not None:  # the single-slot shortcut returns exactly that slot's classes: pad like a mix
+            k_max = self.head.bank_weight.shape[1]
+            logits = torch.nn.functional.pad(logits, (0, k_max - logits.shape[1]), value=float("-inf"))
+        return logits  # type: ignore[no-any-return]
+
+    def forward_slot(self, x: Tensor, slot: int) -> Tensor:
+        """A single-domain batch through the bank, unmerged: adapters as 1x1 convs, no gather."""
+        info = self._slot(slot)
+        with self.ctx.use(mode="mixed", slot_index=None, slot=slot, series=info.config.kind == "series"):
+            return self.body(x)  # type: ignore[no-any-return]
+
+    def forward_merged(self, x: Tensor, slot: int) -> Tensor:
+        """A single-domain batch through the slot's merged weights (see `merge`)."""
+        self._slot(slot)
+        if slot not in self.units[0].merged:
+            self.merge(slot)
+        with self.ctx.use(mode="merged", slot=slot):
+            return self.body(x)  # type: ignore[no-any-return]
+
+    # -- adapter bank -------------------------------------------------------------------------------
+    def enable_bank(self, slots: int, pointwise_budget: float = 0.1) -> None:
+        """Allocate an empty bank of `slots` domains. 1x1 convs store low-rank adapters up to the rank
+        `pointwise_budget` gives; 3x3 convs store full matrices (low-rank domains are materialised)."""
+        for unit in self.units:
+            shape = None
+            if unit.adaptable:
+                assert unit.conv is not None
+                c_out, c_in = unit.conv.out_channels, unit.conv.in_channels
+                rank = pointwise_rank(c_out, c_in, pointwise_budget) if unit.pointwise else None
+                shape = ("parallel", c_out, c_in, rank)
+            unit.enable_bank(slots, shape, pointwise_budget)
+        self.head.enable_bank(slots, self.units[0].bank_scale)
+        self.slots = [None] * slots
+
+    def _slot(self, slot: int) -> DomainInfo:
+        if not 0 <= slot < len(self.slots) or self.slots[slot] is None:
+            raise KeyError(f"bank slot {slot} is empty")
+        return self.slots[slot]  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def bank_load(self, slot: int, config: AdapterConfig, tensors: dict[str, Tensor]) -> None:
+        """Copy one domain's tensors into a bank slot (validated against the spec first)."""
+        if not 0 <= slot < len(self.slots):
+            raise IndexError(f"bank slot {slot} out of range 0..{len(self.slots) - 1}")
+        num_classes = int(tensors["head.bias"].shape[0]) if "head.bias" in tensors else 0
+        check_tensors(self.domain_spec(config, num_classes), tensors)
+        self.slots[slot] = None  # a failure half-way leaves the slot empty, never half-loaded
+        for unit in self.units:
+            prefix = f"{unit.name}."
+            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            unit.bank_load(slot, own, self.unit_adapter(unit, config))
+        self.head.bank_load(slot, tensors["head.weight"], tensors["head.bias"])
+        self.slots[slot] = DomainInfo(config, num_classes)
+
+    def bank_clear(self, slot: int) -> None:
+        self._slot(slot)
+        self.slots[slot] = None
+        self.unmerge(slot)
+
+    def load_domains_into_bank(self) -> dict[str, int]:
+        """Copy every trainable domain into the bank, in order (domain i -> slot i)."""
+        if len(self.slots) < len(self.domains):
+            self.enable_bank(len(self.domains))
+        mapping = {}
+        for slot, (name, info) in enumerate(self.domains.items()):
+            self.bank_load(slot, info.config, self.domain_state(name))
+            mapping[name] = slot
+        return mapping
+
+    @torch.no_grad()
+    def merge(self, slot: int) -> None:
+        self._slot(slot)
+        for unit in self.units:
+            unit.merge(slot)
+
+    def unmerge(self, slot: int) -> None:
+        for unit in self.units:
+            unit.merged.pop(slot, None)
+
+    # -- parameter counting -------------------------------------------------------------------------
+    def domain_parameter_counts(self, config: AdapterConfig, num_classes: int) -> dict[str, int]:
+        """Per-domain tensors by role (running statistics are not parameters)."""
+        counts = {"adapter": 0, "bn": 0, "head": 0}
+        for name, (shape, _) in self.domain_spec(config, num_classes).items():
+            n = 1
+            for d in shape:
+                n *= d
+            if "running_" in name:
+                continue
+            role = "head" if name.startswith("head.") else "adapter" if ".adapter." in name else "bn"
+            counts[role] += n
+        return counts
+
+    def params_multiplier(self, n_domains: int, config: AdapterConfig, num_classes: int = 0) -> float:
+        """The paper's '#params' column: total parameters for n domains over one backbone's (heads apart)."""
+        c = self.domain_parameter_counts(config, num_classes)
+        return (self.shared_parameter_count + n_domains * (c["adapter"] + c["bn"])) / self.shared_parameter_count
+
+
+def check_tensors(spec: dict[str, TensorSpec], tensors: dict[str, Tensor]) -> None:
+    missing, extra = sorted(set(spec) - set(tensors)), sorted(set(tensors) - set(spec))
+    if missing or extra:
+        raise DomainMismatch(f"domain tensors do not match the spec: missing {missing[:5]}, extra {extra[:5]}")
+    for k, (shape, _) in spec.items():
+        if tuple(tensors[k].shape) != shape:
+            raise DomainMismatch(f"domain tensor {k}: shape {tuple(tensors[k].shape)}, expected {shape}")
