@@ -1,0 +1,5 @@
+import sys
+
+from multidomain.cli import main
+
+sys.exit(main())
