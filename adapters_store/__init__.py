@@ -1,0 +1,92 @@
+"""Domain and backbone artifacts: format, validation of untrusted uploads, and the versioned store.
+
+Knows a domain spec only as data (tensor name -> (shape, dtype)); never imports the model classes.
+
+    validated = validate_domain_artifact(manifest_bytes, tensor_bytes, spec_for=..., fingerprint=...)
+    version = store.put(validated, activate=True)
+    stored = store.get("cifar100")          # active version: manifest + tensor_path
+"""
+
+from adapters_store.bundle import pack_bundle, unpack_bundle
+from adapters_store.errors import (
+    AdapterStoreError,
+    ArtifactInvalid,
+    BackboneNotFound,
+    DomainNotFound,
+    Problem,
+    StoreBusy,
+    StoreConflict,
+    StoreCorrupt,
+    StoreError,
+    VersionNotFound,
+)
+from adapters_store.limits import Limits
+from adapters_store.local import LocalStore
+from adapters_store.manifest import (
+    BACKBONE_TENSORS_NAME,
+    DOMAIN_TENSORS_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    AdapterSettings,
+    ArchitectureConfig,
+    BackboneManifest,
+    DomainManifest,
+    Preprocessing,
+    Provenance,
+    is_safe_domain_name,
+    manifest_to_json,
+    parse_backbone_manifest,
+    parse_domain_manifest,
+)
+from adapters_store.store import AdapterStore, DomainInfo, StoredBackbone, StoredDomain
+from adapters_store.validation import (
+    DomainSpec,
+    SpecFor,
+    ValidatedArtifact,
+    ValidatedBackbone,
+    sha256_hex,
+    validate_backbone_artifact,
+    validate_domain_artifact,
+)
+
+__all__ = [
+    "BACKBONE_TENSORS_NAME",
+    "DOMAIN_TENSORS_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "AdapterSettings",
+    "AdapterStore",
+    "AdapterStoreError",
+    "ArchitectureConfig",
+    "ArtifactInvalid",
+    "BackboneManifest",
+    "BackboneNotFound",
+    "DomainInfo",
+    "DomainManifest",
+    "DomainNotFound",
+    "DomainSpec",
+    "Limits",
+    "LocalStore",
+    "Preprocessing",
+    "Problem",
+    "Provenance",
+    "SpecFor",
+    "StoreBusy",
+    "StoreConflict",
+    "StoreCorrupt",
+    "StoreError",
+    "StoredBackbone",
+    "StoredDomain",
+    "ValidatedArtifact",
+    "ValidatedBackbone",
+    "VersionNotFound",
+    "is_safe_domain_name",
+    "manifest_to_json",
+    "pack_bundle",
+    "parse_backbone_manifest",
+    "parse_domain_manifest",
+    "sha256_hex",
+    "unpack_bundle",
+    "validate_backbone_artifact",
+    "validate_domain_artifact",
+]

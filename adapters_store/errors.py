@@ -6,6 +6,7 @@ validator can produce is one of these types (never a bare ValueError or OSError)
 - ``ArtifactInvalid``  -> 400/422: the uploaded bytes are refused; carries every ``Problem`` found.
 - ``DomainNotFound`` / ``VersionNotFound`` / ``BackboneNotFound`` -> 404.
 - ``StoreConflict``    -> 409: the request contradicts the store's state (delete the active version...).
+- ``StoreBusy``        -> 503: another writer held the store's lock for longer than the timeout.
 - ``StoreCorrupt``     -> 500: the store's own files do not parse; an operator must look.
 """
 
@@ -68,6 +69,10 @@ class BackboneNotFound(StoreError):
 
 class StoreConflict(StoreError):
     """The operation contradicts the store's state (e.g. deleting the active version)."""
+
+
+class StoreBusy(StoreError):
+    """The store's write lock was not obtained within the timeout; retrying later may succeed."""
 
 
 class StoreCorrupt(StoreError):

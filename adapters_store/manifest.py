@@ -86,8 +86,8 @@ class AdapterSettings(BaseModel):
     kind: Literal["parallel", "series", "lowrank", "bn", "head"]
     rank: int | None = Field(default=None, ge=1)
     allocation: ShortText | Annotated[list[ShortText], Field(max_length=4096)] = "all"
-    pointwise_budget: float = Field(default=0.1, ge=0.0)
-    unit_ranks: Annotated[dict[ShortText, Annotated[int, Field(ge=0)]], Field(max_length=4096)] = Field(
+    pointwise_budget: float = Field(default=0.1, gt=0.0, le=1.0)
+    unit_ranks: Annotated[dict[ShortText, Annotated[int, Field(ge=1)]], Field(max_length=4096)] = Field(
         default_factory=dict
     )
 
