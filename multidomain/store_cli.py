@@ -1,0 +1,335 @@
+"""``multidomain store``: validate artifacts and manage the versioned store from the shell.
+
+    multidomain store validate ARTIFACT --backbone BACKBONE_DIR    exit 0 valid, 1 invalid (reasons printed)
+    multidomain store put ARTIFACT --backbone BACKBONE_DIR [--activate]
+    multidomain store put-backbone BACKBONE_DIR
+    multidomain store list | show DOMAIN [--version N] | activate DOMAIN VERSION | rollback DOMAIN
+    multidomain store delete DOMAIN [--version N] | verify
+
+ARTIFACT is a bundle (.tar) or a directory with manifest.json + adapter.safetensors; BACKBONE_DIR a
+directory with manifest.json + backbone.safetensors. ``--store`` defaults to ``$MD_STORE_DIR``, else
+``./store``. Glue: this module may import the model library (lazily, so ``list`` stays fast);
+``adapters_store`` itself never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from adapters_store import (
+    BACKBONE_TENSORS_NAME,
+    DOMAIN_TENSORS_NAME,
+    MANIFEST_NAME,
+    ArtifactInvalid,
+    DomainManifest,
+    DomainSpec,
+    Limits,
+    LocalStore,
+    Problem,
+    StoreError,
+    ValidatedArtifact,
+    ValidatedBackbone,
+    unpack_bundle,
+    validate_backbone_artifact,
+    validate_domain_artifact,
+)
+from adapters_store.safetensors_check import looks_like_pickle
+
+EXIT_OK, EXIT_INVALID = 0, 1
+# Keys of an architecture's kwargs that would make create_backbone read files other than the artifact.
+_FORBIDDEN_ARCH_KWARGS = frozenset({"weights"})
+
+
+class _Refused(Exception):
+    """Problems with the command's inputs; printed one per line, exit 1."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("refused")
+        self.problems = problems
+
+
+def default_store_dir() -> Path:
+    return Path(os.environ.get("MD_STORE_DIR") or "store")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``store`` command group; every command sets ``func(args) -> exit code``."""
+    group = subparsers.add_parser("store", help="validate artifacts, manage the adapter store")
+    commands = group.add_subparsers(dest="store_command", required=True)
+    with_store = argparse.ArgumentParser(add_help=False)
+    with_store.add_argument(
+        "--store", type=Path, default=None, help="store directory (default: $MD_STORE_DIR, else ./store)"
+    )
+
+    p = commands.add_parser("validate", help="check a domain artifact against a backbone artifact")
+    p.add_argument(
+        "artifact", type=Path, help="bundle .tar or directory with manifest.json + adapter.safetensors"
+    )
+    p.add_argument(
+        "--backbone", type=Path, required=True, help="directory with manifest.json + backbone.safetensors"
+    )
+    p.set_defaults(func=cmd_validate)
+
+    p = commands.add_parser("put", parents=[with_store], help="validate a domain artifact and store it")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--backbone", type=Path, required=True)
+    p.add_argument("--activate", action="store_true", help="make the new version the active one")
+    p.set_defaults(func=cmd_put)
+
+    p = commands.add_parser(
+        "put-backbone", parents=[with_store], help="validate and store a backbone artifact"
+    )
+    p.add_argument("backbone", type=Path)
+    p.set_defaults(func=cmd_put_backbone)
+
+    p = commands.add_parser(
+        "list", parents=[with_store], help="domains with their active and stored versions"
+    )
+    p.set_defaults(func=cmd_list)
+
+    p = commands.add_parser("show", parents=[with_store], help="a domain's versions and a version's manifest")
+    p.add_argument("domain")
+    p.add_argument("--version", type=int, default=None, help="default: the active version")
+    p.set_defaults(func=cmd_show)
+
+    p = commands.add_parser("activate", parents=[with_store], help="serve the given version of a domain")
+    p.add_argument("domain")
+    p.add_argument("version", type=int)
+    p.set_defaults(func=cmd_activate)
+
+    p = commands.add_parser(
+        "rollback", parents=[with_store], help="re-activate the previously active version"
+    )
+    p.add_argument("domain")
+    p.set_defaults(func=cmd_rollback)
+
+    p = commands.add_parser("delete", parents=[with_store], help="delete a version, or a whole domain")
+    p.add_argument("domain")
+    p.add_argument("--version", type=int, default=None, help="only this (inactive) version")
+    p.set_defaults(func=cmd_delete)
+
+    p = commands.add_parser(
+        "verify", parents=[with_store], help="check every stored file against its checksum"
+    )
+    p.set_defaults(func=cmd_verify)
+
+
+def _store(args: argparse.Namespace) -> LocalStore:
+    return LocalStore(args.store if args.store is not None else default_store_dir())
+
+
+def _guarded(command: Callable[[argparse.Namespace, TextIO], int]) -> Callable[[argparse.Namespace], int]:
+    """Map this package's refusals and the store's errors to a message and exit 1, in one place."""
+
+    def run(args: argparse.Namespace) -> int:
+        out = sys.stdout
+        try:
+            return command(args, out)
+        except (_Refused, ArtifactInvalid) as exc:
+            print("invalid:", file=out)
+            for problem in exc.problems:
+                print(f"  {problem}", file=out)
+            return EXIT_INVALID
+        except StoreError as exc:
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+
+    run.__name__ = command.__name__
+    return run
+
+
+# -- reading artifacts from disk ----------------------------------------------------------------------
+
+
+def _read(path: Path, field: str, limit: int) -> bytes:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise _Refused([Problem(field, f"cannot read {path}: {exc.strerror}", "io")]) from None
+    if size > limit:
+        raise _Refused([Problem(field, f"{path}: {size} bytes exceed the limit of {limit}", "too_large")])
+    return path.read_bytes()
+
+
+def read_domain_files(path: Path, limits: Limits = Limits()) -> tuple[bytes, bytes, str | None]:
+    """``(manifest_bytes, tensor_bytes, tensor_filename)`` of a bundle file or an artifact directory."""
+    if path.is_dir():
+        manifest = _read(path / MANIFEST_NAME, "manifest", limits.max_manifest_bytes)
+        return manifest, _read(path / DOMAIN_TENSORS_NAME, "tensors", limits.max_tensor_bytes), None
+    data = _read(path, "bundle", limits.max_bundle_bytes)
+    pickled = looks_like_pickle(data, path.name)
+    if pickled is not None:
+        raise _Refused([pickled])
+    manifest, tensors = unpack_bundle(data, limits=limits)
+    return manifest, tensors, None
+
+
+def read_backbone(path: Path, limits: Limits = Limits()) -> ValidatedBackbone:
+    if not path.is_dir():
+        raise _Refused([Problem("backbone", f"{path} is not a backbone artifact directory", "io")])
+    manifest = _read(path / MANIFEST_NAME, "backbone.manifest", limits.max_manifest_bytes)
+    tensors = _read(path / BACKBONE_TENSORS_NAME, "backbone.tensors", limits.max_backbone_bytes)
+    try:
+        return validate_backbone_artifact(manifest, tensors, limits=limits)
+    except ArtifactInvalid as exc:
+        raise _Refused([Problem(f"backbone.{p.field}", p.message, p.code) for p in exc.problems]) from None
+
+
+def backbone_spec(backbone: ValidatedBackbone) -> tuple[Callable[[DomainManifest], DomainSpec], str]:
+    """Build the backbone with the model library: ``(spec_for, fingerprint)`` for validation."""
+    import torch
+
+    from residual_adapters import AdapterConfig, create_backbone
+
+    arch = backbone.manifest.architecture
+    forbidden = _FORBIDDEN_ARCH_KWARGS & set(arch.kwargs)
+    if forbidden:
+        msg = f"kwargs {sorted(forbidden)} are not structural; the weights come from {BACKBONE_TENSORS_NAME}"
+        raise _Refused([Problem("backbone.manifest.architecture", msg, "schema")])
+    kwargs: dict[str, Any] = dict(arch.kwargs)
+    try:
+        net = create_backbone(arch.name, **kwargs)
+        net.load_shared_state_dict({k: torch.from_numpy(v.copy()) for k, v in backbone.tensors.items()})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _Refused([Problem("backbone", f"the model library refused it: {exc}", "backbone")]) from None
+    fingerprint = net.fingerprint()
+    if fingerprint != backbone.manifest.fingerprint:
+        msg = f"weights give fingerprint {fingerprint}, the manifest says {backbone.manifest.fingerprint}"
+        raise _Refused([Problem("backbone.manifest.fingerprint", msg, "fingerprint")])
+
+    def spec_for(manifest: DomainManifest) -> DomainSpec:
+        return net.domain_spec(AdapterConfig(**manifest.adapter.model_dump()), len(manifest.labels))
+
+    return spec_for, fingerprint
+
+
+def validate_path(artifact: Path, backbone_dir: Path) -> ValidatedArtifact:
+    """Everything ``store validate`` checks; raises ``_Refused`` / ``ArtifactInvalid``."""
+    backbone = read_backbone(backbone_dir)
+    spec_for, fingerprint = backbone_spec(backbone)
+    manifest, tensors, filename = read_domain_files(artifact)
+    return validate_domain_artifact(
+        manifest, tensors, spec_for=spec_for, fingerprint=fingerprint, filename=filename
+    )
+
+
+def _summary(validated: ValidatedArtifact) -> str:
+    m = validated.manifest
+    return (
+        f"{m.domain}: {len(m.labels)} labels, {len(validated.tensors)} tensors ({m.dtype}), "
+        f"adapter {m.adapter.kind}, sha256 {m.sha256[:16]}..."
+    )
+
+
+# -- commands -----------------------------------------------------------------------------------------
+
+
+@_guarded
+def cmd_validate(args: argparse.Namespace, out: TextIO) -> int:
+    validated = validate_path(args.artifact, args.backbone)
+    print(f"valid: {_summary(validated)}", file=out)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_put(args: argparse.Namespace, out: TextIO) -> int:
+    validated = validate_path(args.artifact, args.backbone)
+    version = _store(args).put(validated, activate=args.activate)
+    state = "active" if args.activate else "inactive"
+    print(f"stored {validated.manifest.domain} v{version} ({state})", file=out)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_put_backbone(args: argparse.Namespace, out: TextIO) -> int:
+    backbone = read_backbone(args.backbone)
+    backbone_spec(backbone)  # the model library must rebuild it and agree on the fingerprint
+    _store(args).put_backbone(backbone)
+    print(f"stored backbone {backbone.manifest.name} {backbone.manifest.fingerprint[:16]}...", file=out)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
+    store = _store(args)
+    domains = store.list_domains()
+    if not domains:
+        print(f"no domains in {store.root}", file=out)
+        return EXIT_OK
+    width = max(len("DOMAIN"), *(len(d) for d in domains))
+    print(f"{'DOMAIN':<{width}}  ACTIVE  VERSIONS", file=out)
+    for domain in domains:
+        info = store.describe(domain)
+        active = "-" if info.active is None else f"v{info.active}"
+        print(f"{domain:<{width}}  {active:<6}  {' '.join(f'v{v}' for v in info.versions)}", file=out)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
+    store = _store(args)
+    info = store.describe(args.domain)
+    print(f"domain:   {info.domain}", file=out)
+    print(f"active:   {'-' if info.active is None else f'v{info.active}'}", file=out)
+    print(f"versions: {' '.join(f'v{v}' for v in info.versions)}", file=out)
+    if info.previous:
+        print(f"rollback: v{info.previous[-1]}", file=out)
+    version = args.version if args.version is not None else info.active
+    if version is not None:
+        stored = store.get(args.domain, version)
+        print(f"manifest of v{version} ({stored.tensor_path}):", file=out)
+        print(json.dumps(stored.manifest.model_dump(mode="json"), indent=2), file=out)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_activate(args: argparse.Namespace, out: TextIO) -> int:
+    _store(args).activate(args.domain, args.version)
+    print(f"{args.domain}: v{args.version} active", file=out)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_rollback(args: argparse.Namespace, out: TextIO) -> int:
+    version = _store(args).rollback(args.domain)
+    print(f"{args.domain}: rolled back to v{version}", file=out)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_delete(args: argparse.Namespace, out: TextIO) -> int:
+    store = _store(args)
+    if args.version is None:
+        store.delete_domain(args.domain)
+        print(f"{args.domain}: deleted", file=out)
+    else:
+        store.delete_version(args.domain, args.version)
+        print(f"{args.domain}: v{args.version} deleted", file=out)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
+    problems = _store(args).verify()
+    if problems:
+        raise _Refused(problems)
+    print("store is consistent", file=out)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``store`` group alone (``python -m multidomain.store_cli list``)."""
+    parser = argparse.ArgumentParser(prog="multidomain")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["store", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
