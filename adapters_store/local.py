@@ -341,13 +341,14 @@ class LocalStore:
         finally:
             self._lock.release()
 
-    def _write_file(self, path: Path, data: bytes) -> None:
+    def _write_file(self, path: Path, data: bytes, step: str | None = None) -> None:
+        step = f"write:{step or path.name}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             view = memoryview(data)
             for start in range(0, max(len(data), 1), self._chunk_bytes):
                 os.write(fd, view[start : start + self._chunk_bytes])
-                self._fault(f"write:{path.name}")
+                self._fault(step)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -373,7 +374,7 @@ class LocalStore:
     def _commit(self, index: _Index) -> None:
         index.revision += 1
         tmp = self.root / "tmp" / f"index-{uuid.uuid4().hex}.json"
-        self._write_file(tmp, index.model_dump_json().encode("utf-8"))
+        self._write_file(tmp, index.model_dump_json().encode("utf-8"), INDEX_NAME)
         self._fault("index-staged")
         os.replace(tmp, self.root / INDEX_NAME)
         self._fault("index-renamed")

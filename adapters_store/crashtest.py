@@ -1,0 +1,189 @@
+"""Kill a ``LocalStore.put`` at a chosen step, in a real subprocess (for tests and bench/store_crash.py).
+
+The child (``python -m adapters_store.crashtest``) puts a bundle with a fault hook that counts the
+store's write steps (``LocalStore`` calls it after every chunk written, every fsync-and-rename stage,
+and each phase of the index swap). At step ``kill_at`` it reports ``PAUSED <n> <step>`` on stdout
+and blocks reading stdin; the parent then SIGKILLs it. The kill therefore lands at a known point,
+deterministically, without sleeps. ``kill_at=0`` runs the put to the end and lists every step.
+
+After a kill, ``check_store`` says whether the store is still consistent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import selectors
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters_store.bundle import unpack_bundle
+from adapters_store.errors import DomainNotFound, StoreError
+from adapters_store.local import LocalStore
+from adapters_store.safetensors_check import check_safetensors
+from adapters_store.store import DomainInfo
+from adapters_store.validation import DomainSpec, sha256_hex, validate_domain_artifact
+
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+
+
+@dataclass(frozen=True)
+class PutOutcome:
+    """What happened to one child put."""
+
+    killed_at: str | None
+    """The step the child was paused (and killed) at; None when the put ran to the end."""
+    step_number: int
+    version: int | None
+    """The version the put returned, when it completed."""
+    steps: tuple[str, ...] = ()
+    """Every step seen (only when the put ran to the end)."""
+
+
+def _child(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("root", type=Path)
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("kill_at", type=int)
+    parser.add_argument("--activate", action="store_true")
+    parser.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    args = parser.parse_args(argv)
+
+    manifest_bytes, tensor_bytes = unpack_bundle(args.bundle.read_bytes())
+    # The spec is the file's own header: this harness tests the store, not validation.
+    spec: DomainSpec = {n: (e.shape, e.dtype) for n, e in check_safetensors(tensor_bytes).entries.items()}
+    artifact = validate_domain_artifact(
+        manifest_bytes,
+        tensor_bytes,
+        spec_for=lambda m: spec,
+        fingerprint=_manifest_fingerprint(manifest_bytes),
+    )
+    steps: list[str] = []
+
+    def hook(step: str) -> None:
+        steps.append(step)
+        if args.kill_at == 0:
+            print(f"STEP {step}", flush=True)
+        elif len(steps) == args.kill_at:
+            print(f"PAUSED {len(steps)} {step}", flush=True)
+            sys.stdin.read()  # the parent kills us here; EOF means it went away instead
+            os._exit(3)
+
+    store = LocalStore(args.root, fault_hook=hook, chunk_bytes=args.chunk_bytes)
+    version = store.put(artifact, activate=args.activate)
+    print(f"DONE {version}", flush=True)
+
+
+def _manifest_fingerprint(manifest_bytes: bytes) -> str:
+    from adapters_store.manifest import parse_domain_manifest
+
+    return parse_domain_manifest(manifest_bytes).backbone_fingerprint
+
+
+def run_put(
+    root: Path,
+    bundle: Path,
+    kill_at: int,
+    *,
+    activate: bool = False,
+    chunk_bytes: int = 1 << 20,
+    timeout: float = 120.0,
+) -> PutOutcome:
+    """Put ``bundle`` into ``root`` from a child process; SIGKILL it at step ``kill_at`` (0: never).
+
+    ``timeout`` only guards against a broken child; synchronisation is the child's PAUSED line.
+    """
+    cmd = [sys.executable, "-m", "adapters_store.crashtest", str(root), str(bundle), str(kill_at)]
+    cmd += ["--chunk-bytes", str(chunk_bytes)] + (["--activate"] if activate else [])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGE_PARENT, os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    steps: list[str] = []
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while True:
+                if not sel.select(timeout):
+                    raise TimeoutError(f"crash child gave no sign of life for {timeout}s")
+                line = proc.stdout.readline().decode().strip()
+                if line.startswith("STEP "):
+                    steps.append(line[5:])
+                elif line.startswith("PAUSED "):
+                    _, number, step = line.split(" ", 2)
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    return PutOutcome(step, int(number), None)
+                elif line.startswith("DONE "):
+                    proc.wait()
+                    return PutOutcome(None, len(steps), int(line[5:]), tuple(steps))
+                else:
+                    proc.wait()
+                    err = proc.stderr.read().decode() if proc.stderr else ""
+                    raise RuntimeError(f"crash child failed (rc={proc.returncode}): {line!r} {err[-2000:]}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def check_store(
+    store: LocalStore,
+    domain: str,
+    *,
+    before: DomainInfo | None,
+    known_sha256: dict[int, str],
+    new_version: int,
+    new_sha256: str,
+    activate: bool,
+) -> list[str]:
+    """Problems with ``store`` after a put of ``domain`` that may have been killed (empty: consistent).
+
+    ``before`` is ``describe(domain)`` before the put (None: no such domain yet), ``known_sha256`` the
+    tensor sha256 of each version stored before, ``new_version``/``new_sha256`` what the put would
+    create. Either the put landed entirely (``new_version`` listed, active if ``activate``) or not at
+    all (the store is exactly as before); every listed version must load and match its checksum.
+    """
+    problems = [str(p) for p in store.verify()]
+    old_versions = set(before.versions) if before else set()
+    try:
+        info: DomainInfo | None = store.describe(domain)
+    except DomainNotFound:
+        info = None
+    except StoreError as exc:
+        return [*problems, f"describe failed: {exc}"]
+    listed = set(info.versions) if info else set()
+    if old_versions - listed:
+        problems.append(f"versions lost: {sorted(old_versions - listed)}")
+    if listed - old_versions - {new_version}:
+        problems.append(f"unexpected versions listed: {sorted(listed - old_versions - {new_version})}")
+    landed = new_version in listed
+    want_active = new_version if landed and activate else (before.active if before else None)
+    active = info.active if info else None
+    if active != want_active:
+        problems.append(f"active is {active}, expected {want_active} (put {'landed' if landed else 'lost'})")
+    sha_of = {**known_sha256, new_version: new_sha256}
+    for version in sorted(listed):
+        try:
+            data = store.get(domain, version).read_tensor_bytes(verify=True)
+        except StoreError as exc:
+            problems.append(f"v{version} does not load: {exc}")
+            continue
+        if sha256_hex(data) != sha_of.get(version):
+            problems.append(f"v{version} holds the wrong tensors")
+    return problems
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1:])
