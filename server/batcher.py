@@ -1,0 +1,183 @@
+"""Dynamic batching: images of any domains queue and run together on the engine's one worker thread.
+
+A batch closes when it holds `max_batch_size` images or its first image has waited `max_wait_ms`.
+Images in one batch share an input size (domains may differ in it) and use at most `bank_slots`
+distinct domain versions (what the bank can hold at once); the others wait for the next batch, in order.
+When `max_queue` images are waiting, `submit` refuses with `QueueFull` (429) instead of growing memory.
+
+`submit` returns concurrent futures, so synchronous callers (benchmarks, the reliability suite) can use it
+as well as the event loop (`classify` wraps them for asyncio).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from server.engine import DomainKey, Engine, Prediction
+from server.errors import QueueFull
+
+
+class BatchEvents:
+    """Hooks for metrics; the defaults do nothing."""
+
+    def batch_run(self, size: int, domains: int, seconds: float) -> None: ...
+    def queue_wait(self, seconds: float) -> None: ...
+    def queue_depth(self, images: int) -> None: ...
+
+
+@dataclass
+class _Item:
+    key: DomainKey
+    image: Tensor
+    top_k: int
+    future: Future[Prediction]
+    enqueued: float
+
+
+class Batcher:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 512,
+        events: BatchEvents | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.events = events or BatchEvents()
+        self._queue: deque[_Item] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.last_batch_seconds = 0.05
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Finish nothing new: fail what is queued and join the worker."""
+        with self._cond:
+            self._stopping = True
+            pending = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for item in pending:
+            item.future.set_exception(RuntimeError("the server is shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    @property
+    def depth(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    # -- submitting -------------------------------------------------------------------------------
+    def submit(self, key: DomainKey, images: Sequence[Tensor], top_k: int = 5) -> list[Future[Prediction]]:
+        """Queue preprocessed images [3, S, S] of one domain version; all or none are accepted."""
+        now = time.monotonic()
+        items = [_Item(key, img, top_k, Future(), now) for img in images]
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the batcher is stopped")
+            if len(self._queue) + len(items) > self.max_queue:
+                raise QueueFull(
+                    f"the inference queue is full ({len(self._queue)} waiting, limit {self.max_queue})",
+                    retry_after=self._retry_after(),
+                )
+            self._queue.extend(items)
+            depth = len(self._queue)
+            self._cond.notify()
+        self.events.queue_depth(depth)
+        return [item.future for item in items]
+
+    def _retry_after(self) -> int:
+        """Seconds until the queue has likely drained: whole seconds, at least one."""
+        batches = len(self._queue) / max(1, self.max_batch_size)
+        return max(1, int(batches * self.last_batch_seconds + 0.999))
+
+    async def classify(self, key: DomainKey, images: Sequence[Tensor], top_k: int = 5) -> list[Prediction]:
+        futures = self.submit(key, images, top_k)
+        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+
+    # -- the worker -------------------------------------------------------------------------------
+    def _take_batch(self) -> list[_Item] | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            deadline = self._queue[0].enqueued + self.max_wait
+            while len(self._queue) < self.max_batch_size and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return self._select()
+
+    def _select(self) -> list[_Item]:
+        """Take compatible items in queue order (same input shape, at most bank_slots domain versions)."""
+        shape = self._queue[0].image.shape
+        keys: set[DomainKey] = set()
+        taken: list[_Item] = []
+        left: deque[_Item] = deque()
+        while self._queue and len(taken) < self.max_batch_size:
+            item = self._queue.popleft()
+            fits = item.image.shape == shape and (
+                item.key in keys or len(keys) < self.engine.config.bank_slots
+            )
+            if fits:
+                keys.add(item.key)
+                taken.append(item)
+            else:
+                left.append(item)
+        left.extend(self._queue)
+        self._queue = left
+        return taken
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            started = time.monotonic()
+            for item in batch:
+                self.events.queue_wait(started - item.enqueued)
+            self._run_batch(batch)
+            self.last_batch_seconds = time.monotonic() - started
+            self.events.batch_run(len(batch), len({i.key for i in batch}), self.last_batch_seconds)
+
+    def _run_batch(self, batch: list[_Item]) -> None:
+        try:
+            preds = self.engine.infer(
+                [i.key for i in batch], torch.stack([i.image for i in batch]), [i.top_k for i in batch]
+            )
+        except Exception as exc:
+            keys = {i.key for i in batch}
+            if len(keys) > 1:  # isolate the failing domain: the others still get answers
+                for key in keys:
+                    self._run_batch([i for i in batch if i.key == key])
+                return
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        for item, pred in zip(batch, preds, strict=True):
+            item.future.set_result(pred)

@@ -1,0 +1,76 @@
+"""The server's own exception types. `server.app` maps them (and the store's) to HTTP answers in one place.
+
+Each carries a stable machine-readable `code` and the HTTP `status` it stands for, so the mapping is data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServerError(Exception):
+    """Base class: a request the server refuses, with the status and code it answers with."""
+
+    status: int = 400
+    code: str = "bad_request"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class MissingDomain(ServerError):
+    status, code = 400, "missing_domain"
+
+
+class BadRequest(ServerError):
+    status, code = 400, "bad_request"
+
+
+class Unauthorized(ServerError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ServerError):
+    status, code = 403, "forbidden"
+
+
+class BodyTooLarge(ServerError):
+    status, code = 413, "body_too_large"
+
+
+class TooManyPixels(ServerError):
+    """A decompression bomb: small compressed bytes, huge pixel count."""
+
+    status, code = 413, "too_many_pixels"
+
+
+class UnsupportedMediaType(ServerError):
+    status, code = 415, "unsupported_media_type"
+
+
+class CorruptImage(ServerError):
+    status, code = 422, "corrupt_image"
+
+
+class QueueFull(ServerError):
+    """Backpressure: the inference queue is full; the client should retry after `retry_after` seconds."""
+
+    status, code = 429, "queue_full"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.retry_after = retry_after
+
+
+class NotReady(ServerError):
+    status, code = 503, "not_ready"
+
+
+class EngineError(Exception):
+    """Base class of the engine's own failures (no HTTP meaning of their own)."""
+
+
+class DomainUnavailable(EngineError):
+    """A domain that exists cannot be served by this backbone (its tensors do not fit the bank)."""

@@ -1,0 +1,117 @@
+"""The one place where exceptions become HTTP answers: `{"error": {"code", "message", ...}}` everywhere.
+
+Covers the server's own errors, the store's, the validator's, and FastAPI's own 404/405/422.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapters_store.errors import (
+    AdapterStoreError,
+    ArtifactInvalid,
+    BackboneNotFound,
+    DomainNotFound,
+    StoreBusy,
+    StoreConflict,
+    StoreCorrupt,
+    VersionNotFound,
+)
+from server.errors import DomainUnavailable, EngineError, QueueFull, ServerError
+
+log = logging.getLogger("server")
+
+# Store errors: (status, code). Order matters only for subclasses (none overlap here).
+_STORE_STATUS: list[tuple[type[AdapterStoreError], int, str]] = [
+    (ArtifactInvalid, 422, "invalid_artifact"),
+    (DomainNotFound, 404, "domain_not_found"),
+    (VersionNotFound, 404, "version_not_found"),
+    (BackboneNotFound, 503, "no_backbone"),
+    (StoreConflict, 409, "conflict"),
+    (StoreBusy, 503, "store_busy"),
+    (StoreCorrupt, 500, "store_corrupt"),
+]
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **details}}
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, **details: Any
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message, **details), status_code=status, headers=headers)
+
+
+def _server_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServerError)
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFull) else None
+    details = {k: v for k, v in exc.details.items() if k != "retry_after"}
+    return error_response(exc.status, exc.code, exc.message, headers, **details)
+
+
+def _store_error(_: Request, exc: Exception) -> JSONResponse:
+    status, code = next(((s, c) for cls, s, c in _STORE_STATUS if isinstance(exc, cls)), (500, "store_error"))
+    if isinstance(exc, ArtifactInvalid):
+        problems = [{"field": p.field, "message": p.message, "code": p.code} for p in exc.problems]
+        return error_response(422, code, "the artifact was refused", problems=problems)
+    if status == 500:
+        log.error("store failure: %s", exc)
+    headers = {"Retry-After": "1"} if isinstance(exc, StoreBusy) else None
+    return error_response(status, code, str(exc), headers)
+
+
+def _engine_error(_: Request, exc: Exception) -> JSONResponse:
+    log.error("engine failure: %s", exc)
+    code = "domain_unavailable" if isinstance(exc, DomainUnavailable) else "engine_error"
+    return error_response(500, code, str(exc))
+
+
+def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}) or None)
+
+
+def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = [
+        {
+            "field": ".".join(str(p) for p in err.get("loc", ())),
+            "message": err.get("msg", ""),
+            "code": err.get("type", ""),
+        }
+        for err in exc.errors()
+    ]
+    return error_response(422, "invalid_request", "the request does not match the API", problems=problems)
+
+
+def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal", "internal server error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ServerError, _server_error)
+    app.add_exception_handler(AdapterStoreError, _store_error)
+    app.add_exception_handler(EngineError, _engine_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,95 @@
+"""Pure ASGI middleware (no per-request task or body buffering, unlike BaseHTTPMiddleware).
+
+`BodySizeLimit` refuses an oversized body while it is being read: at once from Content-Length, or as soon
+as the streamed bytes pass the limit, so memory never holds more than the limit.
+`RequestMetrics` records every request's route, domain and status with its latency.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import BodyTooLarge
+from server.metrics import Metrics
+
+
+class BodySizeLimit:
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["path"])
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared > limit:
+                    await _refuse(send, limit, declared)
+                    return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(f"the request body exceeds the limit of {limit} bytes", limit=limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _refuse(send: Send, limit: int, declared: int) -> None:
+    body = json.dumps(
+        {
+            "error": {
+                "code": "body_too_large",
+                "message": f"the request body ({declared} bytes) exceeds the limit of {limit} bytes",
+                "limit": limit,
+            }
+        }
+    ).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send(
+        {"type": "http.response.start", "status": 413, "headers": [*headers, (b"connection", b"close")]}
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestMetrics:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = scope.get("route")
+            # Labels stay bounded: the route template (not the raw path) and only domains that exist.
+            route_label = getattr(route, "path", "unmatched")
+            domain = scope.get("state", {}).get("metrics_domain", "")
+            self.metrics.observe_request(route_label, domain, status, time.perf_counter() - start)

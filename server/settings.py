@@ -1,0 +1,69 @@
+"""Server settings: one `Settings` object, read from the environment (prefix `MD_`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything an operator can tune; `MD_BANK_SLOTS=32` sets `bank_slots`, and so on."""
+
+    model_config = SettingsConfigDict(env_prefix="MD_", extra="ignore")
+
+    store_dir: Path = Path("./store")
+    """The local store (backbone + domain artifacts)."""
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    # -- device -----------------------------------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available, else cpu."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Compute dtype on CUDA; the CPU always runs float32."""
+    channels_last: bool = False
+    """Memory format of the backbone and inputs on CUDA (ignored on the CPU)."""
+    torch_threads: int | None = Field(default=None, ge=1)
+    """Intra-op threads for the CPU forward; None keeps torch's default."""
+
+    # -- engine -----------------------------------------------------------------------------------
+    bank_slots: int = Field(default=16, ge=1, le=4096)
+    """Resident domains (adapter bank slots); least recently used ones are evicted."""
+    merged_cache: int = Field(default=4, ge=0)
+    """Domains whose merged (folded) weights are kept for single-domain batches; 0 disables merging."""
+    warmup: bool = True
+    """Run a forward at start-up so the first request is not the slow one."""
+    warmup_size: int = Field(default=32, ge=1, le=4096)
+    """Input side used by the warm-up forward when no domain is stored."""
+    revision_poll_s: float = Field(default=0.5, ge=0.0)
+    """How often the store's revision is checked for changes made by other processes."""
+
+    # -- batching ---------------------------------------------------------------------------------
+    max_batch_size: int = Field(default=32, ge=1)
+    max_wait_ms: float = Field(default=5.0, ge=0.0)
+    """How long the first image of a batch waits for others."""
+    max_queue: int = Field(default=512, ge=1)
+    """Images waiting for inference; beyond it requests get 429 with Retry-After."""
+    decode_threads: int = Field(default=2, ge=1)
+    """Thread pool for image decoding and preprocessing (off the event loop)."""
+
+    # -- limits -----------------------------------------------------------------------------------
+    max_body_bytes: int = Field(default=16 * MiB, ge=1)
+    """Largest classify request body (enforced while reading)."""
+    max_upload_bytes: int = Field(default=256 * MiB, ge=1)
+    """Largest adapter upload body."""
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    """Decompression-bomb guard: images with more pixels are refused."""
+    max_images_per_request: int = Field(default=64, ge=1)
+    max_top_k: int = Field(default=100, ge=1)
+
+    # -- auth -------------------------------------------------------------------------------------
+    admin_token: SecretStr | None = None
+    """Bearer token for adapter upload, activation and deletion; None refuses every admin call."""
+    inference_token: SecretStr | None = None
+    """Bearer token required for classification; None (default) leaves inference open."""
