@@ -41,6 +41,7 @@ def unpack_bundle(data: bytes, *, limits: Limits = Limits()) -> tuple[bytes, byt
         raise ArtifactInvalid([Problem("bundle", msg, "bundle_format")])
     limit_of = {MANIFEST_NAME: limits.max_manifest_bytes, DOMAIN_TENSORS_NAME: limits.max_tensor_bytes}
     found: dict[str, bytes] = {}
+    seen: set[str] = set()
     problems: list[Problem] = []
     try:
         # "r:" = uncompressed only; members are read one by one so a huge member list is never scanned.
@@ -51,7 +52,8 @@ def unpack_bundle(data: bytes, *, limits: Limits = Limits()) -> tuple[bytes, byt
                 if count > _MAX_MEMBERS:
                     problems.append(Problem("bundle", f"more than {_MAX_MEMBERS} members", "bundle_members"))
                     break
-                problem = _check_member(member, found, limit_of)
+                problem = _check_member(member, seen, limit_of)
+                seen.add(member.name)
                 if problem is not None:
                     problems.append(problem)
                     continue
@@ -67,16 +69,14 @@ def unpack_bundle(data: bytes, *, limits: Limits = Limits()) -> tuple[bytes, byt
     problems.extend(
         Problem("bundle", f"member {name} is missing", "bundle_members")
         for name in limit_of
-        if name not in found
+        if name not in seen
     )
     if problems:
         raise ArtifactInvalid(problems)
     return found[MANIFEST_NAME], found[DOMAIN_TENSORS_NAME]
 
 
-def _check_member(
-    member: tarfile.TarInfo, found: dict[str, bytes], limit_of: dict[str, int]
-) -> Problem | None:
+def _check_member(member: tarfile.TarInfo, seen: set[str], limit_of: dict[str, int]) -> Problem | None:
     field = f"bundle/{member.name[:80]!r}"
     if member.name not in limit_of:
         return Problem(
@@ -86,7 +86,7 @@ def _check_member(
         return Problem(
             field, "not a regular file (links, directories and devices are refused)", "bundle_members"
         )
-    if member.name in found:
+    if member.name in seen:
         return Problem(field, "duplicated member", "bundle_members")
     if member.size > limit_of[member.name]:
         return Problem(field, f"{member.size} bytes exceed the limit of {limit_of[member.name]}", "too_large")

@@ -183,9 +183,11 @@ def _check_entry(
     if problems:
         return problems
     begin, end = offsets
-    if not 0 <= begin <= end <= data_len:
-        msg = f"data_offsets [{begin}, {end}] fall outside the data section of {data_len} bytes"
-        return [Problem(tfield, msg, "header_offsets")]
+    if not 0 <= begin <= end:
+        return [Problem(tfield, f"data_offsets [{begin}, {end}] are not an ordered pair", "header_offsets")]
+    if end > data_len:
+        msg = f"truncated: data_offsets end at {end} but the data section has only {data_len} bytes"
+        return [Problem(tfield, msg, "truncated")]
     spec_dtype, itemsize = DTYPES[dtype]
     expected = math.prod(shape) * itemsize
     if end - begin != expected:
