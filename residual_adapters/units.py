@@ -27,8 +27,13 @@ BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 def fold_bn(weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Eval-mode BN as y = x * scale + shift."""
-    scale = weight / torch.sqrt(var + eps)
+    scale = (1 / torch.sqrt(var + eps)) * weight  # the order torch's own CPU batch_norm uses
     return scale, bias - mean * scale
+
+
+def _wide(t: Tensor) -> Tensor:
+    """Fold BN in at least fp32, whatever the artifact's or the bank's dtype."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -143,7 +148,7 @@ class DomainUnit(nn.Module):
     def bank_load(self, slot: int, tensors: dict[str, Tensor], adapter: AdapterShape | None) -> None:
         """Copy one domain's tensors (names relative to this unit) into `slot`, folding its BN."""
         if "bn.weight" in tensors:
-            scale, shift = fold_bn(*(tensors[f"bn.{k}"].float() for k in BN_TENSORS), eps=self.base_bn.eps)
+            scale, shift = fold_bn(*(_wide(tensors[f"bn.{k}"]) for k in BN_TENSORS), eps=self.base_bn.eps)
         else:  # head-only domains keep the backbone's own statistics
             b = self.base_bn
             scale, shift = fold_bn(b.weight, b.bias, b.running_mean, b.running_var, eps=b.eps)
@@ -166,7 +171,7 @@ class DomainUnit(nn.Module):
         else:
             self._matrix_store(mode, slot, (tensors["adapter.u"], tensors["adapter.v"]), rank)
         if mode == "series":
-            s, t = fold_bn(*(tensors[f"series_bn.{k}"].float() for k in BN_TENSORS), eps=self.base_bn.eps)
+            s, t = fold_bn(*(_wide(tensors[f"series_bn.{k}"]) for k in BN_TENSORS), eps=self.base_bn.eps)
             self.bank_series_scale[slot].copy_(s)
             self.bank_series_shift[slot].copy_(t)
 
