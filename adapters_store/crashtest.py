@@ -17,6 +17,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def _child(argv: list[str]) -> None:
 
     def hook(step: str) -> None:
         steps.append(step)
-        if args.kill_at == 0:
+        if args.kill_at <= 0:
             print(f"STEP {step}", flush=True)
         elif len(steps) == args.kill_at:
             print(f"PAUSED {len(steps)} {step}", flush=True)
@@ -136,6 +137,59 @@ def run_put(
         proc.stdout.close()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def run_put_killed_after(
+    root: Path,
+    bundle: Path,
+    delay: float,
+    *,
+    activate: bool = False,
+    chunk_bytes: int = 1 << 20,
+    timeout: float = 120.0,
+) -> PutOutcome:
+    """Like ``run_put`` but SIGKILL ``delay`` seconds after the child took the store's lock.
+
+    For the benchmark: the kill lands wherever the child happens to be (inside a write, an fsync, a
+    rename), not only at hook points. ``killed_at`` is the last step the child reported.
+    """
+    cmd = [sys.executable, "-m", "adapters_store.crashtest", str(root), str(bundle), "-1"]
+    cmd += ["--chunk-bytes", str(chunk_bytes)] + (["--activate"] if activate else [])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGE_PARENT, os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            if not sel.select(timeout):
+                raise TimeoutError(f"crash child gave no sign of life for {timeout}s")
+            first = proc.stdout.readline().decode().strip()
+            if first != "STEP locked":
+                proc.wait()
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"crash child failed (rc={proc.returncode}): {first!r} {err[-2000:]}")
+            time.sleep(delay)  # the point of this mode: an arbitrary instant, not a chosen step
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        lines = [first, *(line.decode().strip() for line in proc.stdout.readlines())]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    steps = tuple(line[5:] for line in lines if line.startswith("STEP "))
+    done = [int(line[5:]) for line in lines if line.startswith("DONE ")]
+    if done:
+        return PutOutcome(None, len(steps), done[0], steps)
+    return PutOutcome(steps[-1], len(steps), None, steps)
 
 
 def check_store(

@@ -186,8 +186,16 @@ def make_backbone_artifact(
     return ArtifactFiles(manifest, manifest_to_json(manifest), tensor_bytes, BACKBONE_TENSORS_NAME)
 
 
-def validated(files: ArtifactFiles, *, fingerprint: str = EXAMPLE_FINGERPRINT) -> ValidatedArtifact:
-    """Validate fabricated files against ``spec_for_labels`` (raises ``ArtifactInvalid`` if they are bad)."""
+def validated(
+    files: ArtifactFiles,
+    *,
+    spec: Mapping[str, tuple[tuple[int, ...], str]] | None = None,
+    fingerprint: str = EXAMPLE_FINGERPRINT,
+) -> ValidatedArtifact:
+    """Validate fabricated files against ``spec`` (default: ``spec_for_labels``); raises ``ArtifactInvalid``."""
     return validate_domain_artifact(
-        files.manifest_bytes, files.tensor_bytes, spec_for=spec_for_labels, fingerprint=fingerprint
+        files.manifest_bytes,
+        files.tensor_bytes,
+        spec_for=spec_for_labels if spec is None else (lambda manifest: spec),
+        fingerprint=fingerprint,
     )
