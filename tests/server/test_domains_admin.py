@@ -1,0 +1,95 @@
+"""Adapter upload, activation, rollback and deletion through the API, and changes made by other processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from adapters_store import LocalStore, pack_bundle
+from server.app import create_app
+from tests.server.conftest import TinyWorld, auth, encode, image, make_store, settings_for
+
+PNG = {"Content-Type": "image/png"}
+
+
+def _top(client: TestClient, domain: str, seed: int = 11) -> tuple[int, list[float]]:
+    r = client.post("/v1/classify", content=encode(image(seed)), headers={**PNG, "X-Domain": domain})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    return body["version"], [e["probability"] for e in body["results"][0]["top_k"]]
+
+
+def _upload(client: TestClient, world: TinyWorld, name: str, **params: object) -> dict:
+    art = world.artifacts[name]
+    files = {"manifest": ("manifest.json", art.manifest), "tensors": ("adapter.safetensors", art.tensors)}
+    r = client.post(f"/v1/domains/{name.split('_')[0]}/adapters", files=files, headers=auth(), params=params)
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def test_upload_activate_rollback_delete(client: TestClient, world: TinyWorld) -> None:
+    v1, p1 = _top(client, "birds")
+    assert v1 == 1
+    assert _upload(client, world, "birds_v2") == {"domain": "birds", "version": 2, "active": False}
+    assert _top(client, "birds") == (1, p1)  # stored, not active: still version 1
+    r = client.put("/v1/domains/birds/active", json={"version": 2}, headers=auth())
+    assert r.json() == {"domain": "birds", "active": 2}
+    v2, p2 = _top(client, "birds")
+    assert v2 == 2 and p2 != pytest.approx(p1)
+    img = image(11)
+    ref = world.reference("birds_v2", img)
+    assert p2 == pytest.approx(sorted(ref.tolist(), reverse=True), abs=1e-4)
+    # roll back, then delete the inactive version 2
+    assert (
+        client.put("/v1/domains/birds/active", json={"rollback": True}, headers=auth()).json()["active"] == 1
+    )
+    assert _top(client, "birds") == (1, pytest.approx(p1, abs=1e-6))
+    assert client.delete("/v1/domains/birds/versions/2", headers=auth()).status_code == 200
+    assert client.get("/v1/domains/birds").json()["versions"] == [1]
+    # the active version cannot be deleted; the whole domain can
+    assert client.delete("/v1/domains/birds/versions/1", headers=auth()).json()["error"]["code"] == "conflict"
+    assert client.delete("/v1/domains/birds", headers=auth()).status_code == 200
+    r = client.post("/v1/classify", content=encode(img), headers={**PNG, "X-Domain": "birds"})
+    assert r.status_code == 404
+    assert "birds" not in [d["domain"] for d in client.get("/v1/domains").json()["domains"]]
+
+
+def test_bundle_upload_with_activate_creates_a_new_domain(world: TinyWorld, tmp_path: Path) -> None:
+    store = make_store(world, tmp_path / "s", domains=("digits",))
+    with TestClient(create_app(settings_for(store))) as client:
+        art = world.artifacts["birds"]
+        bundle = pack_bundle(art.manifest, art.tensors)
+        r = client.post(
+            "/v1/domains/birds/adapters",
+            content=bundle,
+            headers={**auth(), "Content-Type": "application/x-tar"},
+            params={"activate": "true"},
+        )
+        assert r.status_code == 201, r.text
+        assert r.json() == {"domain": "birds", "version": 1, "active": True}
+        version, probs = _top(client, "birds")
+        ref = world.reference("birds", image(11))
+        assert version == 1 and probs == pytest.approx(sorted(ref.tolist(), reverse=True), abs=1e-4)
+
+
+def test_activation_by_another_process_is_noticed(
+    client: TestClient, world: TinyWorld, store: LocalStore
+) -> None:
+    assert _top(client, "birds")[0] == 1
+    other = LocalStore(store.root)  # another writer on the same directory (e.g. the store CLI)
+    from training.export import validate_domain
+
+    art = world.artifacts["birds_v2"]
+    other.put(validate_domain(art.manifest, art.tensors, world.net), activate=True)
+    assert _top(client, "birds")[0] == 2
+    other.activate("birds", 1)
+    assert _top(client, "birds")[0] == 1
+
+
+def test_activate_request_must_name_one_thing(client: TestClient) -> None:
+    r = client.put("/v1/domains/birds/active", json={"version": 1, "rollback": True}, headers=auth())
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
+    r = client.put("/v1/domains/birds/active", json={"version": 9}, headers=auth())
+    assert r.status_code == 404 and r.json()["error"]["code"] == "version_not_found"

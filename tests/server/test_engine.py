@@ -1,0 +1,161 @@
+"""The engine without HTTP: bank residency, single-flight loads, LRU eviction, version pinning, batching."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+import torch
+
+import server.engine
+from adapters_store import LocalStore
+from server.batcher import Batcher
+from server.engine import DomainKey, Engine, EngineConfig
+from server.preprocess import build_transform
+from tests.server.conftest import DOMAINS, TinyWorld, image, make_store
+from training.export import validate_domain
+
+
+def _x(name: str, seed: int) -> torch.Tensor:
+    return build_transform(DOMAINS[name][2])(image(seed))
+
+
+def _ref(world: TinyWorld, name: str, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.softmax(world.net.forward_domain(x[None], name), dim=1)[0]
+
+
+def test_mixed_batch_rows_equal_each_domain_alone(world: TinyWorld, store: LocalStore) -> None:
+    engine = Engine(store, EngineConfig(bank_slots=4, merged_cache=2))
+    names = ["birds", "digits", "textures", "birds", "digits"]
+    keys = [engine.resolve(n) for n in names]
+    xs = torch.stack([_x(n, i) for i, n in enumerate(names)])
+    mixed = engine.infer(keys, xs, top_k=3)
+    for i, (name, pred) in enumerate(zip(names, mixed, strict=True)):
+        alone = engine.infer([keys[i]], xs[i : i + 1], top_k=3)[0]  # merged single-domain path
+        ref = _ref(world, name, xs[i])
+        assert [s.index for s in pred.top] == ref.topk(3).indices.tolist() == [s.index for s in alone.top]
+        assert [s.probability for s in pred.top] == pytest.approx(ref.topk(3).values.tolist(), abs=1e-4)
+        assert [s.probability for s in alone.top] == pytest.approx(ref.topk(3).values.tolist(), abs=1e-4)
+    assert engine.merged_bytes() > 0
+
+
+def test_lru_eviction_keeps_answers_right(world: TinyWorld, store: LocalStore) -> None:
+    engine = Engine(store, EngineConfig(bank_slots=2, merged_cache=1))
+    order = ["birds", "digits", "textures", "birds", "textures", "digits"]
+    for i, name in enumerate(order):
+        x = _x(name, i)
+        [pred] = engine.infer([engine.resolve(name)], x[None], top_k=1)
+        assert pred.top[0].probability == pytest.approx(float(_ref(world, name, x).max()), abs=1e-4)
+        assert len(engine.resident()) <= 2
+    assert engine.stats.loads == 6 - 1  # only the second "textures" found its domain resident
+    assert engine.stats.evictions == engine.stats.loads - 2
+    # one merged domain at most: a merged domain is a folded copy of the shared convs, never more
+    shared = sum(v.numel() * v.element_size() for v in engine.net.shared_state_dict().values())
+    assert 0 < engine.merged_bytes() <= shared
+
+
+def test_a_miss_loads_once_however_many_wait(store: LocalStore) -> None:
+    engine = Engine(store, EngineConfig(bank_slots=4))
+    key = engine.resolve("birds")
+    n = 8
+    barrier = threading.Barrier(n)
+    slots: list[int] = []
+
+    def load() -> None:
+        barrier.wait()
+        slots.append(engine.load(key))
+
+    threads = [threading.Thread(target=load) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(slots)) == 1 and engine.stats.loads == 1 and engine.stats.hits == n - 1
+
+
+def test_single_flight_fetch_shares_one_store_read(
+    store: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = Engine(store, EngineConfig(bank_slots=4))
+    key = engine.resolve("digits")
+    reads = 0
+    inside_read, release = threading.Event(), threading.Event()
+    waiting = threading.Semaphore(0)
+    original = store.get
+
+    def slow_get(domain: str, version: int | None = None):  # type: ignore[no-untyped-def]
+        nonlocal reads
+        reads += 1
+        inside_read.set()
+        release.wait()  # hold the read open until every other caller waits on it
+        return original(domain, version)
+
+    class CountingFuture(Future):  # type: ignore[type-arg]
+        def result(self, timeout: float | None = None):  # type: ignore[no-untyped-def]
+            waiting.release()
+            return super().result(timeout)
+
+    monkeypatch.setattr(store, "get", slow_get)
+    monkeypatch.setattr(server.engine, "Future", CountingFuture)
+    results: list[object] = []
+    threads = [threading.Thread(target=lambda: results.append(engine._fetch(key))) for _ in range(5)]
+    threads[0].start()
+    inside_read.wait()
+    for t in threads[1:]:
+        t.start()
+    for _ in threads[1:]:
+        waiting.acquire()  # each of the four others is now waiting on the owner's read
+    release.set()
+    for t in threads:
+        t.join()
+    assert reads == 1 and len(results) == 5 and len({id(r) for r in results}) == 1
+
+
+def test_a_resolved_key_keeps_its_version_after_activation(world: TinyWorld, tmp_path: Path) -> None:
+    store = make_store(world, tmp_path / "s")
+    engine = Engine(store, EngineConfig(bank_slots=4, revision_poll_s=0.0))
+    old = engine.resolve("birds")
+    art = world.artifacts["birds_v2"]
+    store.put(validate_domain(art.manifest, art.tensors, world.net), activate=True)
+    new = engine.resolve("birds")
+    assert (old, new) == (DomainKey("birds", 1), DomainKey("birds", 2))
+    x = _x("birds", 3)
+    p_old, p_new = engine.infer([old, new], torch.stack([x, x]), top_k=3)
+    assert p_old.key == old and p_new.key == new
+    assert [s.probability for s in p_old.top] == pytest.approx(
+        _ref(world, "birds", x).topk(3).values.tolist(), abs=1e-4
+    )
+    assert [s.probability for s in p_new.top] == pytest.approx(
+        _ref(world, "birds_v2", x).topk(3).values.tolist(), abs=1e-4
+    )
+
+
+def test_batcher_mixes_domains_and_answers_each_request(world: TinyWorld, store: LocalStore) -> None:
+    engine = Engine(store, EngineConfig(bank_slots=2))
+    sizes: list[int] = []
+
+    class Events:
+        def batch_run(self, size: int, domains: int, seconds: float) -> None:
+            sizes.append(size)
+
+        def queue_wait(self, seconds: float) -> None: ...
+        def queue_depth(self, images: int) -> None: ...
+
+    batcher = Batcher(engine, max_batch_size=4, max_wait_ms=50, max_queue=64, events=Events())  # type: ignore[arg-type]
+    names = ["birds", "digits", "textures"] * 4
+    xs = [_x(n, i) for i, n in enumerate(names)]
+    futures = [batcher.submit(engine.resolve(n), [x], top_k=1)[0] for n, x in zip(names, xs, strict=True)]
+    batcher.start()  # everything is queued before the worker starts: batches fill up
+    try:
+        preds = [f.result(timeout=60) for f in futures]
+    finally:
+        batcher.stop()
+    for name, x, pred in zip(names, xs, preds, strict=True):
+        assert pred.key.domain == name
+        assert pred.top[0].probability == pytest.approx(float(_ref(world, name, x).max()), abs=1e-4)
+    assert sum(sizes) == 12 and max(sizes) == 4
+    # at most two domain versions per batch (the bank's slots), so no batch holds all three
+    assert len(sizes) >= 3
