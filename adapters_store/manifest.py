@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import (
@@ -61,10 +62,9 @@ def _check_label(label: str) -> str:
 
 
 def _check_unique(labels: list[str]) -> list[str]:
-    seen: set[str] = set()
-    dups = [label for label in labels if label in seen or seen.add(label)]  # type: ignore[func-returns-value]
+    dups = sorted(label for label, count in Counter(labels).items() if count > 1)
     if dups:
-        raise ValueError(f"labels must be unique; duplicated: {sorted(set(dups))[:10]}")
+        raise ValueError(f"labels must be unique; duplicated: {dups[:10]}")
     return labels
 
 

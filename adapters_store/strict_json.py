@@ -39,7 +39,11 @@ def loads_strict(data: bytes | str) -> Any:
         text = data
     try:
         return json.loads(text, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant)
+    except StrictJSONError:
+        raise
     except json.JSONDecodeError as exc:
         raise StrictJSONError(f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     except RecursionError:
         raise StrictJSONError("JSON nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal beyond Python's digit limit
+        raise StrictJSONError(f"not acceptable JSON ({exc})") from None
