@@ -1,0 +1,162 @@
+"""A small Python client for the server's API (httpx).
+
+    client = MultidomainClient("http://127.0.0.1:8000", token="admin-secret")
+    client.upload("birds", manifest_bytes, tensor_bytes, activate=True)   # {"domain", "version", "active"}
+    client.classify("birds", open("crow.jpg", "rb").read(), top_k=3)      # {"domain", "version", "results", ...}
+
+Every error answer becomes a `ServerResponseError` subclass carrying the HTTP status, the server's error
+code and message (and its details, e.g. the validator's `problems`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+
+class ClientError(Exception):
+    """Base class of the client's errors."""
+
+
+class ServerUnreachable(ClientError):
+    """The server could not be reached (connection refused, timeout...)."""
+
+
+class ServerResponseError(ClientError):
+    """The server answered with an error."""
+
+    def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+
+class AuthError(ServerResponseError):
+    """401/403: a missing or wrong token."""
+
+
+class NotFound(ServerResponseError):
+    """404: unknown domain, version or route."""
+
+
+class InvalidArtifact(ServerResponseError):
+    """422 on upload: `problems` lists every reason the validator found."""
+
+    @property
+    def problems(self) -> list[dict[str, str]]:
+        return list(self.details.get("problems", []))
+
+
+class Overloaded(ServerResponseError):
+    """429/503: retry after `retry_after` seconds."""
+
+    def __init__(self, *args: Any, retry_after: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.retry_after = retry_after
+
+
+def _error_for(response: httpx.Response) -> ServerResponseError:
+    try:
+        error = response.json()["error"]
+        code, message = str(error.pop("code")), str(error.pop("message"))
+        details: dict[str, Any] = error
+    except (ValueError, KeyError, TypeError, AttributeError):
+        code, message, details = "http_error", response.text[:500] or response.reason_phrase, {}
+    status = response.status_code
+    args = (status, code, message, details)
+    if status in (401, 403):
+        return AuthError(*args)
+    if status == 404:
+        return NotFound(*args)
+    if status == 422 and code == "invalid_artifact":
+        return InvalidArtifact(*args)
+    if status in (429, 503):
+        retry = response.headers.get("retry-after")
+        return Overloaded(*args, retry_after=float(retry) if retry and retry.isdigit() else None)
+    return ServerResponseError(*args)
+
+
+class MultidomainClient:
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        timeout: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> MultidomainClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, url, **kwargs)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"{method} {url}: {exc}") from exc
+        if response.status_code >= 400:
+            raise _error_for(response)
+        return response.json()
+
+    # -- inference --------------------------------------------------------------------------------
+    def classify(self, domain: str, images: bytes | Sequence[bytes], *, top_k: int = 5) -> dict[str, Any]:
+        """Classify one image (raw bytes) or several (multipart) in `domain`."""
+        params = {"top_k": top_k}
+        if isinstance(images, bytes):
+            headers = {"Content-Type": "application/octet-stream", "X-Domain": domain}
+            return self._request("POST", "/v1/classify", content=images, headers=headers, params=params)  # type: ignore[no-any-return]
+        files = [("file", (f"image{i}", data, "application/octet-stream")) for i, data in enumerate(images)]
+        return self._request("POST", "/v1/classify", files=files, headers={"X-Domain": domain}, params=params)  # type: ignore[no-any-return]
+
+    # -- domains ----------------------------------------------------------------------------------
+    def list_domains(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/domains")["domains"]  # type: ignore[no-any-return]
+
+    def describe(self, domain: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/domains/{domain}")  # type: ignore[no-any-return]
+
+    def upload(
+        self, domain: str, manifest_bytes: bytes, tensor_bytes: bytes, activate: bool = True
+    ) -> dict[str, Any]:
+        """Upload a new version of `domain`; returns {"domain", "version", "active"}."""
+        files = {
+            "manifest": ("manifest.json", manifest_bytes, "application/json"),
+            "tensors": ("adapter.safetensors", tensor_bytes, "application/octet-stream"),
+        }
+        params = {"activate": "true" if activate else "false"}
+        return self._request("POST", f"/v1/domains/{domain}/adapters", files=files, params=params)  # type: ignore[no-any-return]
+
+    def upload_bundle(self, domain: str, bundle: bytes, activate: bool = True) -> dict[str, Any]:
+        headers = {"Content-Type": "application/x-tar"}
+        params = {"activate": "true" if activate else "false"}
+        return self._request(  # type: ignore[no-any-return]
+            "POST", f"/v1/domains/{domain}/adapters", content=bundle, headers=headers, params=params
+        )
+
+    def activate(self, domain: str, version: int) -> int:
+        return int(self._request("PUT", f"/v1/domains/{domain}/active", json={"version": version})["active"])
+
+    def rollback(self, domain: str) -> int:
+        return int(self._request("PUT", f"/v1/domains/{domain}/active", json={"rollback": True})["active"])
+
+    def delete(self, domain: str, version: int | None = None) -> None:
+        url = f"/v1/domains/{domain}" if version is None else f"/v1/domains/{domain}/versions/{version}"
+        self._request("DELETE", url)
+
+    def ready(self) -> dict[str, Any]:
+        return self._request("GET", "/readyz")  # type: ignore[no-any-return]

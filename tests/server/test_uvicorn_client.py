@@ -1,0 +1,71 @@
+"""Against a real uvicorn on a free loopback port, through the Python client: upload -> classify in the new
+domain -> activate an older version -> classify again; the client's error types."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from adapters_store import pack_bundle
+from server.app import create_app
+from server.client import AuthError, InvalidArtifact, MultidomainClient, NotFound, ServerResponseError
+from server.serving import ServerThread
+from tests.server.conftest import ADMIN, TinyWorld, encode, image, make_store, settings_for
+
+
+@pytest.fixture
+def server(world: TinyWorld, tmp_path: Path) -> Iterator[ServerThread]:
+    store = make_store(world, tmp_path / "store", domains=("digits",))
+    with ServerThread(create_app(settings_for(store))) as running:
+        yield running
+
+
+def _probs(answer: dict) -> list[float]:
+    return [e["probability"] for e in answer["results"][0]["top_k"]]
+
+
+def test_upload_classify_activate_older_classify_again(server: ServerThread, world: TinyWorld) -> None:
+    img = image(21)
+    with MultidomainClient(server.url, token=ADMIN) as client:
+        assert client.ready()["status"] == "ready"
+        v1, v2 = world.artifacts["birds"], world.artifacts["birds_v2"]
+        assert client.upload("birds", v1.manifest, v1.tensors, activate=True)["version"] == 1
+        assert client.upload_bundle("birds", pack_bundle(v2.manifest, v2.tensors))["version"] == 2
+        answer = client.classify("birds", encode(img), top_k=3)
+        assert answer["version"] == 2
+        assert _probs(answer) == pytest.approx(
+            world.reference("birds_v2", img).sort(descending=True).values.tolist(), abs=1e-4
+        )
+        assert client.activate("birds", 1) == 1
+        answer = client.classify("birds", [encode(img), encode(image(22))], top_k=3)
+        assert answer["version"] == 1 and len(answer["results"]) == 2
+        assert _probs(answer) == pytest.approx(
+            world.reference("birds", img).sort(descending=True).values.tolist(), abs=1e-4
+        )
+        listing = {d["domain"]: d for d in client.list_domains()}
+        assert listing["birds"]["versions"] == [1, 2] and listing["birds"]["active"] == 1
+        assert listing["birds"]["resident"] is True
+        client.delete("birds", 2)
+        assert client.describe("birds")["versions"] == [1]
+
+
+def test_client_errors_carry_status_code_and_message(server: ServerThread, world: TinyWorld) -> None:
+    with (
+        MultidomainClient(server.url, token="wrong") as bad,
+        MultidomainClient(server.url, token=ADMIN) as good,
+    ):
+        art = world.artifacts["birds"]
+        with pytest.raises(AuthError) as auth:
+            bad.upload("birds", art.manifest, art.tensors)
+        assert auth.value.status == 403 and auth.value.code == "forbidden"
+        with pytest.raises(NotFound) as missing:
+            good.classify("zebras", encode(image()))
+        assert missing.value.code == "domain_not_found" and "zebras" in missing.value.message
+        with pytest.raises(InvalidArtifact) as invalid:
+            good.upload("birds", art.manifest, art.tensors[:-4] + b"\x00\x00\x00\x00")
+        assert "checksum" in {p["code"] for p in invalid.value.problems}
+        with pytest.raises(ServerResponseError) as unsupported:
+            good.classify("digits", b"not an image")
+        assert unsupported.value.status == 415
