@@ -65,6 +65,7 @@ FaultHook = Callable[[str], None]
 ``bench/store_crash.py`` block or die there to prove crash safety. None in production."""
 
 INDEX_NAME = "index.json"
+_FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
 _VERSION_DIR_RE = re.compile(r"v([1-9][0-9]{0,17})")
 # The index is written with "revision" as its first key, so revision() reads only a few bytes.
 _REVISION_RE = re.compile(rb'\{"revision":([0-9]+)[,}]')
@@ -173,6 +174,9 @@ class LocalStore:
     def put(self, artifact: ValidatedArtifact, *, activate: bool = False) -> int:
         manifest = artifact.manifest
         domain = manifest.domain
+        # Validation guarantees this, but model_copy() can bypass it and the name becomes a path.
+        if not is_safe_domain_name(domain):
+            raise ArtifactInvalid([Problem("manifest.domain", f"unsafe domain name {domain!r}", "schema")])
         with self._writing() as index:
             if index.backbone is not None and index.backbone != manifest.backbone_fingerprint:
                 raise StoreConflict(
@@ -241,6 +245,8 @@ class LocalStore:
 
     def put_backbone(self, artifact: ValidatedBackbone) -> None:
         fingerprint = artifact.manifest.fingerprint
+        if _FINGERPRINT_RE.fullmatch(fingerprint) is None:  # it becomes a directory name
+            raise ArtifactInvalid([Problem("manifest.fingerprint", "not a lowercase hex sha256", "schema")])
         with self._writing() as index:
             if index.backbone == fingerprint:
                 return

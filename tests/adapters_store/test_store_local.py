@@ -11,12 +11,14 @@ import safetensors.numpy
 
 from adapters_store import (
     AdapterStore,
+    ArtifactInvalid,
     BackboneNotFound,
     DomainNotFound,
     LocalStore,
     StoreBusy,
     StoreConflict,
     StoreCorrupt,
+    ValidatedArtifact,
     VersionNotFound,
     validate_backbone_artifact,
 )
@@ -247,3 +249,14 @@ def test_concurrent_threads_get_distinct_versions(store: LocalStore) -> None:
     assert store.describe("birds").versions == tuple(range(1, 21))
     assert store.revision() == 20
     assert store.verify() == []
+
+
+def test_put_refuses_an_unsafe_name_even_if_validation_was_bypassed(store: LocalStore) -> None:
+    good = validated(make_domain_artifact(domain="birds"))
+    forged = ValidatedArtifact(
+        good.manifest.model_copy(update={"domain": "../../escape"}), good.tensor_bytes, good.tensors
+    )
+    with pytest.raises(ArtifactInvalid):
+        store.put(forged)
+    assert not (store.root.parent / "escape").exists()
+    assert store.list_domains() == []
