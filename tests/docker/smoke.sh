@@ -9,7 +9,8 @@
 # an upload with the token (read from a mounted secret file) is accepted and classifies like the host;
 # the container runs as uid 10001 and its HEALTHCHECK turns healthy; `docker stop` during a 32-image
 # request answers the request and exits 0 (no SIGKILL); a new container on the same volume still
-# serves the uploaded domain.
+# serves the uploaded domain. Containers run hardened like docker-compose.yml: read-only root, a /tmp
+# tmpfs, no capabilities, no-new-privileges.
 #
 # Engine: an engine answering on DOCKER_HOST (or the default socket) is used as it is. Otherwise this
 # script installs docker.io if needed, starts its own dockerd (no bridge, no firewall changes, its own
@@ -65,6 +66,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The host side imports this checkout's packages even when MD_SMOKE_PYTHON is another checkout's venv.
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 [ -x "$PY" ] || fail "no project venv python at $PY (run 'make install' or set MD_SMOKE_PYTHON)"
 [ "$(uname -m)" = "x86_64" ] || skip "the image pins x86_64 wheels; this machine is $(uname -m)"
 
@@ -170,6 +173,7 @@ run_server() {  # name, extra docker-run args...
         -v "$VOLUME:/var/lib/multidomain" \
         -e MD_HOST=127.0.0.1 -e "MD_PORT=$PORT" -e MD_TORCH_THREADS=2 \
         --health-interval 2s --health-start-period 600s \
+        --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
         "$@" "$IMAGE" > /dev/null
 }
 
