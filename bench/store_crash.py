@@ -78,13 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         # Calibrate: the steps of one put (hook mode) and how long one takes (timed mode).
         calib = run_put(tmp / "calibration", bundles[0], 0, activate=True, chunk_bytes=chunk)
         steps = calib.steps
+        first = validated(files[0], spec=spec)
         started = time.perf_counter()
-        LocalStore(tmp / "timing", chunk_bytes=chunk).put(validated(files[0], spec=spec), activate=True)
+        LocalStore(tmp / "timing", chunk_bytes=chunk).put(first, activate=True)
         put_seconds = time.perf_counter() - started
 
         root = tmp / "store"
         store = LocalStore(root, chunk_bytes=chunk)
-        store.put(validated(files[0], spec=spec), activate=True)
+        store.put(first, activate=True)
         sha_of = {1: sha_of_file[0]}
         next_version = 2
         corrupt = lost_active = landed = 0
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 kill_at = pick_step(steps, rng)
                 outcome = run_put(root, bundles[which], kill_at, activate=activate, chunk_bytes=chunk)
             else:
-                delay = rng.uniform(0.0, 1.2 * put_seconds)
+                delay = rng.uniform(0.0, put_seconds)
                 outcome = run_put_killed_after(
                     root, bundles[which], delay, activate=activate, chunk_bytes=chunk
                 )
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                     store.delete_version(DOMAIN, old)
 
         # The store still takes writes after 100 dead writers, and verifies clean.
-        final_version = store.put(validated(files[0], spec=spec), activate=True)
+        final_version = store.put(first, activate=True)
         final_ok = store.verify() == [] and store.get(DOMAIN).version == final_version
         summary = {
             "bench": "store_crash",
