@@ -1,0 +1,422 @@
+"""Load benchmark of the inference server against a real uvicorn (a subprocess on 127.0.0.1).
+
+Measures, side by side in one run on the same model, resolution and batch size:
+  1. engine-only images/s (mixed-domain batches drawn from the same Zipf mix, no HTTP), and the
+     store -> bank load latency of a cold domain (the engine's own timing);
+  2. end-to-end: N concurrent clients (asyncio + httpx) over M domains with a Zipf mix, sending raw PNGs;
+     throughput, p50/p95/p99 latency, errors; then cold-domain first-request latency against warm;
+  3. resident memory (server RSS) with 1, 10 and 100 registered domains, 1 and 10 resident.
+The last line is one JSON summary.
+
+    python bench/serve_load.py --quick          # a few minutes on 2 CPU cores
+    python bench/serve_load.py --clients 32 --domains 10 --size 64 --width 1.0 --duration 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+import safetensors.torch
+import torch
+from PIL import Image
+
+from adapters_store import (
+    AdapterSettings,
+    DomainManifest,
+    LocalStore,
+    Preprocessing,
+    Provenance,
+    manifest_to_json,
+    sha256_hex,
+    validate_backbone_artifact,
+    validate_domain_artifact,
+)
+from residual_adapters import AdapterConfig, MultiDomainNet, create_backbone
+from server.engine import Engine, EngineConfig
+from training.export import backbone_artifact, spec_for_net
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- building a store -------------------------------------------------------------------------------
+def build_store(
+    root: Path, width: float, size: int, domains: int, classes: int, seed: int = 0
+) -> dict[str, int]:
+    """A store with a resnet26 backbone and `domains` parallel-adapter domains d0..d{n-1}."""
+    torch.manual_seed(seed)
+    net = create_backbone("resnet26", width=width).eval()
+    store = LocalStore(root)
+    b_manifest, b_bytes = backbone_artifact(net)
+    store.put_backbone(validate_backbone_artifact(manifest_to_json(b_manifest), b_bytes))
+    add_domains(store, net, b_manifest.fingerprint, size, range(domains), classes)
+    return {"backbone_bytes": len(b_bytes)}
+
+
+def add_domains(
+    store: LocalStore,
+    net: MultiDomainNet,
+    fingerprint: str,
+    size: int,
+    indices: range,
+    classes: int,
+    prefix: str = "d",
+) -> int:
+    """Put random (well-scaled) parallel-adapter domains; returns one artifact's tensor bytes."""
+    cfg = AdapterConfig(kind="parallel")
+    spec = net.domain_spec(cfg, classes)
+    spec_for = spec_for_net(net)
+    pre = Preprocessing(input_size=size, resize=size, mean=[0.5] * 3, std=[0.25] * 3, channels="rgb")
+    provenance = Provenance(dataset="synthetic", epochs=0, created_at=datetime.now(UTC))
+    nbytes = 0
+    for i in indices:
+        g = torch.Generator().manual_seed(1000 + i)
+        tensors = {}
+        for name, (shape, _) in spec.items():
+            if name.endswith(("running_var", "bn.weight")):
+                tensors[name] = torch.rand(shape, generator=g) + 0.5
+            else:
+                tensors[name] = torch.randn(shape, generator=g) * 0.02
+        data = safetensors.torch.save(tensors)
+        nbytes = len(data)
+        manifest = DomainManifest(
+            domain=f"{prefix}{i}",
+            labels=[f"class_{k}" for k in range(classes)],
+            backbone="resnet26",
+            backbone_fingerprint=fingerprint,
+            adapter=AdapterSettings.model_validate(cfg.to_dict()),
+            preprocessing=pre,
+            provenance=provenance,
+            sha256=sha256_hex(data),
+        )
+        validated = validate_domain_artifact(
+            manifest_to_json(manifest), data, spec_for=spec_for, fingerprint=fingerprint
+        )
+        store.put(validated, activate=True)
+    return nbytes
+
+
+def zipf_weights(n: int, s: float) -> list[float]:
+    w = [1.0 / (k + 1) ** s for k in range(n)]
+    total = sum(w)
+    return [x / total for x in w]
+
+
+def png_images(count: int, size: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+# -- engine only -----------------------------------------------------------------------------------
+def engine_only(store_dir: Path, args: argparse.Namespace, weights: list[float]) -> dict[str, float]:
+    engine = Engine(
+        LocalStore(store_dir), EngineConfig(device="cpu", bank_slots=args.bank_slots, merged_cache=4)
+    )
+    keys = [engine.resolve(f"d{i}") for i in range(args.domains)]
+    rng = random.Random(1)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    batch_keys = lambda: rng.choices(keys, weights, k=args.batch)  # noqa: E731
+    for _ in range(2):  # warm-up (also makes every domain resident)
+        engine.infer(batch_keys(), x, 5)
+    for k in keys:
+        engine.load(k)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < args.engine_seconds or n < 3:
+        engine.infer(batch_keys(), x, 5)
+        n += 1
+    ips = n * args.batch / (time.perf_counter() - start)
+
+    # cold loads: a 2-slot bank cycling over the domains evicts on every load
+    cold = Engine(LocalStore(store_dir), EngineConfig(device="cpu", bank_slots=2, merged_cache=0))
+    cold_keys = [cold.resolve(f"d{i}") for i in range(args.domains)]
+    for k in cold_keys * 2:
+        cold.load(k)
+    loads = cold.stats.load_seconds[2:]  # skip the first two (cold caches)
+    return {
+        "engine_images_per_s": ips,
+        "engine_batches": n,
+        "bank_load_p50_ms": pct(loads, 50) * 1e3,
+        "bank_load_p95_ms": pct(loads, 95) * 1e3,
+        "bank_loads_measured": len(loads),
+        "bank_bytes_per_slot": cold.bank_bytes() / 2,
+    }
+
+
+# -- the server ------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    def __init__(self, store_dir: Path, args: argparse.Namespace, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        environ = {
+            **os.environ,
+            "MD_STORE_DIR": str(store_dir),
+            "MD_BANK_SLOTS": str(args.bank_slots),
+            "MD_MAX_BATCH_SIZE": str(args.batch),
+            "MD_MAX_WAIT_MS": str(args.max_wait_ms),
+            "MD_DEVICE": "cpu",
+            **env,
+        }
+        cmd = [sys.executable, "-m", "uvicorn", "server.app:create_app", "--factory", "--host", "127.0.0.1",
+               "--port", str(self.port), "--log-level", "warning", "--no-access-log", "--backlog", "4096"]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, env=environ, cwd=ROOT)
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # a benchmark may poll; tests never do
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server not ready in time")
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+async def load_phase(url: str, args: argparse.Namespace, weights: list[float]) -> dict[str, float]:
+    images = png_images(64, args.size)
+    names = [f"d{i}" for i in range(args.domains)]
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    done_images = 0
+    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+
+        async def one(domain: str, body: bytes) -> None:
+            nonlocal done_images
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(
+                    "/v1/classify", content=body, headers={"X-Domain": domain, "Content-Type": "image/png"}
+                )
+                status = str(r.status_code)
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            if status == "200":
+                latencies.append(time.perf_counter() - t0)
+                done_images += 1
+            else:
+                errors[status] = errors.get(status, 0) + 1
+
+        async def worker(wid: int, until: float) -> None:
+            rng = random.Random(wid)
+            while time.perf_counter() < until:
+                await one(rng.choices(names, weights)[0], images[rng.randrange(len(images))])
+
+        # warm-up: every domain once, then a short burst
+        for name in names:
+            await one(name, images[0])
+        warm_until = time.perf_counter() + args.warmup_seconds
+        await asyncio.gather(*(worker(1000 + w, warm_until) for w in range(args.clients)))
+        latencies.clear()
+        errors.clear()
+        done_images = 0
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(w, start + args.duration) for w in range(args.clients)))
+        elapsed = time.perf_counter() - start
+
+        # cold domains: first request vs the next one, sequential, idle server
+        cold, warm = [], []
+        for i in range(args.cold_domains):
+            for bucket in (cold, warm):
+                t0 = time.perf_counter()
+                r = await client.post(
+                    "/v1/classify",
+                    content=images[0],
+                    headers={"X-Domain": f"cold{i}", "Content-Type": "image/png"},
+                )
+                r.raise_for_status()
+                bucket.append(time.perf_counter() - t0)
+        metrics = (await client.get("/metrics")).text
+    return {
+        "e2e_images_per_s": done_images / elapsed,
+        "requests": done_images,
+        "errors": sum(errors.values()),
+        "error_kinds": errors,  # type: ignore[dict-item]
+        "p50_ms": pct(latencies, 50) * 1e3,
+        "p95_ms": pct(latencies, 95) * 1e3,
+        "p99_ms": pct(latencies, 99) * 1e3,
+        "cold_first_request_p50_ms": statistics.median(cold) * 1e3,
+        "warm_request_p50_ms": statistics.median(warm) * 1e3,
+        "mean_batch_size": _mean_batch(metrics),
+    }
+
+
+def _mean_batch(metrics_text: str) -> float:
+    values = {}
+    for line in metrics_text.splitlines():
+        if line.startswith(("md_batch_size_sum", "md_batch_size_count")):
+            name, value = line.split()
+            values[name] = float(value)
+    return values.get("md_batch_size_sum", 0.0) / max(1.0, values.get("md_batch_size_count", 1.0))
+
+
+def memory_phase(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
+    """Server RSS with 1, 10, 100 registered domains; 1 resident, then 10 resident (merged cache off)."""
+    out: dict[str, float] = {}
+    image = png_images(1, args.size)[0]
+    torch.manual_seed(0)
+    net = create_backbone("resnet26", width=args.width).eval()
+    fingerprint = net.fingerprint()
+    store_dir = tmp / "memstore"
+    store = LocalStore(store_dir)
+    b_manifest, b_bytes = backbone_artifact(net)
+    store.put_backbone(validate_backbone_artifact(manifest_to_json(b_manifest), b_bytes))
+    registered = 0
+    artifact_bytes = 0
+    for n in (1, 10, 100):
+        artifact_bytes = add_domains(store, net, fingerprint, args.size, range(registered, n), args.classes)
+        registered = n
+        server = ServerProcess(store_dir, args, MD_MERGED_CACHE="0", MD_BANK_SLOTS="16")
+        try:
+            server.wait_ready()
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                for _rep in range(3):  # repeat so allocator pools settle before reading RSS
+                    client.post(
+                        "/v1/classify", content=image, headers={"X-Domain": "d0", "Content-Type": "image/png"}
+                    )
+                out[f"rss_mb_{n}_registered_1_resident"] = server.rss_bytes() / 2**20
+                if n >= 10:
+                    for _rep in range(3):
+                        for i in range(10):
+                            client.post(
+                                "/v1/classify",
+                                content=image,
+                                headers={"X-Domain": f"d{i}", "Content-Type": "image/png"},
+                            )
+                    out[f"rss_mb_{n}_registered_10_resident"] = server.rss_bytes() / 2**20
+        finally:
+            server.stop()
+    out["artifact_mb"] = artifact_bytes / 2**20
+    per_resident = (out["rss_mb_10_registered_10_resident"] - out["rss_mb_10_registered_1_resident"]) / 9
+    per_registered = (out["rss_mb_100_registered_1_resident"] - out["rss_mb_10_registered_1_resident"]) / 90
+    out["rss_growth_per_resident_domain_mb"] = per_resident
+    out["rss_growth_per_resident_over_artifact"] = per_resident / out["artifact_mb"]
+    out["rss_growth_per_registered_domain_mb"] = per_registered
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="short phases (a few minutes in all)")
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--domains", type=int, default=10)
+    p.add_argument("--cold-domains", type=int, default=5)
+    p.add_argument("--zipf", type=float, default=1.1)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--batch", type=int, default=32, help="max batch size (server) = engine-only batch size")
+    p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--bank-slots", type=int, default=16)
+    p.add_argument("--duration", type=float, default=60.0)
+    p.add_argument("--warmup-seconds", type=float, default=5.0)
+    p.add_argument("--engine-seconds", type=float, default=20.0)
+    p.add_argument("--skip-memory", action="store_true")
+    args = p.parse_args()
+    if args.quick:
+        args.duration, args.warmup_seconds, args.engine_seconds = 20.0, 3.0, 10.0
+
+    weights = zipf_weights(args.domains, args.zipf)
+    summary: dict[str, object] = {
+        "bench": "serve_load",
+        "device": "cpu",
+        "model": f"resnet26 width {args.width}",
+        "size": args.size,
+        "clients": args.clients,
+        "domains": args.domains,
+        "zipf_s": args.zipf,
+        "batch": args.batch,
+        "torch_threads": torch.get_num_threads(),
+    }
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        store_dir = tmp / "store"
+        build_store(store_dir, args.width, args.size, args.domains, args.classes)
+        net = create_backbone("resnet26", width=args.width)
+        add_domains(LocalStore(store_dir), net, LocalStore(store_dir).get_backbone().manifest.fingerprint,
+                    args.size, range(args.cold_domains), args.classes, prefix="cold")  # fmt: skip
+        print(f"store ready: {args.domains} domains + {args.cold_domains} cold ones", flush=True)
+
+        eng = engine_only(store_dir, args, weights)
+        print(
+            f"engine only: {eng['engine_images_per_s']:.1f} images/s (mixed batches of {args.batch}); "
+            f"store->bank load p50 {eng['bank_load_p50_ms']:.1f} ms, p95 {eng['bank_load_p95_ms']:.1f} ms",
+            flush=True,
+        )
+        summary.update(eng)
+
+        server = ServerProcess(store_dir, args)
+        try:
+            server.wait_ready()
+            e2e = asyncio.run(load_phase(server.url, args, weights))
+        finally:
+            server.stop()
+        summary.update(e2e)
+        summary["e2e_over_engine"] = e2e["e2e_images_per_s"] / eng["engine_images_per_s"]
+        print(
+            f"end to end: {e2e['e2e_images_per_s']:.1f} images/s ({summary['e2e_over_engine']:.2f}x engine-only), "
+            f"p50 {e2e['p50_ms']:.0f} ms, p95 {e2e['p95_ms']:.0f} ms, p99 {e2e['p99_ms']:.0f} ms, "
+            f"{e2e['errors']} errors, mean batch {e2e['mean_batch_size']:.1f}",
+            flush=True,
+        )
+        print(
+            f"cold domain first request p50 {e2e['cold_first_request_p50_ms']:.1f} ms, "
+            f"warm {e2e['warm_request_p50_ms']:.1f} ms",
+            flush=True,
+        )
+        if not args.skip_memory:
+            mem = memory_phase(args, tmp)
+            summary.update(mem)
+            for k, v in mem.items():
+                print(f"memory: {k} = {v:.2f}", flush=True)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
