@@ -1,0 +1,114 @@
+"""Data: one interface over image folders and built-ins, seeded splits, augmentation, bad files reported."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.data import FASHION_MNIST_DIR, BatchMaker, DataError, load_domain_data, stratified_split
+
+
+def make_folder(root: Path, classes: dict[str, int], size: tuple[int, int] = (20, 14)) -> Path:
+    rng = np.random.default_rng(0)
+    for c, (name, n) in enumerate(classes.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            pixels = rng.integers(0, 60, (size[1], size[0], 3), dtype=np.uint8) + 60 * c
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def test_image_folder_reports_and_skips_unreadable_files(tmp_path: Path, caplog) -> None:
+    root = make_folder(tmp_path / "pets", {"cat": 6, "dog": 6})
+    (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    (root / "cat" / "empty.jpg").write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        data = load_domain_data(str(root), input_size=8, val_fraction=0.5)
+    skipped = sorted(Path(p).name for p, _ in data.skipped)
+    assert skipped == ["broken.png", "empty.jpg"]
+    assert "broken.png" in caplog.text and "empty.jpg" in caplog.text
+    assert data.labels == ["cat", "dog"] and data.name == "pets"
+    assert len(data.train) + len(data.val) == 12
+    assert data.train.images.shape[1:] == (3, 9, 9)  # resize 8 * 72/64 = 9, square
+    assert data.preprocessing.channels == "rgb" and data.flip
+
+
+def test_image_folder_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not one of"):
+        load_domain_data(str(tmp_path / "missing"))
+    root = make_folder(tmp_path / "x", {"a": 3})
+    (root / "b").mkdir()
+    (root / "b" / "bad.png").write_bytes(b"nope")
+    with pytest.raises(DataError, match=r"no readable images for classes \['b'\]"):
+        load_domain_data(str(root))
+
+
+def test_grayscale_domain_normalisation_and_no_flip_for_digits() -> None:
+    data = load_domain_data("digits", input_size=16, train_per_class=20, val_per_class=5)
+    assert data.preprocessing.channels == "grayscale" and not data.flip
+    assert data.train.images.shape[1] == 1
+    mean, std = data.preprocessing.mean, data.preprocessing.std
+    assert mean[0] == mean[1] == mean[2] and 0.0 < mean[0] < 1.0 and std[0] > 0.0
+    batches = BatchMaker(data.preprocessing, data.flip)
+    x = batches.centre(data.train.images)
+    assert x.shape == (200, 3, 16, 16)
+    assert torch.equal(x[:, 0], x[:, 2])  # grayscale replicated to 3 channels
+    # Statistics of the training split: the normalised full-size images are centred and unit-scaled.
+    full = BatchMaker(data.preprocessing.model_copy(update={"input_size": data.preprocessing.resize}), False)
+    y = full.centre(data.train.images)
+    assert abs(float(y.mean())) < 1e-3 and abs(float(y.std()) - 1.0) < 1e-2
+
+
+def test_splits_are_stratified_disjoint_and_seeded() -> None:
+    targets = torch.arange(10).repeat_interleave(30)
+    a = stratified_split(targets, [0.6, 0.2, 0.2], seed=1, per_class=[5, None, None])
+    b = stratified_split(targets, [0.6, 0.2, 0.2], seed=1, per_class=[5, None, None])
+    c = stratified_split(targets, [0.6, 0.2, 0.2], seed=2, per_class=[5, None, None])
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a[0], c[0])
+    train, val, test = a
+    assert len(train) == 50 and torch.bincount(targets[train]).tolist() == [5] * 10
+    assert len(val) == 60 and len(test) == 60
+    assert not set(train.tolist()) & set(val.tolist()) and not set(val.tolist()) & set(test.tolist())
+
+
+def test_augmentation_crops_and_flips_only_where_allowed() -> None:
+    data = load_domain_data("textures", input_size=16, train_per_class=4, val_per_class=2)
+    images = data.train.images
+    g = torch.Generator().manual_seed(0)
+    flipping = BatchMaker(data.preprocessing, flip=True)
+    out = flipping.augment(images, g)
+    assert out.shape == (len(images), 3, 16, 16)
+    # Every augmented image is some 16x16 window of its source, mirrored or not.
+    raw = flipping._normalise(images)
+    windows = raw.unfold(2, 16, 1).unfold(3, 16, 1)  # [n, 3, oy, ox, 16, 16]
+    mirrored = 0
+    for i in range(len(images)):
+        w = windows[i, 0].reshape(-1, 16, 16)
+        plain = (w - out[i, 0]).abs().amax((1, 2)).min() < 1e-5
+        flipped = (w - out[i, 0].flip(-1)).abs().amax((1, 2)).min() < 1e-5
+        assert plain or flipped
+        mirrored += int(flipped and not plain)
+    assert mirrored > 0
+    fixed = BatchMaker(data.preprocessing, flip=False).augment(images, torch.Generator().manual_seed(0))
+    for i in range(len(images)):
+        w = windows[i, 0].reshape(-1, 16, 16)
+        assert (w - fixed[i, 0]).abs().amax((1, 2)).min() < 1e-5
+
+
+@pytest.mark.skipif(FASHION_MNIST_DIR.is_dir(), reason="Fashion-MNIST is installed here")
+def test_missing_fashion_mnist_says_how_to_install_it() -> None:
+    with pytest.raises(DataError, match="apt-get install -y dataset-fashion-mnist"):
+        load_domain_data("fashion-mnist")
+
+
+def test_mnist_subset_uses_the_official_test_split() -> None:
+    data = load_domain_data("mnist", input_size=16, train_per_class=3, val_per_class=2, test_per_class=4)
+    assert (len(data.train), len(data.val)) == (30, 20)
+    assert data.test is not None and len(data.test) == 40
+    assert torch.bincount(data.test.targets).tolist() == [4] * 10
