@@ -87,7 +87,9 @@ def allocation_ranges(allocation: str) -> list[tuple[float, float]]:
         if not 0 <= lo < hi <= 1:
             raise ValueError(f"bad allocation range {allocation!r}: need 0 <= A < B <= 1")
         return [(lo, hi)]
-    raise ValueError(f"unknown allocation {allocation!r}; expected one of {sorted(NAMED_ALLOCATIONS)}, 'range:A-B'")
+    raise ValueError(
+        f"unknown allocation {allocation!r}; expected one of {sorted(NAMED_ALLOCATIONS)}, 'range:A-B'"
+    )
 
 
 def select_units(allocation: str | list[str], names: list[str]) -> set[str]:

@@ -7,9 +7,10 @@ one inference worker per device.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 from torch import Tensor
 
@@ -23,7 +24,9 @@ class ForwardContext:
     one slot per row; merged: one slot's folded weights."""
     domain: str | None = None
     slot_index: Tensor | None = None
-    """mixed: the bank slot of every row, shape [B]."""
+    """mixed: the bank slot of every row, shape [B], rows sorted by slot."""
+    segments: tuple[tuple[int, int, int], ...] = ()
+    """mixed: (slot, first row, end row) of each run of rows that share a slot."""
     slot: int | None = None
     """mixed with every row in one slot, or merged: that slot (lets units skip the per-row gather)."""
     series: bool = False

@@ -71,11 +71,15 @@ class MultiDomainNet(nn.Module):
         expected = self.shared_state_dict()
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         if missing or extra:
-            raise DomainMismatch(f"shared weights do not fit {self.architecture['name']}: missing {missing[:5]}, extra {extra[:5]}")
+            raise DomainMismatch(
+                f"shared weights do not fit {self.architecture['name']}: missing {missing[:5]}, extra {extra[:5]}"
+            )
         with torch.no_grad():
             for k, v in expected.items():
                 if tuple(tensors[k].shape) != tuple(v.shape):
-                    raise DomainMismatch(f"shared tensor {k}: shape {tuple(tensors[k].shape)}, expected {tuple(v.shape)}")
+                    raise DomainMismatch(
+                        f"shared tensor {k}: shape {tuple(tensors[k].shape)}, expected {tuple(v.shape)}"
+                    )
                 v.copy_(tensors[k])
 
     def fingerprint(self) -> str:
@@ -167,7 +171,11 @@ class MultiDomainNet(nn.Module):
 
     def domain_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """The trainable tensors of one domain, by spec name (what an optimiser gets)."""
-        return {k: v for k, v in self._domain_tensors(name, params_only=True).items() if isinstance(v, nn.Parameter)}
+        return {
+            k: v
+            for k, v in self._domain_tensors(name, params_only=True).items()
+            if isinstance(v, nn.Parameter)
+        }
 
     def domain_state(self, name: str) -> dict[str, Tensor]:
         """One domain's tensors by spec name: exactly what an artifact stores."""
@@ -183,6 +191,7 @@ class MultiDomainNet(nn.Module):
                 if not k.endswith("num_batches_tracked"):
                     out[f"{unit.name}.{k}"] = v
         head = self.head.domains[name]
+        assert isinstance(head, nn.Linear)
         out["head.weight"], out["head.bias"] = head.weight, head.bias
         return out
 
@@ -205,29 +214,41 @@ class MultiDomainNet(nn.Module):
         with self.ctx.use(mode="base"):
             return self.body(x)  # type: ignore[no-any-return]
 
+    @torch.no_grad()
     def forward(self, x: Tensor, domain_index: Tensor) -> Tensor:
-        """Mixed-domain forward through the bank: row i uses slot domain_index[i].
+        """Mixed-domain forward through the bank (inference only): row i uses slot domain_index[i].
 
-        Returns [B, K_max] logits, classes beyond a row's own count set to -inf.
-        Shared convs run once over the whole batch; domain tensors are gathered per row.
+        Returns [B, K_max] logits, classes beyond a row's own count set to -inf. Shared convs run once
+        over the whole batch; rows are sorted by slot once, so each domain's adapters cost one GEMM per
+        layer over its run of rows, and the logits are put back in the caller's order at the end.
         """
-        present = domain_index.unique().tolist()  # one host sync per batch, not per layer
-        for s in present:
-            if not 0 <= s < len(self.slots) or self.slots[s] is None:
-                raise KeyError(f"bank slot {s} is empty")
-        series = any(self.slots[s].config.kind == "series" for s in present)  # type: ignore[union-attr]
-        single = present[0] if len(present) == 1 else None
-        with self.ctx.use(mode="mixed", slot_index=domain_index, slot=single, series=series):
-            logits = self.body(x)
-        if single is not None:  # the single-slot shortcut returns exactly that slot's classes: pad like a mix
-            k_max = self.head.bank_weight.shape[1]
-            logits = torch.nn.functional.pad(logits, (0, k_max - logits.shape[1]), value=float("-inf"))
-        return logits  # type: ignore[no-any-return]
+        order = torch.argsort(domain_index, stable=True)
+        sorted_index = domain_index[order]
+        slots, counts = torch.unique_consecutive(sorted_index, return_counts=True)
+        segments, start = [], 0
+        for slot, count in zip(slots.tolist(), counts.tolist(), strict=True):  # one host sync per batch
+            self._slot(slot)
+            segments.append((slot, start, start + count))
+            start += count
+        if len(segments) == 1:
+            return self._pad(self.forward_slot(x, segments[0][0]))
+        series = any(self.slots[s].config.kind == "series" for s, _, _ in segments)  # type: ignore[union-attr]
+        with self.ctx.use(mode="mixed", slot_index=sorted_index, slot=None, segments=tuple(segments), series=series):
+            logits = self.body(x[order])
+        out = torch.empty_like(logits)
+        out[order] = logits
+        return out
 
+    def _pad(self, logits: Tensor) -> Tensor:
+        k_max = self.head.bank_weight.shape[1]
+        return torch.nn.functional.pad(logits, (0, k_max - logits.shape[1]), value=float("-inf"))
+
+    @torch.no_grad()
     def forward_slot(self, x: Tensor, slot: int) -> Tensor:
-        """A single-domain batch through the bank, unmerged: adapters as 1x1 convs, no gather."""
+        """A single-domain batch through the bank, unmerged (inference only) -> [B, K]."""
         info = self._slot(slot)
-        with self.ctx.use(mode="mixed", slot_index=None, slot=slot, series=info.config.kind == "series"):
+        segments = ((slot, 0, x.shape[0]),)
+        with self.ctx.use(mode="mixed", slot=slot, segments=segments, series=info.config.kind == "series"):
             return self.body(x)  # type: ignore[no-any-return]
 
     def forward_merged(self, x: Tensor, slot: int) -> Tensor:
@@ -315,13 +336,17 @@ class MultiDomainNet(nn.Module):
     def params_multiplier(self, n_domains: int, config: AdapterConfig, num_classes: int = 0) -> float:
         """The paper's '#params' column: total parameters for n domains over one backbone's (heads apart)."""
         c = self.domain_parameter_counts(config, num_classes)
-        return (self.shared_parameter_count + n_domains * (c["adapter"] + c["bn"])) / self.shared_parameter_count
+        return (
+            self.shared_parameter_count + n_domains * (c["adapter"] + c["bn"])
+        ) / self.shared_parameter_count
 
 
 def check_tensors(spec: dict[str, TensorSpec], tensors: dict[str, Tensor]) -> None:
     missing, extra = sorted(set(spec) - set(tensors)), sorted(set(tensors) - set(spec))
     if missing or extra:
-        raise DomainMismatch(f"domain tensors do not match the spec: missing {missing[:5]}, extra {extra[:5]}")
+        raise DomainMismatch(
+            f"domain tensors do not match the spec: missing {missing[:5]}, extra {extra[:5]}"
+        )
     for k, (shape, _) in spec.items():
         if tuple(tensors[k].shape) != shape:
             raise DomainMismatch(f"domain tensor {k}: shape {tuple(tensors[k].shape)}, expected {shape}")

@@ -40,8 +40,15 @@ def _rows(t: Tensor) -> Tensor:
     return t[:, :, None, None]
 
 
+def _as_nhwc(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
 class DomainUnit(nn.Module):
     """A shared conv (or none: a BN-only unit) followed by domain-specific BN and an optional adapter."""
+
+    bank_scale: Tensor
+    bank_shift: Tensor
 
     def __init__(self, conv: nn.Conv2d | None, bn: nn.BatchNorm2d, ctx: ForwardContext) -> None:
         super().__init__()
@@ -67,7 +74,10 @@ class DomainUnit(nn.Module):
         c = self.conv
         if c is None or c.groups != 1 or isinstance(c.padding, str):
             return False
-        return all(p == d * (k - 1) // 2 and k % 2 == 1 for p, d, k in zip(c.padding, c.dilation, c.kernel_size))
+        return all(
+            p == d * (k - 1) // 2 and k % 2 == 1
+            for p, d, k in zip(c.padding, c.dilation, c.kernel_size, strict=True)
+        )
 
     @property
     def pointwise(self) -> bool:
@@ -84,7 +94,9 @@ class DomainUnit(nn.Module):
 
     # -- trainable domains --------------------------------------------------------------------------
     def add_domain(self, name: str, *, domain_bn: bool, adapter: AdapterShape | None) -> None:
-        self.domains[name] = DomainUnitParams(self.channels, self.base_bn, domain_bn=domain_bn, adapter=adapter)
+        self.domains[name] = DomainUnitParams(
+            self.channels, self.base_bn, domain_bn=domain_bn, adapter=adapter
+        )
 
     def _base_bn(self, y: Tensor) -> Tensor:
         b = self.base_bn  # always eval statistics: shared weights never change
@@ -106,7 +118,8 @@ class DomainUnit(nn.Module):
         if ctx.mode == "base":
             return self._base_bn(y)
         if ctx.mode == "domain":
-            p: DomainUnitParams = self.domains[str(ctx.domain)]
+            p = self.domains[str(ctx.domain)]
+            assert isinstance(p, DomainUnitParams)
             if p.adapter is not None:
                 if p.series_bn is None:
                     y = y + p.adapter(self._centre(x))
@@ -120,9 +133,8 @@ class DomainUnit(nn.Module):
         """Allocate `slots` rows of folded BN and (if adaptable) parallel adapter storage, all zero."""
         self.bank_budget = pointwise_budget
         ref = self.base_bn.weight
-        kw = {"device": ref.device, "dtype": ref.dtype}
-        self.register_buffer("bank_scale", torch.ones(slots, self.channels, **kw), persistent=False)
-        self.register_buffer("bank_shift", torch.zeros(slots, self.channels, **kw), persistent=False)
+        self.register_buffer("bank_scale", ref.new_ones(slots, self.channels), persistent=False)
+        self.register_buffer("bank_shift", ref.new_zeros(slots, self.channels), persistent=False)
         self.bank_shapes = {}
         self.merged.clear()
         if parallel is not None:
@@ -141,6 +153,9 @@ class DomainUnit(nn.Module):
             self.register_buffer("bank_series_shift", ref.new_zeros(slots, c_out), persistent=False)
         self.bank_shapes[mode] = shape
 
+    def _bank(self, name: str) -> Tensor:
+        return self._buffers[name]  # type: ignore[return-value]
+
     @property
     def bank_slots(self) -> int:
         return int(self.bank_scale.shape[0])
@@ -148,10 +163,10 @@ class DomainUnit(nn.Module):
     def bank_load(self, slot: int, tensors: dict[str, Tensor], adapter: AdapterShape | None) -> None:
         """Copy one domain's tensors (names relative to this unit) into `slot`, folding its BN."""
         if "bn.weight" in tensors:
-            scale, shift = fold_bn(*(_wide(tensors[f"bn.{k}"]) for k in BN_TENSORS), eps=self.base_bn.eps)
+            scale, shift = self._fold(tensors, "bn")
         else:  # head-only domains keep the backbone's own statistics
             b = self.base_bn
-            scale, shift = fold_bn(b.weight, b.bias, b.running_mean, b.running_var, eps=b.eps)
+            scale, shift = fold_bn(b.weight, b.bias, b.running_mean, b.running_var, eps=b.eps)  # type: ignore[arg-type]
         self.bank_scale[slot].copy_(scale)
         self.bank_shift[slot].copy_(shift)
         self.merged.pop(slot, None)
@@ -171,20 +186,26 @@ class DomainUnit(nn.Module):
         else:
             self._matrix_store(mode, slot, (tensors["adapter.u"], tensors["adapter.v"]), rank)
         if mode == "series":
-            s, t = fold_bn(*(_wide(tensors[f"series_bn.{k}"]) for k in BN_TENSORS), eps=self.base_bn.eps)
-            self.bank_series_scale[slot].copy_(s)
-            self.bank_series_shift[slot].copy_(t)
+            s, t = self._fold(tensors, "series_bn")
+            self._bank("bank_series_scale")[slot].copy_(s)
+            self._bank("bank_series_shift")[slot].copy_(t)
 
-    def _matrix_store(self, mode: str, slot: int, value: Tensor | tuple[Tensor, Tensor] | None, rank: int | None) -> None:
+    def _fold(self, tensors: dict[str, Tensor], prefix: str) -> tuple[Tensor, Tensor]:
+        w, b, mean, var = (_wide(tensors[f"{prefix}.{k}"]) for k in BN_TENSORS)
+        return fold_bn(w, b, mean, var, eps=self.base_bn.eps)
+
+    def _matrix_store(
+        self, mode: str, slot: int, value: Tensor | tuple[Tensor, Tensor] | None, rank: int | None
+    ) -> None:
         bank_rank = self.bank_shapes[mode][3]
         if bank_rank is None:  # full storage: materialise low-rank factors
-            w = getattr(self, f"bank_{mode}_w")[slot]
+            w = self._bank(f"bank_{mode}_w")[slot]
             if value is None:
                 w.zero_()
             else:
                 w.copy_(value[0] @ value[1] if isinstance(value, tuple) else value)
             return
-        u, v = getattr(self, f"bank_{mode}_u")[slot], getattr(self, f"bank_{mode}_v")[slot]
+        u, v = self._bank(f"bank_{mode}_u")[slot], self._bank(f"bank_{mode}_v")[slot]
         u.zero_()
         v.zero_()
         if value is None:
@@ -200,38 +221,41 @@ class DomainUnit(nn.Module):
     def bank_matrix(self, mode: str, slot: int) -> Tensor:
         """One slot's adapter as a full [c_out, c_in] matrix."""
         if self.bank_shapes[mode][3] is None:
-            return getattr(self, f"bank_{mode}_w")[slot]
-        return getattr(self, f"bank_{mode}_u")[slot] @ getattr(self, f"bank_{mode}_v")[slot]
+            return self._bank(f"bank_{mode}_w")[slot]
+        return self._bank(f"bank_{mode}_u")[slot] @ self._bank(f"bank_{mode}_v")[slot]
 
-    def _bank_apply(self, mode: str, x: Tensor, ctx: ForwardContext) -> Tensor:
-        """A_slot(row) applied to each row of x [B, C_in, H, W]."""
+    def _add_adapter(self, mode: str, y: Tensor, x: Tensor, ctx: ForwardContext) -> None:
+        """y += A_slot(row) x, in place, one GEMM per domain segment (rows are sorted by slot).
+
+        In channels-last layout a segment of rows is one [rows*H*W, C] matrix, so each domain costs a
+        single well-shaped GEMM (as Punica's SGMV does on GPUs) instead of a per-row gather + bmm.
+        """
+        b, c_in, h, w = x.shape
+        rows = h * w
+        x_flat = _as_nhwc(x).permute(0, 2, 3, 1).reshape(b * rows, c_in)
+        y_flat = y.permute(0, 2, 3, 1).view(b * rows, y.shape[1])
         full = self.bank_shapes[mode][3] is None
-        if ctx.slot is not None:  # one slot for the whole batch: a plain 1x1 conv
+        for slot, start, end in ctx.segments:
+            seg_x, seg_y = x_flat[start * rows : end * rows], y_flat[start * rows : end * rows]
             if full:
-                return F.conv2d(x, _rows(getattr(self, f"bank_{mode}_w")[ctx.slot]))
-            u, v = getattr(self, f"bank_{mode}_u")[ctx.slot], getattr(self, f"bank_{mode}_v")[ctx.slot]
-            return F.conv2d(F.conv2d(x, _rows(v)), _rows(u))
-        assert ctx.slot_index is not None
-        idx = ctx.slot_index
-        b, _, h, w = x.shape
-        flat = x.reshape(b, x.shape[1], h * w)
-        if full:
-            out = torch.bmm(getattr(self, f"bank_{mode}_w")[idx], flat)
-        else:
-            out = torch.bmm(getattr(self, f"bank_{mode}_u")[idx], torch.bmm(getattr(self, f"bank_{mode}_v")[idx], flat))
-        return out.view(b, -1, h, w)
+                seg_y.addmm_(seg_x, self._bank(f"bank_{mode}_w")[slot].t())
+            else:
+                inner = seg_x @ self._bank(f"bank_{mode}_v")[slot].t()
+                seg_y.addmm_(inner, self._bank(f"bank_{mode}_u")[slot].t())
+
+    def _rows_of(self, name: str, ctx: ForwardContext) -> Tensor:
+        """A per-slot [slots, C] bank tensor as per-row [B or 1, C, 1, 1] factors."""
+        t = self._bank(name)
+        return _rows(t[ctx.slot][None] if ctx.slot is not None else t[ctx.slot_index])
 
     def _forward_bank(self, x: Tensor, y: Tensor, ctx: ForwardContext) -> Tensor:
-        sel: int | Tensor = ctx.slot if ctx.slot is not None else ctx.slot_index  # type: ignore[assignment]
+        y = _as_nhwc(y)  # a fresh conv output: safe to update in place (the bank path is inference-only)
         if "parallel" in self.bank_shapes:
-            y = y + self._bank_apply("parallel", self._centre(x), ctx)
+            self._add_adapter("parallel", y, self._centre(x), ctx)
         if ctx.series and "series" in self.bank_shapes:
-            s, t = self.bank_series_scale[sel], self.bank_series_shift[sel]
-            shape = (1, -1, 1, 1) if ctx.slot is not None else (y.shape[0], -1, 1, 1)
-            y = y + self._bank_apply("series", y * s.view(shape) + t.view(shape), ctx)
-        scale, shift = self.bank_scale[sel], self.bank_shift[sel]
-        shape = (1, -1, 1, 1) if ctx.slot is not None else (y.shape[0], -1, 1, 1)
-        return torch.addcmul(shift.view(shape), y, scale.view(shape))
+            t = torch.addcmul(self._rows_of("bank_series_shift", ctx), y, self._rows_of("bank_series_scale", ctx))
+            self._add_adapter("series", y, t, ctx)
+        return torch.addcmul(self._rows_of("bank_shift", ctx), y, self._rows_of("bank_scale", ctx))
 
     def merge(self, slot: int) -> None:
         """Fold slot's adapters into the conv's centre tap and its BN into weight and bias."""
@@ -247,14 +271,20 @@ class DomainUnit(nn.Module):
         if "series" in self.bank_shapes:
             # y = z + A (s' z + t')  =  (I + A diag(s')) z + A t'
             a = self.bank_matrix("series", slot)
-            m = torch.eye(a.shape[0], dtype=a.dtype, device=a.device) + a * self.bank_series_scale[slot][None, :]
+            m = (
+                torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+                + a * self._bank("bank_series_scale")[slot][None, :]
+            )
             w = (m @ w.flatten(1)).view_as(w)
-            bias = m @ bias + a @ self.bank_series_shift[slot]
+            bias = m @ bias + a @ self._bank("bank_series_shift")[slot]
         self.merged[slot] = ((w * scale.view(-1, 1, 1, 1)).contiguous(), bias * scale + shift)
 
 
 class DomainHead(nn.Module):
     """Per-domain linear classifier; any number of classes per domain."""
+
+    bank_weight: Tensor
+    bank_bias: Tensor
 
     def __init__(self, in_features: int, ctx: ForwardContext, base: nn.Linear | None = None) -> None:
         super().__init__()

@@ -14,6 +14,7 @@ Adapter placement (what `AdapterConfig` sees as adaptable units):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def wrap_conv_bn_pairs(model: nn.Module, ctx: ForwardContext) -> None:
         children = dict(parent.named_children())
         if isinstance(parent, nn.Sequential):
             names = list(children)
-            pairs = list(zip(names, names[1:]))
+            pairs = list(itertools.pairwise(names))
         else:  # torchvision blocks name their pairs conv1/bn1, conv2/bn2, ...
             pairs = [(n, "bn" + n[4:]) for n in children if n.startswith("conv")]
         for conv_name, bn_name in pairs:
@@ -85,7 +86,9 @@ def _register(name: str, build: Callable[[], nn.Module], classifier_path: tuple[
     def builder(*, weights: Weights = None, classifier_domain: str | None = "imagenet") -> MultiDomainNet:
         return _import(name, build, classifier_path, weights, classifier_domain)
 
-    builder.__doc__ = f"torchvision {name} with domain slots; `weights`: a torchvision state_dict (path or mapping)."
+    builder.__doc__ = (
+        f"torchvision {name} with domain slots; `weights`: a torchvision state_dict (path or mapping)."
+    )
     register_backbone(name)(builder)
 
 
