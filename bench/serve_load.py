@@ -133,7 +133,7 @@ def pct(values: list[float], q: float) -> float:
 # -- engine only -----------------------------------------------------------------------------------
 def engine_only(store_dir: Path, args: argparse.Namespace, weights: list[float]) -> dict[str, float]:
     engine = Engine(
-        LocalStore(store_dir), EngineConfig(device="cpu", bank_slots=args.bank_slots, merged_cache=4)
+        LocalStore(store_dir), EngineConfig(device=args.device, bank_slots=args.bank_slots, merged_cache=4)
     )
     keys = [engine.resolve(f"d{i}") for i in range(args.domains)]
     rng = random.Random(1)
@@ -150,7 +150,7 @@ def engine_only(store_dir: Path, args: argparse.Namespace, weights: list[float])
     ips = n * args.batch / (time.perf_counter() - start)
 
     # cold loads: a 2-slot bank cycling over the domains evicts on every load
-    cold = Engine(LocalStore(store_dir), EngineConfig(device="cpu", bank_slots=2, merged_cache=0))
+    cold = Engine(LocalStore(store_dir), EngineConfig(device=args.device, bank_slots=2, merged_cache=0))
     cold_keys = [cold.resolve(f"d{i}") for i in range(args.domains)]
     for k in cold_keys * 2:
         cold.load(k)
@@ -182,7 +182,7 @@ class ServerProcess:
             "MD_BANK_SLOTS": str(args.bank_slots),
             "MD_MAX_BATCH_SIZE": str(args.batch),
             "MD_MAX_WAIT_MS": str(args.max_wait_ms),
-            "MD_DEVICE": "cpu",
+            "MD_DEVICE": args.device,
             **env,
         }
         cmd = [sys.executable, "-m", "uvicorn", "server.app:create_app", "--factory", "--host", "127.0.0.1",
@@ -341,9 +341,65 @@ def memory_phase(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     return out
 
 
+def _timed_ips(engine: Engine, keys: list, x: torch.Tensor, seconds: float) -> float:
+    engine.infer(keys, x, 5)  # warm-up (loads, merges, cuDNN autotune)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or n < 3:
+        engine.infer(keys, x, 5)  # returns host values: each call is synchronised
+        n += 1
+    return n * x.shape[0] / (time.perf_counter() - start)
+
+
+def device_check(args: argparse.Namespace, store_dir: Path, weights: list[float]) -> dict[str, object]:
+    """The GPU options (dtype, channels_last) against the CPU float32 engine: agreement and images/s."""
+    if not torch.cuda.is_available():
+        return {"device_check": "skipped: no CUDA device"}
+    rng = random.Random(2)
+    cpu = Engine(LocalStore(store_dir), EngineConfig(device="cpu", bank_slots=args.bank_slots))
+    keys = [cpu.resolve(f"d{i}") for i in range(args.domains)]
+    mixed = rng.choices(keys, weights, k=args.batch)
+    single = [keys[0]] * args.batch
+    x = torch.rand(args.batch, 3, args.size, args.size) * 2 - 1
+
+    def probs(engine: Engine, ks: list) -> torch.Tensor:
+        out = torch.zeros(len(ks), args.classes)
+        for row, pred in enumerate(engine.infer(ks, x, args.classes)):
+            for s in pred.top:
+                out[row, s.index] = s.probability
+        return out
+
+    ref = {"mixed": probs(cpu, mixed), "single": probs(cpu, single)}
+    results: dict[str, object] = {"gpu": torch.cuda.get_device_name()}
+    big = torch.rand(256, 3, args.size, args.size)
+    for dtype in ("float32", "float16", "bfloat16"):
+        for channels_last in (False, True):
+            cfg = EngineConfig(device="cuda", dtype=dtype, channels_last=channels_last,  # type: ignore[arg-type]
+                               bank_slots=args.bank_slots, merged_cache=4)  # fmt: skip
+            eng = Engine(LocalStore(store_dir), cfg)
+            eng.warm_up()
+            name = f"{dtype}{'_cl' if channels_last else ''}"
+            row: dict[str, float] = {}
+            for kind, ks in (("mixed", mixed), ("single", single)):
+                row[f"{kind}_max_abs_prob_diff"] = float((probs(eng, ks) - ref[kind]).abs().max())
+                row[f"{kind}_top1_agree"] = float(
+                    (probs(eng, ks).argmax(1) == ref[kind].argmax(1)).float().mean()
+                )
+            row["mixed_b32_ips"] = _timed_ips(eng, mixed, x, 2.0)
+            row["single_b32_ips"] = _timed_ips(eng, single, x, 2.0)
+            row["mixed_b256_ips"] = _timed_ips(eng, rng.choices(keys, weights, k=256), big, 2.0)
+            row["single_b256_ips"] = _timed_ips(eng, [keys[0]] * 256, big, 2.0)
+            row["gpu_memory_mb"] = eng.device_memory_bytes() / 2**20
+            results[name] = row
+            print(f"device check {name}: {json.dumps(row)}", flush=True)
+            del eng
+            torch.cuda.empty_cache()
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="short phases (a few minutes in all)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="engine-only and server device")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--domains", type=int, default=10)
     p.add_argument("--cold-domains", type=int, default=5)
@@ -358,6 +414,9 @@ def main() -> None:
     p.add_argument("--warmup-seconds", type=float, default=5.0)
     p.add_argument("--engine-seconds", type=float, default=20.0)
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument(
+        "--device-check", action="store_true", help="also check the CUDA dtype/channels_last options"
+    )
     args = p.parse_args()
     if args.quick:
         args.duration, args.warmup_seconds, args.engine_seconds = 20.0, 3.0, 10.0
@@ -365,7 +424,7 @@ def main() -> None:
     weights = zipf_weights(args.domains, args.zipf)
     summary: dict[str, object] = {
         "bench": "serve_load",
-        "device": "cpu",
+        "device": args.device,
         "model": f"resnet26 width {args.width}",
         "size": args.size,
         "clients": args.clients,
@@ -383,6 +442,8 @@ def main() -> None:
                     args.size, range(args.cold_domains), args.classes, prefix="cold")  # fmt: skip
         print(f"store ready: {args.domains} domains + {args.cold_domains} cold ones", flush=True)
 
+        if args.device_check:
+            summary["device_check"] = device_check(args, store_dir, weights)
         eng = engine_only(store_dir, args, weights)
         print(
             f"engine only: {eng['engine_images_per_s']:.1f} images/s (mixed batches of {args.batch}); "
