@@ -77,6 +77,8 @@ RUN set -eu; \
 
 # ---- runtime-base: user, directories, settings and the process contract -------------------------
 FROM base AS runtime-base
+LABEL org.opencontainers.image.title="multidomain" \
+      org.opencontainers.image.description="Multi-domain image classification server (residual adapters): one frozen backbone, per-request domains"
 # A fixed non-root uid/gid so volume ownership is predictable across hosts and rebuilds.
 RUN groupadd --system --gid 10001 multidomain \
     && useradd --system --uid 10001 --gid multidomain --home-dir /home/multidomain --create-home \

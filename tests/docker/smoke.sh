@@ -76,8 +76,9 @@ engine_up() { "$DOCKER" info > /dev/null 2>&1; }
 
 start_engine() {
     if [ ! -x "$DOCKER" ] || ! command -v dockerd > /dev/null 2>&1; then
-        [ "$(id -u)" -eq 0 ] && command -v apt-get > /dev/null 2>&1 \
-            || skip "no Docker engine running and no way to install one (need root and apt-get)"
+        if [ "$(id -u)" -ne 0 ] || ! command -v apt-get > /dev/null 2>&1; then
+            skip "no Docker engine running and no way to install one (need root and apt-get)"
+        fi
         log "installing docker.io"
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io > "$WORK/apt.log" 2>&1 \
             || { apt-get update -q > /dev/null 2>&1 \
@@ -85,8 +86,14 @@ start_engine() {
             || skip "no Docker engine running and docker.io cannot be installed (see apt-get)"
     fi
     [ "$(id -u)" -eq 0 ] || skip "no Docker engine running and starting dockerd needs root"
-    mkdir -p "$CACHE/data-root" /run/multidomain-docker
     local sock="/run/multidomain-docker/docker.sock"
+    # An engine left behind by an interrupted run holds the data root: use it (it is not ours to stop).
+    if DOCKER_HOST="unix://$sock" "$DOCKER" info > /dev/null 2>&1; then
+        export DOCKER_HOST="unix://$sock"
+        log "using the engine an earlier run left on $sock"
+        return 0
+    fi
+    mkdir -p "$CACHE/data-root" /run/multidomain-docker
     # No bridge and no iptables: containers use the host network and the host's firewall is untouched.
     dockerd --data-root "$CACHE/data-root" --exec-root /run/multidomain-docker/exec \
         --pidfile /run/multidomain-docker/docker.pid -H "unix://$sock" \
@@ -108,7 +115,7 @@ if engine_up; then
     log "using the running Docker engine"
 else
     start_engine
-    log "started dockerd (pid $STARTED_DOCKERD_PID, data root $CACHE/data-root)"
+    [ -z "$STARTED_DOCKERD_PID" ] || log "started dockerd (pid $STARTED_DOCKERD_PID, data root $CACHE/data-root)"
 fi
 
 # ---- base image -------------------------------------------------------------------------------------
