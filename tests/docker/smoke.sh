@@ -147,11 +147,18 @@ SECRET_ARGS=()
 CA_BUNDLE="${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}"
 [ -s "$CA_BUNDLE" ] && SECRET_ARGS=(--secret "id=pipca,src=$CA_BUNDLE")
 log "building $IMAGE (CPU target)"
+OLD_IMAGE_ID=$("$DOCKER" image inspect -f '{{.Id}}' "$IMAGE" 2> /dev/null || true)
 B0=$(date +%s)
 DOCKER_BUILDKIT=1 "$DOCKER" build --network host --progress plain \
     --build-arg "BASE_IMAGE=$BASE_IMAGE" "${SECRET_ARGS[@]}" -t "$IMAGE" "$REPO" > "$WORK/build.log" 2>&1 \
     || { tail -40 "$WORK/build.log" >&2; fail "docker build failed"; }
 BUILD_S=$(( $(date +%s) - B0 ))
+# The previous build's image is now untagged: drop it so the cached data root does not grow per run
+# (the layers this build reused stay). In an engine this script started, also cap BuildKit's cache.
+if [ -n "$OLD_IMAGE_ID" ] && [ "$OLD_IMAGE_ID" != "$("$DOCKER" image inspect -f '{{.Id}}' "$IMAGE")" ]; then
+    "$DOCKER" image rm "$OLD_IMAGE_ID" > /dev/null 2>&1 || true
+fi
+[ -z "$STARTED_DOCKERD_PID" ] || "$DOCKER" builder prune -f --keep-storage 20GB > /dev/null 2>&1 || true
 SIZE_BYTES=$("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE")
 log "built in ${BUILD_S}s; image size $(( SIZE_BYTES / 1000000 )) MB"
 
