@@ -16,7 +16,8 @@ gather per layer. Activating a new version changes what `resolve` returns; a key
 its version to the end, so an answer never mixes versions.
 
 Thread safety: `infer` and bank changes are serialised by one lock (a network runs one forward at a
-time); store reads happen outside it so a cold domain does not stall the forward of a warm batch.
+time). Store reads can happen outside it: `prefetch` (called by the server from its decode threads) reads
+and parses a cold domain's artifact while the worker runs other batches, so the worker only copies it in.
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ class Engine:
         self._resident: OrderedDict[DomainKey, _Slot] = OrderedDict()  # LRU order: oldest first
         self._merged: OrderedDict[int, None] = OrderedDict()  # slots with merged weights, LRU order
         self._inflight: dict[DomainKey, Future[_Fetched]] = {}
+        self._staged: OrderedDict[DomainKey, _Fetched] = OrderedDict()  # prefetched, not yet in the bank
         self._active: dict[str, tuple[DomainKey, DomainManifest]] = {}
         self._transforms: dict[DomainKey, Transform] = {}
         self._revision = store.revision()
@@ -271,6 +273,18 @@ class Engine:
             with self._state_lock:
                 self._inflight.pop(key, None)
 
+    def prefetch(self, key: DomainKey) -> None:
+        """Read a non-resident domain from the store ahead of its batch (no-op when resident or staged)."""
+        with self._state_lock:
+            if key in self._resident or key in self._staged:
+                return
+        fetched = self._fetch(key)
+        with self._state_lock:
+            if key not in self._resident:
+                self._staged[key] = fetched
+                while len(self._staged) > self.config.bank_slots:  # bounded: forget the oldest
+                    self._staged.popitem(last=False)
+
     def _free_slot(self, keep: set[DomainKey]) -> int:
         """A free slot index, evicting the least recently used domain not in `keep` if needed."""
         used = {s.index for s in self._resident.values()}
@@ -308,7 +322,9 @@ class Engine:
 
     def _load(self, key: DomainKey, keep: set[DomainKey]) -> int:
         start = time.perf_counter()
-        fetched = self._fetch(key)
+        with self._state_lock:
+            staged = self._staged.pop(key, None)
+        fetched = staged if staged is not None else self._fetch(key)
         with self._state_lock:
             index = self._free_slot(keep)
         try:

@@ -80,6 +80,7 @@ async def _read_images(request: Request, max_images: int) -> tuple[list[bytes], 
 def _prepare(runtime: Runtime, domain: str, images: list[bytes]) -> tuple[DomainKey, list[Tensor]]:
     """Resolve the active version, decode and preprocess (runs in the thread pool)."""
     key = runtime.engine.resolve(domain)
+    runtime.engine.prefetch(key)  # a cold domain is read here, in parallel with the worker's batches
     transform = runtime.engine.transform(key)
     max_pixels = runtime.settings.max_image_pixels
     return key, [transform(decode_image(data, max_pixels=max_pixels)) for data in images]

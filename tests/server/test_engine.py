@@ -159,3 +159,20 @@ def test_batcher_mixes_domains_and_answers_each_request(world: TinyWorld, store:
     assert sum(sizes) == 12 and max(sizes) == 4
     # at most two domain versions per batch (the bank's slots), so no batch holds all three
     assert len(sizes) >= 3
+
+
+def test_prefetch_reads_ahead_and_the_load_uses_it(
+    store: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = Engine(store, EngineConfig(bank_slots=2))
+    key = engine.resolve("textures")
+    engine.prefetch(key)
+    engine.prefetch(key)  # already staged: no second read
+
+    def no_reads(*_: object, **__: object) -> None:
+        raise AssertionError("the load must use the prefetched artifact")
+
+    monkeypatch.setattr(store, "get", no_reads)
+    assert engine.load(key) in (0, 1)
+    assert engine.stats.loads == 1 and engine._staged == {}
+    engine.prefetch(key)  # resident: nothing to do, nothing read
