@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -67,3 +67,9 @@ class Settings(BaseSettings):
     """Bearer token for adapter upload, activation and deletion; None refuses every admin call."""
     inference_token: SecretStr | None = None
     """Bearer token required for classification; None (default) leaves inference open."""
+
+    @field_validator("admin_token", "inference_token", mode="after")
+    @classmethod
+    def _blank_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        # MD_ADMIN_TOKEN= (empty) in a compose file means "no token", never "the empty token".
+        return None if value is None or not value.get_secret_value().strip() else value

@@ -16,7 +16,7 @@ from starlette.datastructures import UploadFile
 from adapters_store.bundle import unpack_bundle
 from adapters_store.errors import ArtifactInvalid, Problem, VersionNotFound
 from adapters_store.validation import validate_domain_artifact
-from server.deps import RuntimeDep, require_admin
+from server.deps import RuntimeDep, require_admin, require_inference
 from server.errors import BadRequest, UnsupportedMediaType
 from server.runtime import Runtime
 from server.schemas import (
@@ -99,13 +99,13 @@ def _detail(runtime: Runtime, domain: str) -> DomainDetail:
     )
 
 
-@router.get("", response_model=DomainList)
+@router.get("", response_model=DomainList, dependencies=[Depends(require_inference)])
 async def list_domains(runtime: RuntimeDep) -> DomainList:
     """Every stored domain: versions, the active one, and whether it is resident in the bank."""
     return await _in_pool(runtime, _list, runtime)
 
 
-@router.get("/{domain}", response_model=DomainDetail)
+@router.get("/{domain}", response_model=DomainDetail, dependencies=[Depends(require_inference)])
 async def describe_domain(runtime: RuntimeDep, domain: str) -> DomainDetail:
     """One domain: its versions, the active one, the active manifest and residency."""
     return await _in_pool(runtime, _detail, runtime, domain)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from adapters_store import LocalStore
 from server.app import create_app
+from server.settings import Settings
 from tests.server.conftest import TinyWorld, auth, encode, image, settings_for
 
 PNG = {"Content-Type": "image/png"}
@@ -133,6 +134,8 @@ def test_missing_and_wrong_inference_token(strict: TestClient) -> None:
         strict.post("/v1/classify", content=encode(image()), headers={**h, **auth("nope")}), 403, "forbidden"
     )
     assert strict.post("/v1/classify", content=encode(image()), headers={**h, **INFER}).status_code == 200
+    _error(strict.get("/v1/domains"), 401, "unauthorized")  # listing is inference-level too
+    assert strict.get("/v1/domains/birds", headers=INFER).status_code == 200
 
 
 def test_missing_and_wrong_admin_token(client: TestClient, world: TinyWorld) -> None:
@@ -147,7 +150,9 @@ def test_missing_and_wrong_admin_token(client: TestClient, world: TinyWorld) -> 
     assert client.get("/v1/domains/birds").json()["versions"] == [1]  # nothing changed
 
 
-def test_admin_disabled_without_a_token(store: LocalStore) -> None:
+def test_admin_disabled_without_a_token(store: LocalStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MD_ADMIN_TOKEN", "  ")  # blank in the environment means unset
+    assert Settings().admin_token is None
     with TestClient(create_app(settings_for(store, admin_token=None))) as c:
         _error(c.delete("/v1/domains/birds", headers=auth()), 403, "forbidden")
 
