@@ -44,7 +44,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         ) from None
     except Image.DecompressionBombError as exc:
         raise TooManyPixels(str(exc), max_pixels=max_pixels) from None
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: PIL's guard against PNG text-chunk bombs
         raise CorruptImage(f"the image header cannot be read: {exc}") from None
     pixels = image.width * image.height
     # Checked from the header, before decoding: PIL's own guard only errors at twice its limit.
