@@ -60,8 +60,8 @@ RUN --mount=type=secret,id=pipca --mount=type=cache,target=/root/.cache/pip \
 # ---- venv-cpu: the venv less what a CPU process never loads ----------------------------------------
 # PyPI's torch links libtorch_cuda.so (and through it cudart, cuBLAS, cuFFT, NCCL, ...) into every
 # process, so `import torch` fails without those files even on a CPU. What it never loads on a CPU:
-# triton (the GPU kernel compiler), cuSOLVER/nvJitLink (only for CUDA linear algebra), cuDNN's engine
-# libraries (dlopened at the first cuDNN call), headers and static libraries. Instead of a hand-kept
+# triton (the GPU kernel compiler), cuDNN's engine libraries (dlopened at the first cuDNN call),
+# cusolverMg, the profiler libraries, headers and static libraries (~2.2 GB). Instead of a hand-kept
 # list, keep exactly the CUDA files mapped by a real CPU forward, then prove the result with the same
 # forward. With TORCH_INDEX_URL pointing at CPU wheels there is no nvidia/ directory and this is a no-op.
 FROM venv AS venv-cpu
