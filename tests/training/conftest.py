@@ -24,8 +24,10 @@ def tiny_net(seed: int = 0) -> MultiDomainNet:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for unit in net.units:
-            unit.base_bn.running_var.copy_(torch.rand(unit.channels, generator=g) + 0.5)
-            unit.base_bn.running_mean.copy_(torch.randn(unit.channels, generator=g) * 0.1)
+            var, mean = unit.base_bn.running_var, unit.base_bn.running_mean
+            assert var is not None and mean is not None
+            var.copy_(torch.rand(unit.channels, generator=g) + 0.5)
+            mean.copy_(torch.randn(unit.channels, generator=g) * 0.1)
     return net
 
 

@@ -22,19 +22,19 @@ def deterministic():
 
 @pytest.mark.parametrize("trainable", ["domain", "all"])
 def test_resume_equals_uninterrupted(digits: DomainData, tmp_path, trainable: str) -> None:
-    kind = "parallel" if trainable == "domain" else "bn"
+    config = AdapterConfig(kind="parallel") if trainable == "domain" else AdapterConfig(kind="bn")
     straight = tiny_net()
-    straight.add_domain("d", AdapterConfig(kind=kind), 10)
+    straight.add_domain("d", config, 10)
     full = train_domain(straight, "d", digits, CFG, trainable=trainable)  # type: ignore[arg-type]
 
     ckpt = tmp_path / "run.pt"
     first = tiny_net()
-    first.add_domain("d", AdapterConfig(kind=kind), 10)
+    first.add_domain("d", config, 10)
     partial = train_domain(first, "d", digits, CFG, trainable=trainable, checkpoint=ckpt, stop_after_epoch=1)  # type: ignore[arg-type]
     assert not partial.completed and len(partial.history) == 1
 
     resumed = tiny_net()  # a new process: nothing but the checkpoint carries over
-    resumed.add_domain("d", AdapterConfig(kind=kind), 10)
+    resumed.add_domain("d", config, 10)
     result = train_domain(resumed, "d", digits, CFG, trainable=trainable, checkpoint=ckpt, resume=True)  # type: ignore[arg-type]
 
     assert [h.val_accuracy for h in result.history] == [h.val_accuracy for h in full.history]
