@@ -14,7 +14,7 @@ from PIL import Image
 from adapters_store import LocalStore
 from server.app import create_app
 from server.settings import Settings
-from tests.server.conftest import TinyWorld, auth, encode, image, settings_for
+from tests.server.conftest import TOL, TinyWorld, auth, encode, image, settings_for
 
 PNG = {"Content-Type": "image/png"}
 
@@ -196,4 +196,4 @@ def test_server_still_answers_correctly_after_bad_input(client: TestClient, worl
     assert r.status_code == 200
     ref = world.reference("birds", img)
     assert r.json()["results"][0]["top_k"][0]["index"] == int(ref.argmax())
-    assert r.json()["results"][0]["top_k"][0]["probability"] == pytest.approx(float(ref.max()), abs=1e-4)
+    assert r.json()["results"][0]["top_k"][0]["probability"] == pytest.approx(float(ref.max()), abs=TOL)

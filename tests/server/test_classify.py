@@ -8,7 +8,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from tests.server.conftest import TinyWorld, encode, image
+from tests.server.conftest import TOL, TinyWorld, encode, image
 
 
 def _probs(body: dict) -> dict[int, float]:
@@ -31,7 +31,7 @@ def test_raw_image_matches_the_reference_forward(client: TestClient, world: Tiny
     top = ref.topk(k)
     assert [e["index"] for e in result["top_k"]] == top.indices.tolist()
     for e, p in zip(result["top_k"], top.values.tolist(), strict=True):
-        assert e["probability"] == pytest.approx(p, abs=1e-4)
+        assert e["probability"] == pytest.approx(p, abs=TOL)
         assert e["label"] == f"{domain}_{e['index']}"
     assert body["timing"]["total_ms"] >= body["timing"]["inference_ms"] >= 0
 

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from adapters_store import LocalStore, pack_bundle
 from server.app import create_app
-from tests.server.conftest import TinyWorld, auth, encode, image, make_store, settings_for
+from tests.server.conftest import TOL, TinyWorld, auth, encode, image, make_store, settings_for
 
 PNG = {"Content-Type": "image/png"}
 
@@ -40,7 +40,7 @@ def test_upload_activate_rollback_delete(client: TestClient, world: TinyWorld) -
     assert v2 == 2 and p2 != pytest.approx(p1)
     img = image(11)
     ref = world.reference("birds_v2", img)
-    assert p2 == pytest.approx(sorted(ref.tolist(), reverse=True), abs=1e-4)
+    assert p2 == pytest.approx(sorted(ref.tolist(), reverse=True), abs=TOL)
     # roll back, then delete the inactive version 2
     assert (
         client.put("/v1/domains/birds/active", json={"rollback": True}, headers=auth()).json()["active"] == 1
@@ -71,7 +71,7 @@ def test_bundle_upload_with_activate_creates_a_new_domain(world: TinyWorld, tmp_
         assert r.json() == {"domain": "birds", "version": 1, "active": True}
         version, probs = _top(client, "birds")
         ref = world.reference("birds", image(11))
-        assert version == 1 and probs == pytest.approx(sorted(ref.tolist(), reverse=True), abs=1e-4)
+        assert version == 1 and probs == pytest.approx(sorted(ref.tolist(), reverse=True), abs=TOL)
 
 
 def test_activation_by_another_process_is_noticed(

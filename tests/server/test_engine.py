@@ -14,7 +14,7 @@ from adapters_store import LocalStore
 from server.batcher import Batcher
 from server.engine import DomainKey, Engine, EngineConfig
 from server.preprocess import build_transform
-from tests.server.conftest import DOMAINS, TinyWorld, image, make_store
+from tests.server.conftest import DOMAINS, TOL, TinyWorld, image, make_store
 from training.export import validate_domain
 
 
@@ -37,8 +37,8 @@ def test_mixed_batch_rows_equal_each_domain_alone(world: TinyWorld, store: Local
         alone = engine.infer([keys[i]], xs[i : i + 1], top_k=3)[0]  # merged single-domain path
         ref = _ref(world, name, xs[i])
         assert [s.index for s in pred.top] == ref.topk(3).indices.tolist() == [s.index for s in alone.top]
-        assert [s.probability for s in pred.top] == pytest.approx(ref.topk(3).values.tolist(), abs=1e-4)
-        assert [s.probability for s in alone.top] == pytest.approx(ref.topk(3).values.tolist(), abs=1e-4)
+        assert [s.probability for s in pred.top] == pytest.approx(ref.topk(3).values.tolist(), abs=TOL)
+        assert [s.probability for s in alone.top] == pytest.approx(ref.topk(3).values.tolist(), abs=TOL)
     assert engine.merged_bytes() > 0
 
 
@@ -48,7 +48,7 @@ def test_lru_eviction_keeps_answers_right(world: TinyWorld, store: LocalStore) -
     for i, name in enumerate(order):
         x = _x(name, i)
         [pred] = engine.infer([engine.resolve(name)], x[None], top_k=1)
-        assert pred.top[0].probability == pytest.approx(float(_ref(world, name, x).max()), abs=1e-4)
+        assert pred.top[0].probability == pytest.approx(float(_ref(world, name, x).max()), abs=TOL)
         assert len(engine.resident()) <= 2
     assert engine.stats.loads == 6 - 1  # only the second "textures" found its domain resident
     assert engine.stats.evictions == engine.stats.loads - 2
@@ -126,10 +126,10 @@ def test_a_resolved_key_keeps_its_version_after_activation(world: TinyWorld, tmp
     p_old, p_new = engine.infer([old, new], torch.stack([x, x]), top_k=3)
     assert p_old.key == old and p_new.key == new
     assert [s.probability for s in p_old.top] == pytest.approx(
-        _ref(world, "birds", x).topk(3).values.tolist(), abs=1e-4
+        _ref(world, "birds", x).topk(3).values.tolist(), abs=TOL
     )
     assert [s.probability for s in p_new.top] == pytest.approx(
-        _ref(world, "birds_v2", x).topk(3).values.tolist(), abs=1e-4
+        _ref(world, "birds_v2", x).topk(3).values.tolist(), abs=TOL
     )
 
 
@@ -155,7 +155,7 @@ def test_batcher_mixes_domains_and_answers_each_request(world: TinyWorld, store:
         batcher.stop()
     for name, x, pred in zip(names, xs, preds, strict=True):
         assert pred.key.domain == name
-        assert pred.top[0].probability == pytest.approx(float(_ref(world, name, x).max()), abs=1e-4)
+        assert pred.top[0].probability == pytest.approx(float(_ref(world, name, x).max()), abs=TOL)
     assert sum(sizes) == 12 and max(sizes) == 4
     # at most two domain versions per batch (the bank's slots), so no batch holds all three
     assert len(sizes) >= 3

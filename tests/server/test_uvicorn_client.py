@@ -12,7 +12,7 @@ from adapters_store import pack_bundle
 from server.app import create_app
 from server.client import AuthError, InvalidArtifact, MultidomainClient, NotFound, ServerResponseError
 from server.serving import ServerThread
-from tests.server.conftest import ADMIN, TinyWorld, encode, image, make_store, settings_for
+from tests.server.conftest import ADMIN, TOL, TinyWorld, encode, image, make_store, settings_for
 
 
 @pytest.fixture
@@ -36,13 +36,13 @@ def test_upload_classify_activate_older_classify_again(server: ServerThread, wor
         answer = client.classify("birds", encode(img), top_k=3)
         assert answer["version"] == 2
         assert _probs(answer) == pytest.approx(
-            world.reference("birds_v2", img).sort(descending=True).values.tolist(), abs=1e-4
+            world.reference("birds_v2", img).sort(descending=True).values.tolist(), abs=TOL
         )
         assert client.activate("birds", 1) == 1
         answer = client.classify("birds", [encode(img), encode(image(22))], top_k=3)
         assert answer["version"] == 1 and len(answer["results"]) == 2
         assert _probs(answer) == pytest.approx(
-            world.reference("birds", img).sort(descending=True).values.tolist(), abs=1e-4
+            world.reference("birds", img).sort(descending=True).values.tolist(), abs=TOL
         )
         listing = {d["domain"]: d for d in client.list_domains()}
         assert listing["birds"]["versions"] == [1, 2] and listing["birds"]["active"] == 1
