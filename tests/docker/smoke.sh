@@ -61,7 +61,8 @@ cleanup() {
         # dockerd stops its containers and containerd on SIGTERM; wait for it, by its pid only.
         for _ in $(seq 1 60); do kill -0 "$STARTED_DOCKERD_PID" 2> /dev/null || break; sleep 0.5; done
     fi
-    rm -rf "$WORK"
+    # --one-file-system: a failed debootstrap may leave proc/sys mounted inside the rootfs.
+    rm -rf --one-file-system "$WORK"
     exit "$rc"
 }
 trap cleanup EXIT
