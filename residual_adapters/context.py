@@ -29,6 +29,8 @@ class ForwardContext:
     """mixed: (slot, first row, end row) of each run of rows that share a slot."""
     slot: int | None = None
     """mixed with every row in one slot, or merged: that slot (lets units skip the per-row gather)."""
+    gather: bool = False
+    """mixed: apply adapters by per-row gather + batched GEMM instead of per-segment GEMMs."""
     series: bool = False
     """mixed: whether any row's domain has series adapters (else that path is skipped)."""
 

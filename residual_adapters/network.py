@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +57,10 @@ class MultiDomainNet(nn.Module):
         self.head = heads[0]
         self.domains: dict[str, DomainInfo] = {}
         self.slots: list[DomainInfo | None] = []
+        self.mixed_strategy: Literal["auto", "segments", "gather"] = "auto"
+        """How mixed batches apply adapters: per-domain GEMMs over slot-sorted rows (segments, best on
+        CPU), or a per-row gather + one batched GEMM per layer (gather, fewer kernel launches on GPU).
+        auto picks segments on CPU and gather elsewhere."""
 
     # -- shared weights -----------------------------------------------------------------------------
     def shared_state_dict(self) -> dict[str, Tensor]:
@@ -233,11 +237,24 @@ class MultiDomainNet(nn.Module):
         if len(segments) == 1:
             return self._pad(self.forward_slot(x, segments[0][0]))
         series = any(self.slots[s].config.kind == "series" for s, _, _ in segments)  # type: ignore[union-attr]
-        with self.ctx.use(mode="mixed", slot_index=sorted_index, slot=None, segments=tuple(segments), series=series):
+        gather = self._gather(x)
+        with self.ctx.use(
+            mode="mixed",
+            slot_index=sorted_index,
+            slot=None,
+            segments=tuple(segments),
+            series=series,
+            gather=gather,
+        ):
             logits = self.body(x[order])
         out = torch.empty_like(logits)
         out[order] = logits
         return out
+
+    def _gather(self, x: Tensor) -> bool:
+        if self.mixed_strategy == "auto":
+            return x.device.type != "cpu"
+        return self.mixed_strategy == "gather"
 
     def _pad(self, logits: Tensor) -> Tensor:
         k_max = self.head.bank_weight.shape[1]
@@ -248,7 +265,8 @@ class MultiDomainNet(nn.Module):
         """A single-domain batch through the bank, unmerged (inference only) -> [B, K]."""
         info = self._slot(slot)
         segments = ((slot, 0, x.shape[0]),)
-        with self.ctx.use(mode="mixed", slot=slot, segments=segments, series=info.config.kind == "series"):
+        series = info.config.kind == "series"
+        with self.ctx.use(mode="mixed", slot=slot, segments=segments, series=series, gather=self._gather(x)):
             return self.body(x)  # type: ignore[no-any-return]
 
     def forward_merged(self, x: Tensor, slot: int) -> Tensor:

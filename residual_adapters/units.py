@@ -225,16 +225,27 @@ class DomainUnit(nn.Module):
         return self._bank(f"bank_{mode}_u")[slot] @ self._bank(f"bank_{mode}_v")[slot]
 
     def _add_adapter(self, mode: str, y: Tensor, x: Tensor, ctx: ForwardContext) -> None:
-        """y += A_slot(row) x, in place, one GEMM per domain segment (rows are sorted by slot).
+        """y += A_slot(row) x, in place, for channels-last y and any-layout x.
 
-        In channels-last layout a segment of rows is one [rows*H*W, C] matrix, so each domain costs a
-        single well-shaped GEMM (as Punica's SGMV does on GPUs) instead of a per-row gather + bmm.
+        segments (CPU): rows are sorted by slot and each run of rows is one [rows*H*W, C] matrix, so a domain
+        costs a single well-shaped GEMM (as Punica's SGMV does), no per-row gather.
+        gather (GPU): each row's matrix gathered and one batched GEMM for the whole batch: one kernel per
+        layer, where per-domain launches would dominate at these sizes.
         """
         b, c_in, h, w = x.shape
-        rows = h * w
-        x_flat = _as_nhwc(x).permute(0, 2, 3, 1).reshape(b * rows, c_in)
-        y_flat = y.permute(0, 2, 3, 1).view(b * rows, y.shape[1])
+        x_rows = _as_nhwc(x).permute(0, 2, 3, 1).reshape(b, h * w, c_in)
+        y_rows = y.permute(0, 2, 3, 1).view(b, h * w, y.shape[1])
         full = self.bank_shapes[mode][3] is None
+        if ctx.gather:
+            index = ctx.slot_index if ctx.slot is None else torch.full((b,), ctx.slot, device=x.device)
+            if full:
+                y_rows.baddbmm_(x_rows, self._bank(f"bank_{mode}_w")[index].transpose(1, 2))
+            else:
+                inner = torch.bmm(x_rows, self._bank(f"bank_{mode}_v")[index].transpose(1, 2))
+                y_rows.baddbmm_(inner, self._bank(f"bank_{mode}_u")[index].transpose(1, 2))
+            return
+        x_flat, y_flat = x_rows.view(b * h * w, c_in), y_rows.view(b * h * w, y.shape[1])
+        rows = h * w
         for slot, start, end in ctx.segments:
             seg_x, seg_y = x_flat[start * rows : end * rows], y_flat[start * rows : end * rows]
             if full:
@@ -253,7 +264,9 @@ class DomainUnit(nn.Module):
         if "parallel" in self.bank_shapes:
             self._add_adapter("parallel", y, self._centre(x), ctx)
         if ctx.series and "series" in self.bank_shapes:
-            t = torch.addcmul(self._rows_of("bank_series_shift", ctx), y, self._rows_of("bank_series_scale", ctx))
+            t = torch.addcmul(
+                self._rows_of("bank_series_shift", ctx), y, self._rows_of("bank_series_scale", ctx)
+            )
             self._add_adapter("series", y, t, ctx)
         return torch.addcmul(self._rows_of("bank_shift", ctx), y, self._rows_of("bank_scale", ctx))
 

@@ -9,10 +9,11 @@ from residual_adapters import MultiDomainNet, create_backbone, list_backbones
 from tests.residual_adapters.conftest import KIND_CONFIGS, randomise_base, randomise_domain
 
 BUILD = {"resnet26": {"width": 0.25}}
-# fp32 tolerance (max abs error over the row's largest logit). The deep torchvision ResNets with random
-# weights accumulate rounding over 35-53 layers past 1e-5; `test_paths_are_the_same_function_in_float64`
-# shows the paths agree to 1e-10 in float64, so what remains in fp32 is rounding, not a different function.
-RTOL = {"resnet34": 5e-5, "resnet50": 5e-5}
+# fp32 tolerance (max abs error over the row's largest logit). The torchvision ResNets with random weights
+# and random heads (logits that cancel to small values) sometimes pass 1e-5 by rounding alone;
+# `test_paths_are_the_same_function_in_float64` shows every path agrees to 1e-10 in float64, so what remains
+# in fp32 is rounding, not a different function.
+RTOL = {"resnet18": 5e-5, "resnet34": 5e-5, "resnet50": 5e-5}
 
 
 def rtol(net: MultiDomainNet) -> float:
@@ -47,12 +48,17 @@ def test_every_backbone_is_registered() -> None:
 
 
 @torch.no_grad()
-def test_mixed_batch_rows_equal_each_domain_alone(net: MultiDomainNet) -> None:
-    check_mixed(net)
+@pytest.mark.parametrize("strategy", ["segments", "gather"])
+def test_mixed_batch_rows_equal_each_domain_alone(net: MultiDomainNet, strategy: str) -> None:
+    net.mixed_strategy = strategy  # type: ignore[assignment]
+    try:
+        check_mixed(net)
+    finally:
+        net.mixed_strategy = "auto"
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", list_backbones())
+@pytest.mark.parametrize("name", ["resnet26", "resnet18", "resnet50", "mobilenet_v2"])  # every block type
 def test_paths_are_the_same_function_in_float64(name: str) -> None:
     net = build(name, torch.float64)
     check_mixed(net)
@@ -83,6 +89,9 @@ def test_merged_and_single_slot_equal_unmerged(net: MultiDomainNet, kind: str) -
     reference = net.forward_domain(x, kind)
     assert relative_error(net.forward_merged(x, slot), reference) < rtol(net)
     assert relative_error(net.forward_slot(x, slot), reference) < rtol(net)
+    net.mixed_strategy = "gather"
+    assert relative_error(net.forward_slot(x, slot), reference) < rtol(net)
+    net.mixed_strategy = "auto"
     # A mixed batch whose rows all share one slot takes the no-gather shortcut: same numbers, padded.
     uniform = net(x, torch.full((3,), slot))
     assert relative_error(uniform[:, : reference.shape[1]], reference) < rtol(net)
