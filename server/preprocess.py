@@ -8,8 +8,10 @@ decoded, so a decompression bomb costs nothing. Preprocessing follows the domain
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
@@ -60,6 +62,30 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     return image
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16/32-bit integer images mapped onto 8 bits by their full 16-bit range.
+
+    PIL's own convert("L"/"RGB") clips such images at 255, which turns a 16-bit PNG almost white.
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        return Image.fromarray((values >> 8).astype(np.uint8), "L")
+    return image
+
+
+def check_resized_pixels(image: Image.Image, pre: Preprocessing, max_pixels: int) -> None:
+    """The pixel limit after "resize the shorter side": a 30000x1 strip would become 840000x28 pixels."""
+    short = max(1, min(image.width, image.height))
+    scale = pre.resize / short
+    resized = math.ceil(image.width * scale) * math.ceil(image.height * scale)
+    if resized > max_pixels:
+        raise TooManyPixels(
+            f"the image ({image.width}x{image.height}) would have {resized} pixels once its shorter side is "
+            f"resized to {pre.resize}, over the limit of {max_pixels}",
+            max_pixels=max_pixels,
+        )
+
+
 def build_transform(pre: Preprocessing) -> Transform:
     """The manifest's preprocessing as one callable PIL image -> float tensor [3, S, S]."""
     steps: list[Callable[..., object]] = []
@@ -71,7 +97,7 @@ def build_transform(pre: Preprocessing) -> Transform:
 
     def transform(image: Image.Image) -> torch.Tensor:
         # Palette, alpha and CMYK images all become plain RGB (or L for grayscale domains) first.
-        converted = image.convert(mode)
+        converted = to_8bit(image).convert(mode)
         out: torch.Tensor = pipeline(converted)
         return out.expand(3, -1, -1).contiguous() if mode == "L" else out
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from server.deps import RuntimeDep, require_inference
 from server.engine import DomainKey
 from server.errors import BadRequest, MissingDomain, UnsupportedMediaType
-from server.preprocess import ACCEPTED_MEDIA_TYPES, decode_image
+from server.preprocess import ACCEPTED_MEDIA_TYPES, check_resized_pixels, decode_image
 from server.runtime import Runtime
 from server.schemas import ClassifyJSON, ClassifyResponse, ImageResult, LabelScoreOut, Timing
 
@@ -82,8 +82,14 @@ def _prepare(runtime: Runtime, domain: str, images: list[bytes]) -> tuple[Domain
     key = runtime.engine.resolve(domain)
     runtime.engine.prefetch(key)  # a cold domain is read here, in parallel with the worker's batches
     transform = runtime.engine.transform(key)
+    pre = runtime.engine.manifest(key).preprocessing
     max_pixels = runtime.settings.max_image_pixels
-    return key, [transform(decode_image(data, max_pixels=max_pixels)) for data in images]
+    tensors = []
+    for data in images:
+        image = decode_image(data, max_pixels=max_pixels)
+        check_resized_pixels(image, pre, max_pixels)
+        tensors.append(transform(image))
+    return key, tensors
 
 
 async def _classify(

@@ -197,3 +197,13 @@ def test_server_still_answers_correctly_after_bad_input(client: TestClient, worl
     ref = world.reference("birds", img)
     assert r.json()["results"][0]["top_k"][0]["index"] == int(ref.argmax())
     assert r.json()["results"][0]["top_k"][0]["probability"] == pytest.approx(float(ref.max()), abs=TOL)
+
+
+def test_extreme_aspect_ratio_is_refused_by_its_resized_size(strict: TestClient) -> None:
+    strip = encode(Image.new("RGB", (5000, 1), (50, 100, 150)))  # 5000 pixels; 140000x28 once resized
+    err = _error(
+        strict.post("/v1/classify", content=strip, headers={**PNG, "X-Domain": "birds", **INFER}),
+        413,
+        "too_many_pixels",
+    )
+    assert "resized" in err["message"]

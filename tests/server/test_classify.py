@@ -122,3 +122,18 @@ def test_openapi_docs_are_served(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     assert "/v1/classify" in spec["paths"] and "/v1/domains/{domain}/adapters" in spec["paths"]
     assert client.get("/docs").status_code == 200
+
+
+def test_16_bit_png_uses_its_full_range(client: TestClient, world: TinyWorld) -> None:
+    import numpy as np
+    from PIL import Image
+
+    values = np.random.default_rng(3).integers(0, 65536, (32, 40)).astype(np.uint16)
+    r = client.post("/v1/classify", content=encode(Image.fromarray(values)),
+                    headers={"X-Domain": "textures", "Content-Type": "image/png"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    eight_bit = Image.fromarray((values >> 8).astype(np.uint8))  # not clipped at 255 (which is all white)
+    ref = world.reference("textures", eight_bit)
+    assert _probs(r.json()["results"][0]) == pytest.approx(
+        dict(zip(ref.topk(5).indices.tolist(), ref.topk(5).values.tolist(), strict=True)), abs=TOL
+    )
