@@ -1,4 +1,8 @@
-"""FastAPI dependencies: the app's runtime and the token checks."""
+"""FastAPI dependencies: the app's runtime and the token checks.
+
+All `async def`: FastAPI runs plain `def` dependencies in its thread pool, a thread hop per dependency
+per request for what is a dictionary lookup and a string comparison.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from server.errors import NotReady
 from server.runtime import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime | None = getattr(request.app.state, "runtime", None)
     if runtime is None:
         raise NotReady("the server is starting: the backbone is not loaded yet")
@@ -21,9 +25,9 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def require_admin(request: Request, runtime: RuntimeDep) -> None:
+async def require_admin(request: Request, runtime: RuntimeDep) -> None:
     check_token(request, runtime.settings.admin_token, what="admin", required=True)
 
 
-def require_inference(request: Request, runtime: RuntimeDep) -> None:
+async def require_inference(request: Request, runtime: RuntimeDep) -> None:
     check_token(request, runtime.settings.inference_token, what="inference", required=False)
