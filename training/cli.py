@@ -507,6 +507,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--progress", action="store_true", help="progress bars")
 
+    from training.studies.cli import register as register_studies  # allocation, transfer
+
+    register_studies(sub)
+
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m training adapter ...` (the same commands as `multidomain train adapter ...`)."""
