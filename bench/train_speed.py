@@ -4,8 +4,10 @@ Same backbone, same data, same batches, one process; the two are interleaved rou
 load from other work on a shared machine hits both alike, and the ratio of the medians is reported.
 Why adapters are cheaper: the frozen convs need input gradients but never weight gradients.
 
-    .venv/bin/python bench/train_speed.py                       # MobileNetV2 (ImageNet), 48 px, digits
-    .venv/bin/python bench/train_speed.py --backbone resnet26 --input-size 64
+    .venv/bin/python bench/train_speed.py                                 # the paper's ResNet-26, 64 px, digits
+    .venv/bin/python bench/train_speed.py --backbone mobilenet_v2         # ImageNet MobileNetV2 (the mini preset's)
+
+One torch thread by default: on a shared 2-core machine two OpenMP threads spin against other work.
 
 Last line: a JSON summary.
 """
@@ -49,11 +51,11 @@ def main() -> None:
         "--backbone", default="mobilenet_v2", help="mobilenet_v2 (ImageNet) or resnet26[:width]"
     )
     parser.add_argument("--kind", default="parallel")
-    parser.add_argument("--input-size", type=int, default=48)
+    parser.add_argument("--input-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=6, help="training steps per round")
+    parser.add_argument("--steps", type=int, default=3, help="training steps per round")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

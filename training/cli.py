@@ -205,6 +205,7 @@ def cmd_backbone(args: argparse.Namespace) -> int:
     if args.data is None:
         return _fail("give --data (train from scratch) or --import-torchvision PATH")
     kwargs: dict[str, Any] = {"width": args.width} if args.arch == "resnet26" else {}
+    torch.manual_seed(args.seed)
     net = create_backbone(args.arch, **kwargs)
     data = _load_data(args, args.name)
     cfg = _train_config(args)
@@ -261,6 +262,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
     data = _load_data(args, args.name)
     cfg = _train_config(args)
     adapter_cfg = _adapter_config(args)
+    torch.manual_seed(args.seed)  # the new head is drawn from the global RNG
     net.add_domain(data.name, adapter_cfg, data.num_classes)
     counts = net.domain_parameter_counts(adapter_cfg, data.num_classes)
     _say(
@@ -291,6 +293,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     net = _load_backbone(args.backbone)
     data = _load_data(args, args.name)
     cfg = _train_config(args)
+    torch.manual_seed(args.seed)
     tuned = finetune_copy(net, data.name, data.num_classes)
     result = train_domain(
         tuned, data.name, data, cfg, trainable="all", checkpoint=args.checkpoint, resume=args.resume, log=_say
@@ -392,38 +395,47 @@ def _data_for_manifest(source: str, manifest: DomainManifest, seed: int) -> Doma
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if len(args.domain) != len(args.data):
+        return _fail(f"give one --data per --domain ({len(args.domain)}), got {len(args.data)}")
     net = _load_backbone(args.backbone)
-    manifest = export.load_domain_into(net, args.domain)
-    data = _data_for_manifest(args.data, manifest, args.seed)
-    if len(data.labels) != len(manifest.labels):
-        return _fail(
-            f"the data has {len(data.labels)} classes, domain {manifest.domain} has {len(manifest.labels)}"
+    rows = []
+    for path, source in zip(args.domain, args.data, strict=True):
+        manifest = export.load_domain_into(net, path)
+        data = _data_for_manifest(source, manifest, args.seed)
+        if len(data.labels) != len(manifest.labels):
+            return _fail(
+                f"{source} has {len(data.labels)} classes, domain {manifest.domain} has {len(manifest.labels)}"
+            )
+        split = {"val": data.val, "train": data.train}[args.split]
+        ev = evaluate(
+            net, manifest.domain, split, BatchMaker(data.preprocessing, flip=False), manifest.labels
         )
-    split = {"val": data.val, "train": data.train}[args.split]
-    batches = BatchMaker(data.preprocessing, flip=False)
-    ev = evaluate(net, manifest.domain, split, batches, manifest.labels)
-    _say(
-        f"{manifest.domain} on {args.data} ({args.split}, {ev.images} images): top-1 {ev.top1:.4f}, top-5 {ev.top5:.4f}"
-    )
-    if args.confusion:
-        plot_confusion(ev, args.confusion)
-        _say(f"wrote {args.confusion}")
-    print(json.dumps({"domain": ev.domain, "images": ev.images, "top1": ev.top1, "top5": ev.top5}))
+        _say(
+            f"{manifest.domain} on {source} ({args.split}, {ev.images} images): "
+            f"top-1 {ev.top1:.4f}, top-5 {ev.top5:.4f}"
+        )
+        if args.confusion:
+            png = plot_confusion(ev, args.confusion / f"{manifest.domain}-confusion.png")
+            _say(f"wrote {png}")
+        rows.append({"domain": ev.domain, "images": ev.images, "top1": ev.top1, "top5": ev.top5})
+    print(json.dumps({"domains": rows}))
     return 0
 
 
 def cmd_decathlon(args: argparse.Namespace) -> int:
     from training.decathlon import PRESETS, run_decathlon, write_report
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
+    threads = args.threads or preset.threads
+    if threads:
+        torch.set_num_threads(threads)
     _say(f"decathlon preset {preset.name}: needs {preset.needs}")
     started = time.perf_counter()
     results = run_decathlon(preset, log=_say, progress=args.progress, device=args.device)
     command = f"multidomain train decathlon --preset {preset.name} --out {shlex.quote(str(args.out))}"
     if args.threads:
         command += f" --threads {args.threads}"
+    _say(f"torch threads: {torch.get_num_threads()}")
     paths = write_report(results, args.out, command)
     _say(f"done in {(time.perf_counter() - started) / 60:.1f} min; wrote {', '.join(str(p) for p in paths)}")
     return 0
@@ -494,11 +506,19 @@ def register(subparsers: Any) -> None:
 
     p = command("evaluate", cmd_evaluate, "top-1/top-5 accuracy of a domain artifact, confusion matrix PNG")
     _add_backbone_arg(p)
-    p.add_argument("--domain", type=Path, required=True, help="domain artifact directory or bundle")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", default="val", choices=["val", "train"])
+    p.add_argument(
+        "--domain",
+        type=Path,
+        action="append",
+        required=True,
+        help="domain artifact directory or bundle (repeat)",
+    )
+    p.add_argument(
+        "--data", action="append", required=True, help="its data source (one per --domain, same order)"
+    )
+    p.add_argument("--split", default="val", choices=["val", "train"], help="split of the training-time seed")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--confusion", type=Path, default=None, help="write the confusion matrix PNG here")
+    p.add_argument("--confusion", type=Path, default=None, help="directory for <domain>-confusion.png files")
 
     p = command("decathlon", cmd_decathlon, "the paper's comparison in miniature (Markdown + JSON + PNG)")
     p.add_argument("--preset", default="mini", choices=["mini", "tiny"])

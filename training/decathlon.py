@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import time
 from collections.abc import Callable, Mapping
@@ -180,6 +181,8 @@ def run_decathlon(
 ) -> dict[str, Any]:
     """Run every method on every domain; return the JSON-able results (see ``write_report``)."""
     started = time.perf_counter()
+    cpu_started = time.process_time()
+    load_before = os.getloadavg()
     net = build_backbone(preset.backbone)
     shared = body_parameter_count(net)
     results = {m: MethodResult(m) for m in METHODS}
@@ -215,6 +218,7 @@ def run_decathlon(
                 device=device,
             )
             domain = f"{entry.name}__{method}"
+            torch.manual_seed(preset.seed)  # new heads are drawn from the global RNG: same run, same numbers
             t0 = time.perf_counter()
             if method == "finetune":
                 model = finetune_copy(net, domain, data.num_classes)
@@ -286,7 +290,10 @@ def run_decathlon(
         },
         "methods": {m: asdict(r) for m, r in results.items()},
         "wall_seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
         "machine": {
+            "load_average_before": list(load_before),
+            "load_average_after": list(os.getloadavg()),
             "torch_threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(),
             "device": device,
@@ -368,7 +375,9 @@ def _markdown(results: dict[str, Any], png_name: str) -> str:
         "",
         f"Command: `{results['command']}`  ",
         f"Wall time: {results['wall_seconds'] / 60:.1f} min on {results['machine']['torch_threads']} torch "
-        f"threads ({results['machine']['device']}).  ",
+        f"thread(s) ({results['machine']['device']}), {results.get('cpu_seconds', 0.0) / 60:.1f} min of CPU time; "
+        f"load average {results['machine'].get('load_average_before', [0.0])[0]:.1f} before, "
+        f"{results['machine'].get('load_average_after', [0.0])[0]:.1f} after (the machine is shared).  ",
         f"Backbone: `{preset['backbone']}` at {preset['input_size']} px, "
         f"{results['backbone']['shared_parameters']:,} shared parameters.  ",
         f"Needs: {preset['needs']}.",

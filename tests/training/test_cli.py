@@ -55,13 +55,14 @@ def test_adapter_evaluate_compress(backbone: Path, pets: Path, tmp_path: Path, c
     assert (tmp_path / "pets.tar").stat().st_size > 0 and (tmp_path / "ck.pt").exists()
     capsys.readouterr()
 
-    png = tmp_path / "confusion.png"
     code = main(["evaluate", "--backbone", bb, "--domain", str(tmp_path / "pets.tar"), "--data", str(pets),
-                 "--confusion", str(png)])  # fmt: skip
+                 "--domain", str(backbone / "digits"), "--data", "digits", "--confusion", str(tmp_path / "cm")])  # fmt: skip
     assert code == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["domain"] == "pets" and result["images"] == 6 and result["top5"] == 1.0
-    assert Image.open(png).format == "PNG"
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["domains"]
+    assert [r["domain"] for r in result] == ["pets", "digits"]
+    assert result[0]["images"] == 6 and result[0]["top5"] == 1.0 and 0.0 <= result[1]["top1"] <= 1.0
+    assert Image.open(tmp_path / "cm" / "pets-confusion.png").format == "PNG"
+    assert (tmp_path / "cm" / "digits-confusion.png").exists()
 
     code = main(["compress", "--backbone", bb, str(tmp_path / "pets"), "--energy", "1.0", "--data", str(pets),
                  "--out", str(tmp_path / "svd")])  # fmt: skip
@@ -133,7 +134,7 @@ def test_adapter_upload_to_a_running_server(backbone: Path, pets: Path, tmp_path
     manifest_bytes = (backbone / "backbone" / "manifest.json").read_bytes()
     tensor_bytes = (backbone / "backbone" / "backbone.safetensors").read_bytes()
     store.put_backbone(validate_backbone_artifact(manifest_bytes, tensor_bytes))
-    settings = Settings(store_dir=store.root, admin_token="tok", bank_slots=2, revision_poll_s=0.0)  # type: ignore[call-arg]
+    settings = Settings(store_dir=store.root, admin_token="tok", bank_slots=2, revision_poll_s=0.0)  # type: ignore[call-arg,arg-type]
     with ServerThread(create_app(settings)) as server:
         code = main(["adapter", "--backbone", str(backbone / "backbone"), "--data", str(pets),
                      "--upload", server.url, "--token", "tok", *TINY])  # fmt: skip
@@ -148,3 +149,19 @@ def test_adapter_upload_to_a_running_server(backbone: Path, pets: Path, tmp_path
         code = main(["adapter", "--backbone", str(backbone / "backbone"), "--data", str(pets),
                      "--upload", server.url, "--token", "wrong", *TINY])  # fmt: skip
         assert code == 2
+
+
+def test_backbone_import_of_torchvision_weights(tmp_path: Path) -> None:
+    from training.decathlon import mobilenet_weights_path
+
+    if not mobilenet_weights_path().exists():
+        pytest.skip("offline MobileNetV2 weights not installed")
+    code = main(["backbone", "--arch", "mobilenet_v2", "--import-torchvision", str(mobilenet_weights_path()),
+                 "--out", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    net = export.load_backbone(tmp_path / "backbone")
+    manifest = export.load_domain_into(net, tmp_path / "imagenet")
+    assert len(manifest.labels) == 1000 and manifest.adapter.kind == "head"
+    assert (
+        main(["backbone", "--arch", "mobilenet_v2", "--out", str(tmp_path / "x")]) == 2
+    )  # neither data nor weights
