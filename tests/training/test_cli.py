@@ -165,3 +165,16 @@ def test_backbone_import_of_torchvision_weights(tmp_path: Path) -> None:
     assert (
         main(["backbone", "--arch", "mobilenet_v2", "--out", str(tmp_path / "x")]) == 2
     )  # neither data nor weights
+
+
+def test_decathlon_tiny_preset_writes_the_report(tmp_path: Path) -> None:
+    out = tmp_path / "decathlon-tiny"
+    assert main(["decathlon", "--preset", "tiny", "--threads", "1", "--out", str(out)]) == 0
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert set(results["methods"]) == {"head", "bn", "finetune", "series", "parallel", "parallel+svd"}
+    assert results["methods"]["head"]["params_multiplier"] == 1.0
+    assert results["methods"]["finetune"]["params_multiplier"] == pytest.approx(3.0)  # backbone + 2 copies
+    assert len(results["svd_sweep"]) == 6
+    text = out.with_suffix(".md").read_text()
+    assert "multidomain train decathlon --preset tiny" in text and "| parallel + SVD |" in text
+    assert Image.open(out.with_suffix(".png")).format == "PNG"
