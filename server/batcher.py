@@ -1,6 +1,9 @@
 """Dynamic batching: images of any domains queue and run together on the engine's one worker thread.
 
-A batch closes when it holds `max_batch_size` images or its first image has waited `max_wait_ms`.
+A batch closes when it holds `max_batch_size` images, or `max_wait_ms` after it could first have started:
+after its first image arrived or the worker became free, whichever is later. The second rule matters under
+load: the images queued while the previous batch ran are all "old", and without a short window after the
+worker frees up, the clients just answered would miss the next batch and batches would stay half full.
 Images in one batch share an input size (domains may differ in it) and use at most `bank_slots`
 distinct domain versions (what the bank can hold at once); the others wait for the next batch, in order.
 When `max_queue` images are waiting, `submit` refuses with `QueueFull` (429) instead of growing memory.
@@ -119,12 +122,13 @@ class Batcher:
 
     # -- the worker -------------------------------------------------------------------------------
     def _take_batch(self) -> list[_Item] | None:
+        free_since = time.monotonic()
         with self._cond:
             while not self._queue and not self._stopping:
                 self._cond.wait()
             if self._stopping:
                 return None
-            deadline = self._queue[0].enqueued + self.max_wait
+            deadline = max(self._queue[0].enqueued, free_since) + self.max_wait
             while len(self._queue) < self.max_batch_size and not self._stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
