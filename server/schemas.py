@@ -100,3 +100,37 @@ class Ready(BaseModel):
     fingerprint: str
     device: str
     resident_domains: int
+
+
+class ErrorDetail(BaseModel):
+    """Every error answer's body is `{"error": ErrorDetail}`; some codes add fields (`problems`, `limit`...)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    code: str
+    """Stable, machine-readable: missing_domain, domain_not_found, invalid_artifact, queue_full..."""
+    message: str
+    """What is wrong, in words."""
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "Bad request (missing X-Domain header, malformed body or parameters)",
+    401: "Missing bearer token",
+    403: "Wrong bearer token, or admin endpoints disabled",
+    404: "Unknown domain or version",
+    409: "Conflicts with the store's state (e.g. deleting the active version)",
+    413: "Body over the size limit, or image over the pixel limit",
+    415: "Not a JPEG, PNG or WebP image / unsupported content type",
+    422: "Corrupt image, invalid artifact (with every problem found) or invalid parameters",
+    429: "Inference queue full: retry after the Retry-After header's seconds",
+    503: "Not ready, or the store is busy",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` documenting the JSON error body for these statuses."""
+    return {s: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[s]} for s in statuses}

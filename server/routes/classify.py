@@ -23,9 +23,14 @@ from server.engine import DomainKey
 from server.errors import BadRequest, MissingDomain, UnsupportedMediaType
 from server.preprocess import ACCEPTED_MEDIA_TYPES, check_resized_pixels, decode_image
 from server.runtime import Runtime
-from server.schemas import ClassifyJSON, ClassifyResponse, ImageResult, LabelScoreOut, Timing
+from server.schemas import ClassifyJSON, ClassifyResponse, ImageResult, LabelScoreOut, Timing, error_responses
 
-router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_inference)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["classify"],
+    dependencies=[Depends(require_inference)],
+    responses=error_responses(400, 401, 403, 404, 413, 415, 422, 429, 503),
+)
 
 _BODY_DOC: dict[str, Any] = {
     "requestBody": {

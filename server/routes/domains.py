@@ -27,9 +27,10 @@ from server.schemas import (
     DomainList,
     DomainSummary,
     UploadResponse,
+    error_responses,
 )
 
-router = APIRouter(prefix="/v1/domains", tags=["domains"])
+router = APIRouter(prefix="/v1/domains", tags=["domains"], responses=error_responses(401, 403, 404, 422, 503))
 T = TypeVar("T")
 
 _UPLOAD_DOC: dict[str, Any] = {
@@ -158,6 +159,7 @@ def _validate_and_put(
 @router.post(
     "/{domain}/adapters",
     response_model=UploadResponse,
+    responses=error_responses(400, 409, 413, 415),
     status_code=201,
     dependencies=[Depends(require_admin)],
     openapi_extra=_UPLOAD_DOC,
@@ -189,7 +191,12 @@ def _activate(runtime: Runtime, domain: str, body: ActivateRequest) -> int:
     return version
 
 
-@router.put("/{domain}/active", response_model=ActiveResponse, dependencies=[Depends(require_admin)])
+@router.put(
+    "/{domain}/active",
+    response_model=ActiveResponse,
+    responses=error_responses(400, 409),
+    dependencies=[Depends(require_admin)],
+)
 async def set_active(runtime: RuntimeDep, domain: str, body: ActivateRequest) -> ActiveResponse:
     """Switch the served version (`{"version": n}`) or roll back (`{"rollback": true}`).
 
@@ -210,7 +217,10 @@ def _delete(runtime: Runtime, domain: str, version: int | None) -> None:
 
 
 @router.delete(
-    "/{domain}/versions/{version}", response_model=DeleteResponse, dependencies=[Depends(require_admin)]
+    "/{domain}/versions/{version}",
+    response_model=DeleteResponse,
+    responses=error_responses(409),
+    dependencies=[Depends(require_admin)],
 )
 async def delete_version(runtime: RuntimeDep, domain: str, version: int) -> DeleteResponse:
     """Delete one version (not the active one: 409)."""
@@ -218,7 +228,12 @@ async def delete_version(runtime: RuntimeDep, domain: str, version: int) -> Dele
     return DeleteResponse(domain=domain, deleted=[version])
 
 
-@router.delete("/{domain}", response_model=DeleteResponse, dependencies=[Depends(require_admin)])
+@router.delete(
+    "/{domain}",
+    response_model=DeleteResponse,
+    responses=error_responses(409),
+    dependencies=[Depends(require_admin)],
+)
 async def delete_domain(runtime: RuntimeDep, domain: str) -> DeleteResponse:
     """Delete a domain and every version of it."""
     await _in_pool(runtime, _delete, runtime, domain, None)

@@ -7,7 +7,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.errors import NotReady
-from server.schemas import Health, Ready
+from server.schemas import Health, Ready, error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -18,7 +18,7 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Ready)
+@router.get("/readyz", response_model=Ready, responses=error_responses(503))
 async def readyz(request: Request) -> Ready:
     """The backbone is loaded and warm: traffic can be sent."""
     runtime = getattr(request.app.state, "runtime", None)

@@ -122,6 +122,13 @@ def test_openapi_docs_are_served(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     assert "/v1/classify" in spec["paths"] and "/v1/domains/{domain}/adapters" in spec["paths"]
     assert client.get("/docs").status_code == 200
+    responses = spec["paths"]["/v1/classify"]["post"]["responses"]
+    for status in ("400", "404", "413", "415", "422", "429"):  # the JSON error body, not FastAPI's default
+        assert responses[status]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorResponse"
+        }
+    upload = spec["paths"]["/v1/domains/{domain}/adapters"]["post"]["responses"]
+    assert {"201", "401", "403", "409", "413", "422"} <= set(upload)
 
 
 def test_16_bit_png_uses_its_full_range(client: TestClient, world: TinyWorld) -> None:
