@@ -71,7 +71,10 @@ async def run(args: argparse.Namespace, url: str, proc: subprocess.Popen[bytes])
     body = json.dumps({"images": images, "top_k": 3}).encode()
     domains = [f"d{i}" for i in range(args.domains)]
     headers = {"Content-Type": "application/json"}
-    limits = httpx.Limits(max_connections=args.connections, max_keepalive_connections=args.connections)
+    # Idle connections expire before uvicorn's 5 s keep-alive timeout (else the keep-alive race: ReadErrors).
+    limits = httpx.Limits(
+        max_connections=args.connections, max_keepalive_connections=args.connections, keepalive_expiry=2.0
+    )
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
         for d in domains:  # every domain resident before timing
             (
@@ -180,12 +183,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--factor", type=float, default=10.0, help="offered load / measured capacity")
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds of overload")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds of overload")
     parser.add_argument("--capacity-seconds", type=float, default=10.0)
     parser.add_argument("--capacity-clients", type=int, default=8)
-    parser.add_argument("--images", type=int, default=8, help="images per request")
+    parser.add_argument("--images", type=int, default=32, help="images per request")
     parser.add_argument("--domains", type=int, default=4)
-    parser.add_argument("--max-queue", type=int, default=64, help="the server's MD_MAX_QUEUE (images)")
+    parser.add_argument("--max-queue", type=int, default=128, help="the server's MD_MAX_QUEUE (images)")
     parser.add_argument("--connections", type=int, default=512)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--width", type=float, default=0.25)
