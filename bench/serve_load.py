@@ -14,11 +14,16 @@ The last line is one JSON summary.
 
 from __future__ import annotations
 
+import os
+
+# The server's OpenMP policy (server/__init__.py) for this process's engine-only figures too, set before
+# torch loads: both sides of the ratio run the same way.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import asyncio
 import io
 import json
-import os
 import random
 import socket
 import statistics

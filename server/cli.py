@@ -11,10 +11,9 @@ import argparse
 import importlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
-
-import uvicorn
 
 from adapters_store.errors import BackboneNotFound
 from adapters_store.local import LocalStore
@@ -52,6 +51,24 @@ def _needs_bootstrap(store_dir: Path) -> bool:
     return False
 
 
+def serve_environment(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The serving process's environment: the factory reads MD_* itself, so the command-line overrides
+    travel there; OpenMP threads sleep rather than spin (see `server/__init__.py`) unless told otherwise."""
+    env = dict(os.environ if base is None else base)
+    env.update(
+        {"MD_HOST": settings.host, "MD_PORT": str(settings.port), "MD_STORE_DIR": str(settings.store_dir)}
+    )
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
+def uvicorn_command(settings: Settings, log_level: str) -> list[str]:
+    return [
+        sys.executable, "-m", "uvicorn", "server.app:create_app", "--factory",
+        "--host", settings.host, "--port", str(settings.port), "--log-level", log_level, "--no-access-log",
+    ]  # fmt: skip
+
+
 def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args)
@@ -59,16 +76,8 @@ def serve(args: argparse.Namespace) -> int:
         # Glue, imported only here: it uses the training package's importer, which the server never imports.
         bootstrap = importlib.import_module("multidomain.bootstrap")
         bootstrap.bootstrap_store(settings.store_dir)
-    # The factory reads MD_* itself; carry the command-line overrides to it through the environment.
-    os.environ.update(
-        {"MD_HOST": settings.host, "MD_PORT": str(settings.port), "MD_STORE_DIR": str(settings.store_dir)}
-    )
-    uvicorn.run(
-        "server.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        log_level=args.log_level,
-        access_log=False,
-    )
-    return 0
+    # A fresh interpreter, not uvicorn.run here: this process has already loaded torch (the CLI's other
+    # command groups import it), and torch's OpenMP runtime reads OMP_WAIT_POLICY only when it loads.
+    command = uvicorn_command(settings, args.log_level)
+    os.execve(command[0], command, serve_environment(settings))
+    return 0  # not reached: execve replaces this process

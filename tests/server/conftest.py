@@ -6,6 +6,10 @@ reference forward (`forward_domain`) on the same preprocessed pixels.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the server does (only effective before torch loads)
+
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
