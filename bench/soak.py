@@ -78,6 +78,8 @@ def main() -> None:
         engine.warm_up()
         images = [Image.open(io.BytesIO(b)).convert("RGB") for b in png_images(4, args.size)]
         domains = store.list_domains()
+        # One domain's tensors: what a leak-on-unload would add to RSS per load.
+        artifact_bytes = len(store.get(domains[0]).read_tensor_bytes(verify=True))
         rng = random.Random(0)
 
         samples_t: list[float] = []
@@ -115,6 +117,8 @@ def main() -> None:
 
     cut = int(len(samples_t) * args.warmup)
     slope_s, noise = fit_slope(samples_t[cut:], samples_rss[cut:])
+    half = len(samples_t) // 2
+    late_slope_s, _ = fit_slope(samples_t[half:], samples_rss[half:])
     fitted_span = samples_t[-1] - samples_t[cut]
     drift = slope_s * fitted_span
     summary = {
@@ -129,7 +133,10 @@ def main() -> None:
         "rss_end_mib": round(samples_rss[-1], 1),
         "rss_max_mib": round(max(samples_rss), 1),
         "rss_slope_mib_per_min": round(slope_s * 60, 3),
+        "rss_late_half_slope_mib_per_min": round(late_slope_s * 60, 3),
         "rss_drift_over_fit_mib": round(drift, 2),
+        "artifact_bytes": artifact_bytes,
+        "drift_per_load_bytes": round(drift * MiB / max(1, engine.stats.loads)),
         "rss_noise_std_mib": round(noise, 2),
         "within_noise": abs(drift) <= max(3 * noise, 1.0),
         "samples": len(samples_t),

@@ -38,15 +38,6 @@ from PIL import Image, PngImagePlugin
 from adapters_store.bundle import pack_bundle
 from adapters_store.validation import sha256_hex
 
-SIXTEEN_BIT = (
-    "16-bit grayscale PNGs are clipped at 255 by PIL's convert('RGB'/'L') in build_transform (and in "
-    "training's loader): the whole image turns white and the answer is wrong"
-)
-ASPECT_RATIO = (
-    "the pixel limit is checked on the decoded image, not after Resize(shorter side): a 30000x1 image "
-    "becomes 840000x28 pixels (a 40M x 1 PNG of a few KB would ask for ~94 GB)"
-)
-
 
 class MarkerPayload:
     """Unpickling this object runs `exec`, which creates the marker file: proof that pickle ran."""
@@ -94,8 +85,6 @@ class ImageCase:
     reference: str | None = None
     """For a 200: how the expected pixels are obtained ("decoded": PIL's decode of the body as the
     server does it; "16bit": that decode scaled from 16 to 8 bits)."""
-    known_bug: str | None = None
-    """Set where the server does not give the right answer yet: the test of this case is a strict xfail."""
 
 
 @dataclass(frozen=True)
@@ -579,15 +568,12 @@ def image_cases(max_pixels: int) -> list[ImageCase]:
         ImageCase(
             "jpeg_cmyk", ok, None, _encode(rgb.convert("CMYK"), "JPEG"), "image/jpeg", reference=decoded
         ),
-        ImageCase(
-            "png_16_bit_gray", ok, None, _encode(sixteen, "PNG"), reference="16bit", known_bug=SIXTEEN_BIT
-        ),
+        ImageCase("png_16_bit_gray", ok, None, _encode(sixteen, "PNG"), reference="16bit"),
         ImageCase(
             "png_extreme_aspect_ratio",
             413,
             "too_many_pixels",
             _encode(Image.new("RGB", (30_000, 1), (50, 100, 150)), "PNG"),
-            known_bug=ASPECT_RATIO,
         ),
         ImageCase("png_palette", ok, None, _encode(rgb.convert("P"), "PNG"), reference=decoded),
         ImageCase(

@@ -148,7 +148,7 @@ def _check_answer(served: Served, case: ImageCase, r: Response) -> str | None:
 def test_hostile_images_get_clear_answers(served: Served, corpus: Corpus) -> None:
     failures: list[str] = []
     before = store_snapshot(served.store)
-    for case in (c for c in corpus.images if c.known_bug is None):
+    for case in corpus.images:
         r = _post_image(served, case)
         problem = (
             _check_answer(served, case, r)
@@ -161,25 +161,3 @@ def test_hostile_images_get_clear_answers(served: Served, corpus: Corpus) -> Non
             failures.append(f"{case.name}: {broken}")
     assert store_snapshot(served.store) == before
     assert not failures, "\n".join(failures)
-
-
-KNOWN_BUGS = ["png_16_bit_gray", "png_extreme_aspect_ratio"]
-
-
-@pytest.mark.parametrize("name", KNOWN_BUGS)
-def test_known_image_bugs(served: Served, corpus: Corpus, name: str) -> None:
-    """Strict xfails: each asserts the right answer, fails today, and turns this test red once fixed."""
-    case = next(c for c in corpus.images if c.name == name)
-    assert case.known_bug is not None
-    r = _post_image(served, case)
-    assert served.still_correct() is None
-    problem = (
-        _check_answer(served, case, r) if case.code is None else _check_error(r, case.expect, case.code, None)
-    )
-    if problem:
-        pytest.xfail(f"{case.known_bug}: {problem}")
-    pytest.fail(f"{name} now gets the right answer: drop its known_bug mark and KNOWN_BUGS entry")
-
-
-def test_every_known_bug_is_listed(corpus: Corpus) -> None:
-    assert sorted(c.name for c in corpus.images if c.known_bug) == sorted(KNOWN_BUGS)
