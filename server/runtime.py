@@ -38,6 +38,8 @@ class Runtime:
     batcher: Batcher
     pool: ThreadPoolExecutor
     metrics: Metrics
+    requests_in_flight: int = 0
+    """Classify requests admitted and not yet answered (touched only on the event loop)."""
 
     @classmethod
     def start(cls, settings: Settings, metrics: Metrics, store: AdapterStore | None = None) -> Runtime:

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     """How long the first image of a batch waits for others."""
     max_queue: int = Field(default=512, ge=1)
     """Images waiting for inference; beyond it requests get 429 with Retry-After."""
+    max_requests_in_flight: int = Field(default=256, ge=1)
+    """Classify requests admitted at once (reading, decoding or waiting); beyond it 429 before the body is
+    read, so a flood of large bodies cannot pile up in memory ahead of the queue."""
     decode_threads: int = Field(default=2, ge=1)
     """Thread pool for image decoding and preprocessing (off the event loop)."""
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from server.deps import RuntimeDep, require_inference
 from server.engine import DomainKey
-from server.errors import BadRequest, MissingDomain, UnsupportedMediaType
+from server.errors import BadRequest, MissingDomain, QueueFull, UnsupportedMediaType
 from server.preprocess import ACCEPTED_MEDIA_TYPES, check_resized_pixels, decode_image
 from server.runtime import Runtime
 from server.schemas import ClassifyJSON, ClassifyResponse, ImageResult, LabelScoreOut, Timing, error_responses
@@ -100,9 +100,20 @@ def _prepare(runtime: Runtime, domain: str, images: list[bytes]) -> tuple[Domain
 async def _classify(
     request: Request, runtime: Runtime, domain: str | None, top_k: int | None
 ) -> ClassifyResponse:
-    start = time.perf_counter()
     if not domain:
         raise MissingDomain("name the domain in the X-Domain header (or use /v1/domains/{domain}/classify)")
+    limit = runtime.settings.max_requests_in_flight
+    if runtime.requests_in_flight >= limit:
+        raise QueueFull(f"{runtime.requests_in_flight} requests are already in flight (limit {limit})")
+    runtime.requests_in_flight += 1
+    try:
+        return await _admitted(request, runtime, domain, top_k)
+    finally:
+        runtime.requests_in_flight -= 1
+
+
+async def _admitted(request: Request, runtime: Runtime, domain: str, top_k: int | None) -> ClassifyResponse:
+    start = time.perf_counter()
     settings = runtime.settings
     images, json_top_k = await _read_images(request, settings.max_images_per_request)
     if len(images) > settings.max_images_per_request:

@@ -207,3 +207,32 @@ def test_extreme_aspect_ratio_is_refused_by_its_resized_size(strict: TestClient)
         "too_many_pixels",
     )
     assert "resized" in err["message"]
+
+
+def test_requests_beyond_the_in_flight_limit_get_429_before_their_body_is_read(store: LocalStore) -> None:
+    import threading
+
+    with TestClient(create_app(settings_for(store, max_requests_in_flight=1))) as c:
+        engine = c.app.state.runtime.engine  # type: ignore[attr-defined]
+        entered, release = threading.Event(), threading.Event()
+        infer = engine.infer
+
+        def held_infer(*args: object, **kwargs: object) -> object:
+            entered.set()
+            release.wait()  # keep the first request in flight until the second has been refused
+            return infer(*args, **kwargs)
+
+        engine.infer = held_infer
+        first: list[Response] = []
+        h = {**PNG, "X-Domain": "birds"}
+        t = threading.Thread(
+            target=lambda: first.append(c.post("/v1/classify", content=encode(image()), headers=h))
+        )
+        t.start()
+        entered.wait()
+        r = c.post("/v1/classify", content=encode(image()), headers=h)
+        release.set()
+        t.join()
+        _error(r, 429, "queue_full")
+        assert first[0].status_code == 200
+        assert c.post("/v1/classify", content=encode(image()), headers=h).status_code == 200  # slot freed
