@@ -79,6 +79,9 @@ def _add_train_args(p: argparse.ArgumentParser, lr: float) -> None:
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--adapter-weight-decay", type=float, default=None, help="weight decay of the adapters")
+    g.add_argument(
+        "--adapter-lr", type=float, default=None, help="learning rate of the adapters (default --lr)"
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -105,6 +108,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         momentum=args.momentum,
         weight_decay=args.weight_decay,
         adapter_weight_decay=args.adapter_weight_decay,
+        adapter_lr=args.adapter_lr,
         seed=args.seed,
         device=args.device,
         progress=not args.no_progress,
@@ -124,8 +128,7 @@ def _load_data(args: argparse.Namespace, name: str | None) -> DomainData:
         grayscale=args.grayscale,
         flip=False if args.no_flip else None,
     )
-    for path, reason in data.skipped:
-        _say(f"skipped unreadable image {path}: {reason}")
+    # Each skipped file was already logged with its path and reason by training.data.
     _say(
         f"data {data.name}: {data.num_classes} classes, {len(data.train)} train / {len(data.val)} val images"
         f"{f', {len(data.skipped)} skipped' if data.skipped else ''} ({data.description})"

@@ -52,6 +52,9 @@ class TrainConfig:
     """Weight decay of BN, head and (fine-tuning) shared weights."""
     adapter_weight_decay: float | None = None
     """Weight decay of the ``.adapter.`` tensors (None: ``weight_decay``)."""
+    adapter_lr: float | None = None
+    """Initial learning rate of the ``.adapter.`` tensors (None: ``lr``). Zero-initialised low-rank
+    adapters on 1x1 convs get small gradients; BN and head are unstable at the same high rate."""
     milestones: tuple[float, ...] = (2 / 3, 5 / 6)
     """Fractions of ``epochs`` where the learning rate is multiplied by ``gamma``."""
     gamma: float = 0.1
@@ -113,9 +116,10 @@ def _param_groups(params: dict[str, nn.Parameter], cfg: TrainConfig) -> list[dic
     adapter = [p for k, p in params.items() if ".adapter." in f".{k}"]
     rest = [p for k, p in params.items() if ".adapter." not in f".{k}"]
     adapter_wd = cfg.weight_decay if cfg.adapter_weight_decay is None else cfg.adapter_weight_decay
-    groups = [{"params": rest, "weight_decay": cfg.weight_decay}]
+    groups: list[dict[str, Any]] = [{"params": rest, "weight_decay": cfg.weight_decay}]
     if adapter:
-        groups.append({"params": adapter, "weight_decay": adapter_wd})
+        lr = cfg.lr if cfg.adapter_lr is None else cfg.adapter_lr
+        groups.append({"params": adapter, "weight_decay": adapter_wd, "lr": lr})
     return groups
 
 

@@ -145,3 +145,16 @@ def test_training_refuses_a_domain_that_does_not_fit(net: MultiDomainNet, digits
     net.add_domain("hot", AdapterConfig(kind="bn"), 10)
     with pytest.raises(TrainingError, match="lower the learning rate"):
         train_domain(net, "hot", digits, TrainConfig(epochs=1, lr=float("inf"), progress=False))
+
+
+def test_adapters_get_their_own_weight_decay_and_learning_rate(net: MultiDomainNet) -> None:
+    from training.trainer import _param_groups
+
+    net.add_domain("d", AdapterConfig(kind="parallel"), 4)
+    params = net.domain_parameters("d")
+    cfg = TrainConfig(lr=0.1, weight_decay=1e-4, adapter_weight_decay=1e-2, adapter_lr=0.5)
+    rest, adapters = _param_groups(params, cfg)
+    assert {id(p) for p in adapters["params"]} == {id(p) for k, p in params.items() if ".adapter." in k}
+    assert len(rest["params"]) + len(adapters["params"]) == len(params)
+    assert (adapters["weight_decay"], adapters["lr"]) == (1e-2, 0.5)
+    assert rest["weight_decay"] == 1e-4 and "lr" not in rest  # the optimiser's default: cfg.lr
