@@ -284,3 +284,25 @@ def test_cli_transfer_and_its_errors(tmp_path: Path, capsys: pytest.CaptureFixtu
     missing = tmp_path / "no-such-folder"
     assert main(["allocation", "--preset", "tiny", "--out", str(tmp_path / "z"), "--data", str(missing)]) == 2
     assert "no-such-folder" in capsys.readouterr().err
+
+
+# -- the committed reading --------------------------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def test_every_table_number_in_the_written_reading_is_in_the_committed_tables() -> None:
+    """docs/studies.md quotes accuracies and percentages with two decimals, as the tables print them:
+    each must appear in docs/allocation-mini.md or docs/transfer-mini.md (derived figures use other formats)."""
+    import re
+
+    reading = re.sub(r"`[^`]*`", "", (DOCS / "studies.md").read_text())  # settings and commands, not results
+    tables = (DOCS / "allocation-mini.md").read_text() + (DOCS / "transfer-mini.md").read_text()
+    table_numbers = set(re.findall(r"(?<![\d.])\d+\.\d\d(?![\d])", tables)) | set(
+        re.findall(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?![\d,])", tables)
+    )
+    quoted = set(re.findall(r"(?<![\d.])\d+\.\d\d(?![\d])", reading)) | set(
+        re.findall(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?![\d,])", reading)
+    )
+    assert len(quoted) > 40
+    assert quoted - table_numbers == set()
