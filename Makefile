@@ -24,8 +24,9 @@ lint: install
 	$(BIN)/ruff format --check $(PACKAGES) tests bench
 	$(BIN)/mypy $(PACKAGES)
 
+# Sleeping (not spinning) OpenMP threads: the tests run servers, decode threads and subprocesses beside torch.
 test: lint
-	$(BIN)/pytest -q tests
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q tests
 
 serve: install
 	$(BIN)/multidomain serve
