@@ -306,3 +306,52 @@ def test_every_table_number_in_the_written_reading_is_in_the_committed_tables() 
     )
     assert len(quoted) > 40
     assert quoted - table_numbers == set()
+
+
+def test_cli_runs_on_a_backbone_artifact_and_an_image_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Any backbone (an artifact directory) and any domain (an ImageFolder of PNGs) the package knows."""
+    from PIL import Image
+
+    from training import export
+
+    net = load_backbone("resnet26:0.125")
+    export.write_backbone_dir(export.backbone_artifact(net), tmp_path / "backbone")
+    g = torch.Generator().manual_seed(0)
+    for cls, level in (("dark", 60), ("light", 190)):
+        (tmp_path / "shapes" / cls).mkdir(parents=True)
+        for i in range(12):
+            pixels = (torch.rand(20, 20, 3, generator=g) * 40 + level).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "shapes" / cls / f"{i}.png")
+    out = tmp_path / "transfer"
+    argv = ["transfer", "--preset", "tiny", "--out", str(out), "--backbone", str(tmp_path / "backbone")]
+    argv += [
+        "--data",
+        str(tmp_path / "shapes"),
+        "--input-size",
+        "16",
+        "--sizes",
+        "3,all",
+        "--methods",
+        "head,lowrank",
+    ]
+    assert main(argv) == 0
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert results["backbone"]["fingerprint"] == net.fingerprint()
+    assert results["domains"]["shapes"]["classes"] == 2
+    assert {(r["size"], r["method"]) for r in results["rows"].values()} == {
+        (3, "head"),
+        (3, "lowrank"),
+        ("all", "head"),
+        ("all", "lowrank"),
+    }
+    assert "--data" in results["command"] and "shapes" in results["command"]
+    # Another backbone under the same results file is refused rather than mixed into the table.
+    other = load_backbone("resnet26:0.125")
+    with torch.no_grad():
+        next(iter(other.shared_state_dict().values())).add_(1.0)
+    export.write_backbone_dir(export.backbone_artifact(other), tmp_path / "backbone")
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "written with another backbone" in capsys.readouterr().err
