@@ -38,6 +38,7 @@ from training.studies.common import (
     fmt_duration,
     load_backbone,
     load_domain,
+    read_results,
     settings_dict,
     train_and_test,
 )
@@ -227,13 +228,7 @@ def run_allocation(
         )
     wall = results.seconds_before + time.perf_counter() - started
     results.save(wall, command)
-    return load_results(out_json)
-
-
-def load_results(path: Path) -> dict[str, Any]:
-    import json
-
-    return json.loads(path.read_text())  # type: ignore[no-any-return]
+    return read_results(out_json)
 
 
 def table(results: dict[str, Any]) -> list[dict[str, Any]]:

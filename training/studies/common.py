@@ -247,6 +247,11 @@ class ResultsFile:
         tmp.replace(self.path)
 
 
+def read_results(path: Path) -> dict[str, Any]:
+    """A study's results file as written (what the report functions take)."""
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
 def settings_dict(settings: Any) -> dict[str, Any]:
     """JSON-normalised settings (tuples become lists) so a reread file compares equal."""
     data = asdict(settings)

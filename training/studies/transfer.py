@@ -39,6 +39,7 @@ from training.studies.common import (
     fmt_duration,
     load_backbone,
     load_domain,
+    read_results,
     settings_dict,
     train_and_test,
 )
@@ -130,10 +131,6 @@ def method_config(method: str, rank: int) -> AdapterConfig | None:
     if method == "lowrank":
         return AdapterConfig(kind="lowrank", rank=rank)
     return AdapterConfig(kind=method)  # type: ignore[arg-type]
-
-
-def size_label(size: int | str) -> str:
-    return str(size)
 
 
 def run_transfer(
@@ -248,9 +245,7 @@ def run_transfer(
             f"about {fmt_duration(eta)} left"
         )
     results.save(results.seconds_before + time.perf_counter() - started, command)
-    import json
-
-    return json.loads(out_json.read_text())  # type: ignore[no-any-return]
+    return read_results(out_json)
 
 
 def _key(domain: str, size: int | str, seed: int, method: str) -> str:
@@ -292,7 +287,7 @@ def cells(results: dict[str, Any]) -> dict[str, dict[str, dict[str, Cell]]]:
                     values=values,
                 )
             if by_method:
-                out[domain][size_label(size)] = by_method
+                out[domain][str(size)] = by_method
     return out
 
 
