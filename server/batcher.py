@@ -103,7 +103,7 @@ class Batcher:
             if len(self._queue) + len(items) > self.max_queue:
                 raise QueueFull(
                     f"the inference queue is full ({len(self._queue)} waiting, limit {self.max_queue})",
-                    retry_after=self._retry_after(),
+                    retry_after=self.retry_after(),
                 )
             self._queue.extend(items)
             depth = len(self._queue)
@@ -111,7 +111,7 @@ class Batcher:
         self.events.queue_depth(depth)
         return [item.future for item in items]
 
-    def _retry_after(self) -> int:
+    def retry_after(self) -> int:
         """Seconds until the queue has likely drained: whole seconds, at least one."""
         batches = len(self._queue) / max(1, self.max_batch_size)
         return max(1, int(batches * self.last_batch_seconds + 0.999))

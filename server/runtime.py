@@ -40,6 +40,9 @@ class Runtime:
     metrics: Metrics
     requests_in_flight: int = 0
     """Classify requests admitted and not yet answered (touched only on the event loop)."""
+    images_preparing: int = 0
+    """Images admitted and being decoded, not yet in the batcher's queue (touched only on the event loop):
+    counted against the queue limit so overload is refused before decoding, not after."""
 
     @classmethod
     def start(cls, settings: Settings, metrics: Metrics, store: AdapterStore | None = None) -> Runtime:

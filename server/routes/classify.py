@@ -123,11 +123,24 @@ async def _admitted(request: Request, runtime: Runtime, domain: str, top_k: int 
     k = json_top_k or top_k or 5
     if k > settings.max_top_k:
         raise BadRequest(f"top_k {k} exceeds the limit of {settings.max_top_k}")
-    loop = asyncio.get_running_loop()
-    key, tensors = await loop.run_in_executor(runtime.pool, _prepare, runtime, domain, images)
+    # Admission before decoding: images being decoded count against the queue limit, so requests beyond
+    # it are refused at once instead of waiting behind everyone's decoding (the decode pool is unbounded).
+    batcher = runtime.batcher
+    queued, preparing = batcher.depth, runtime.images_preparing
+    if queued + preparing + len(images) > batcher.max_queue:
+        raise QueueFull(
+            f"the inference queue is full ({queued} queued, {preparing} being decoded, limit {batcher.max_queue})",
+            retry_after=batcher.retry_after(),
+        )
+    runtime.images_preparing += len(images)
+    try:
+        loop = asyncio.get_running_loop()
+        key, tensors = await loop.run_in_executor(runtime.pool, _prepare, runtime, domain, images)
+    finally:
+        runtime.images_preparing -= len(images)
     request.state.metrics_domain = key.domain  # only existing domains become metric labels
     prepared = time.perf_counter()
-    predictions = await runtime.batcher.classify(key, tensors, k)
+    predictions = await batcher.classify(key, tensors, k)  # queues before its first await: no gap
     done = time.perf_counter()
     runtime.metrics.images.labels(key.domain).inc(len(predictions))
     return ClassifyResponse(

@@ -3,9 +3,9 @@ behind every other request's decoding.
 
 The decode pool is held busy by jobs that wait on an event (the real pool, the real app); requests sent
 meanwhile cannot be decoded. With admission counted before decoding, those beyond `max_queue` images get
-429 (with Retry-After) while the pool is still held. Today the limit is checked only when decoded tensors
-reach the batcher, so every request waits in the decode pool's unbounded queue: bench/overload.py saw
-429s after 46 s at 9x capacity. Strict xfail until the server admits before decoding.
+429 (with Retry-After) while the pool is still held. When the limit was checked only as decoded tensors
+reached the batcher, every request waited in the decode pool's unbounded queue: bench/overload.py saw
+429s after 46 s at 9x capacity, before the server counted images being decoded at admission.
 """
 
 from __future__ import annotations
@@ -46,9 +46,6 @@ def held_server(world: TinyWorld, tmp_path: Path) -> Iterator[tuple[ServerThread
             holder.result(timeout=60)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the queue limit is checked after decoding (server/routes/classify.py)"
-)
 def test_requests_beyond_the_queue_are_refused_without_waiting(
     held_server: tuple[ServerThread, threading.Event],
 ) -> None:
