@@ -99,19 +99,26 @@ MINI = DecathlonPreset(
     name="mini",
     backbone="mobilenet_v2",
     input_size=64,
+    # 50 training images per class (the paper's little-data regime); test splits as large as the data
+    # allows (900 / 3000 / 462 images): with fine-tune errors near 1%, one test image moves S visibly.
     domains=[
-        DomainEntry("digits", "digits", train_per_class=50, val_per_class=10),
-        DomainEntry("mnist", "mnist", train_per_class=50, val_per_class=10, test_per_class=100),
-        DomainEntry("textures", "textures", train_per_class=50, val_per_class=10),
+        DomainEntry(
+            "digits", "digits", train_per_class=50, val_per_class=10, val_fraction=0.1, test_fraction=0.5
+        ),
+        DomainEntry("mnist", "mnist", train_per_class=50, val_per_class=10, test_per_class=300),
+        DomainEntry(
+            "textures", "textures", train_per_class=50, val_per_class=10, val_fraction=0.1, test_fraction=0.6
+        ),
     ],
-    # Learning rates from 4-epoch probes on digits: at 0.05 BN adapt stalled at 28% training accuracy,
-    # at 0.02 series adapters diverged (loss 2.6 -> 4.0) and parallel reached 89% vs 93% at 0.005.
+    # One learning rate for every method that trains through the backbone (8-epoch probes on digits,
+    # validation accuracy: parallel 0.98, series 0.95, BN 0.91 at 0.01; at 0.05 BN adapt stalled at 28%
+    # training accuracy, at 0.02 series adapters diverged). The linear probe (head) gets 0.1.
     methods={
         "head": MethodSettings(epochs=8, lr=0.1),
         "bn": MethodSettings(epochs=8, lr=0.01),
         "finetune": MethodSettings(epochs=8, lr=0.01),
-        "series": MethodSettings(epochs=8, lr=0.005),
-        "parallel": MethodSettings(epochs=8, lr=0.005),
+        "series": MethodSettings(epochs=8, lr=0.01),
+        "parallel": MethodSettings(epochs=8, lr=0.01),
     },
     threads=1,
     needs=(
