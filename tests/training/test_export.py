@@ -75,3 +75,11 @@ def test_read_domain_refuses_a_tampered_tensor_file(tmp_path: Path) -> None:
     tensors.write_bytes(tensors.read_bytes()[:-1] + b"\x00")
     with pytest.raises(ValueError, match="sha256"):
         export.read_domain(path)
+
+
+def test_backbone_shortcut_matches_the_servers_imported_backbone() -> None:
+    """`--backbone mobilenet_v2` must train against exactly the weights the server's first run stores."""
+    from training.cli import _load_backbone
+
+    (backbone, _), _domain = export.import_torchvision("mobilenet_v2", mobilenet_weights_path())
+    assert _load_backbone("mobilenet_v2").fingerprint() == backbone.fingerprint
