@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from adapters_store.manifest import Preprocessing
@@ -202,9 +203,18 @@ def _textures(patch: int = 32) -> RawDataset:
     )
 
 
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16/32-bit integer images mapped onto 8 bits by their full 16-bit range, exactly as the server's
+    `server.preprocess.to_8bit` does (PIL's convert clips them at 255: a 16-bit PNG turns white), so
+    training and serving see the same pixels. Not imported from there: training never imports the server."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        return Image.fromarray((values >> 8).astype(np.uint8), "L")
+    return image
+
+
 def _image_folder(path: Path, grayscale: bool = False) -> RawDataset:
     """A torchvision ImageFolder layout; unreadable files are reported with their paths and skipped."""
-    from PIL import Image
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
     from torchvision.transforms.functional import pil_to_tensor
 
@@ -222,7 +232,7 @@ def _image_folder(path: Path, grayscale: bool = False) -> RawDataset:
         try:
             with Image.open(file) as img:
                 img.load()
-                converted = img.convert("L" if grayscale else "RGB")
+                converted = _to_8bit(img).convert("L" if grayscale else "RGB")
         except Exception as exc:  # PIL raises many types for a bad file; each is reported, none is fatal
             skipped.append((file, f"{type(exc).__name__}: {exc}"))
             continue

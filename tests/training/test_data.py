@@ -112,3 +112,16 @@ def test_mnist_subset_uses_the_official_test_split() -> None:
     assert (len(data.train), len(data.val)) == (30, 20)
     assert data.test is not None and len(data.test) == 40
     assert torch.bincount(data.test.targets).tolist() == [4] * 10
+
+
+def test_sixteen_bit_images_keep_their_contrast(tmp_path: Path) -> None:
+    """16-bit PNGs map by their full range (as the server does), not clipped white by PIL's convert."""
+    for name, level in (("dark", 8000), ("bright", 56000)):
+        (tmp_path / "deep" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((12, 12), level + i, dtype=np.uint16)).save(
+                tmp_path / "deep" / name / f"{i}.png"
+            )
+    data = load_domain_data(str(tmp_path / "deep"), input_size=8, val_fraction=0.5)
+    pixels = torch.cat([data.train.images, data.val.images]).float()
+    assert pixels.max() <= 255 and 0 < pixels.min() < 60  # 8000 >> 8 = 31, not 255
