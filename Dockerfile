@@ -8,7 +8,7 @@
 #
 # BuildKit is required (RUN --mount). No "# syntax=" line on purpose: it would pull a frontend image,
 # which offline builders cannot do; the mounts used here are in the engine's built-in frontend.
-# See docs/docker.md for running it, the settings and why the CPU image still carries some CUDA files.
+# See README.md (Docker) for running it, the settings and why the CPU image still carries some CUDA files.
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
@@ -89,7 +89,7 @@ RUN groupadd --system --gid 10001 multidomain \
         --shell /usr/sbin/nologin multidomain \
     && mkdir -p /var/lib/multidomain \
     && chown multidomain:multidomain /var/lib/multidomain
-# Every setting is an MD_* environment variable (docs/docker.md); these are the container's defaults.
+# Every setting is an MD_* environment variable (README.md, Settings); these are the container's defaults.
 # No token is set here: give MD_ADMIN_TOKEN or MD_ADMIN_TOKEN_FILE (a mounted secret) at run time.
 ENV MD_HOST=0.0.0.0 \
     MD_PORT=8000 \
