@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="training steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--nchw", action="store_true", help="NCHW tensors instead of the trainer's default channels-last"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,11 +66,17 @@ def main() -> None:
     data = load_domain_data("digits", input_size=args.input_size, train_per_class=40, val_per_class=5)
     maker = BatchMaker(data.preprocessing, data.flip)
     g = torch.Generator().manual_seed(0)
-    batches = list(maker.train_batches(data.train, args.batch_size, g))[: args.steps]
+    memory_format = torch.contiguous_format if args.nchw else torch.channels_last  # as the trainer does
+    batches = [
+        (x.contiguous(memory_format=memory_format), y)
+        for x, y in list(maker.train_batches(data.train, args.batch_size, g))[: args.steps]
+    ]
 
     net = build_backbone(args.backbone)
     tuned = finetune_copy(net, "d", data.num_classes)
     net.add_domain("d", AdapterConfig(kind=args.kind), data.num_classes)  # type: ignore[arg-type]
+    net.to(memory_format=memory_format)
+    tuned.to(memory_format=memory_format)
     adapter_params = list(trainable_parameters(net, "d", "domain").values())
     all_params = list(trainable_parameters(tuned, "d", "all").values())
 
@@ -94,6 +103,7 @@ def main() -> None:
         "input_size": args.input_size,
         "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
+        "memory_format": "nchw" if args.nchw else "channels_last",
         "adapter_images_per_s": round(a, 2),
         "finetune_images_per_s": round(f, 2),
         "adapter_over_finetune": round(a / f, 3),

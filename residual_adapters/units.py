@@ -11,6 +11,8 @@ classifier. Each keeps two forms of its domains:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,6 +44,54 @@ def _rows(t: Tensor) -> Tensor:
 
 def _as_nhwc(t: Tensor) -> Tensor:
     return t.contiguous(memory_format=torch.channels_last)
+
+
+class CentreTapConv(torch.autograd.Function):
+    """conv(x, W + A at the centre tap) for a frozen W: the parallel adapter's training path.
+
+    Forward is one convolution (no separate 1x1 conv and add); backward computes the input gradient and,
+    for A, only the centre tap's weight gradient: a 1x1 weight gradient, 1/9 of a 3x3 one. Computing A*x
+    as its own 1x1 conv cost as much again on the CPU (memory-bound 1x1 kernels), which left adapter
+    training barely cheaper than fine-tuning.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, adapter: Tensor, conv: nn.Conv2d) -> Tensor:
+        weight = conv.weight.detach().clone()
+        weight[:, :, weight.shape[2] // 2, weight.shape[3] // 2] += adapter
+        ctx.save_for_backward(x, weight)
+        ctx.conv = conv
+        return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, weight = ctx.saved_tensors
+        c: nn.Conv2d = ctx.conv
+        conv_backward = torch.ops.aten.convolution_backward
+        grad_x = grad_a = None
+        if ctx.needs_input_grad[0]:
+            grad_x = conv_backward(
+                grad,
+                x,
+                weight,
+                None,
+                c.stride,
+                c.padding,
+                c.dilation,
+                False,
+                [0, 0],
+                c.groups,
+                [True, False, False],
+            )[0]
+        if ctx.needs_input_grad[1]:
+            s = c.stride[0]
+            centre = x[:, :, ::s, ::s] if s != 1 else x
+            tap = weight[:, :, :1, :1]  # only its shape matters: the gradient of a 1x1 kernel
+            grad_a = conv_backward(
+                grad, centre, tap, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
+            )[1]
+            grad_a = grad_a[:, :, 0, 0]
+        return grad_x, grad_a, None
 
 
 class DomainUnit(nn.Module):
@@ -114,19 +164,33 @@ class DomainUnit(nn.Module):
                 return x * w[:, None, None] + b[:, None, None]
             c = self.conv
             return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+        if ctx.mode == "domain":
+            return self._forward_domain(x, ctx)
         y = self._conv(x)
         if ctx.mode == "base":
             return self._base_bn(y)
-        if ctx.mode == "domain":
-            p = self.domains[str(ctx.domain)]
-            assert isinstance(p, DomainUnitParams)
-            if p.adapter is not None:
-                if p.series_bn is None:
-                    y = y + p.adapter(self._centre(x))
-                else:
-                    y = y + p.adapter(p.series_bn(y))
-            return p.bn(y) if p.bn is not None else self._base_bn(y)
         return self._forward_bank(x, y, ctx)
+
+    def _forward_domain(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        p = self.domains[str(ctx.domain)]
+        assert isinstance(p, DomainUnitParams)
+        if p.adapter is None:
+            y = self._conv(x)
+        elif p.series_bn is not None:
+            y = self._conv(x)
+            y = y + p.adapter(p.series_bn(y))
+        elif self._fuses_adapter:
+            assert self.conv is not None
+            y = CentreTapConv.apply(x, p.adapter.matrix(), self.conv)
+        else:
+            y = self._conv(x) + p.adapter(self._centre(x))
+        return p.bn(y) if p.bn is not None else self._base_bn(y)
+
+    @property
+    def _fuses_adapter(self) -> bool:
+        """Whether a parallel adapter runs folded into a frozen k>1 kernel's centre tap (see CentreTapConv)."""
+        c = self.conv
+        return c is not None and not c.weight.requires_grad and not self.pointwise and self.adaptable
 
     # -- adapter bank -------------------------------------------------------------------------------
     def enable_bank(self, slots: int, parallel: AdapterShape | None, pointwise_budget: float) -> None:

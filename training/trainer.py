@@ -63,6 +63,10 @@ class TrainConfig:
     device: str = "cpu"
     amp: bool = True
     """bf16 autocast when the device is CUDA (ignored on the CPU)."""
+    channels_last: bool = True
+    """Train in channels-last memory format: faster convolutions on CPU (oneDNN) and GPU alike, and frozen
+    convs' input gradients cheaper still (ResNet-26 at 64 px, one CPU thread: adapters 1.34x fine-tuning's
+    images/s in channels-last, 1.27x in NCHW). Values are the same up to rounding."""
     eval_batch_size: int = 256
     progress: bool = True
     """Show a tqdm progress bar (loss, accuracy, images/s)."""
@@ -191,7 +195,9 @@ def train_domain(
             f"domain {name!r} has {net.domains[name].num_classes} classes, the data has {data.num_classes}"
         )
     device = torch.device(cfg.device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     net.to(device)
+    net.to(memory_format=memory_format)  # type: ignore[call-overload]
     params = trainable_parameters(net, name, trainable)
     optimiser = torch.optim.SGD(_param_groups(params, cfg), lr=cfg.lr, momentum=cfg.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _lr_lambda(cfg))
@@ -228,7 +234,8 @@ def train_domain(
         bar = _progress(cfg, data.train, batches, f"{name} {epoch + 1}/{cfg.epochs}")
         for x, y in batches.train_batches(data.train, cfg.batch_size, g):
             t0 = time.perf_counter()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True, memory_format=memory_format)
+            y = y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = net.forward_domain(x, name)
                 loss = F.cross_entropy(logits.float(), y)
