@@ -30,8 +30,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal
 
-import safetensors.torch
 import torch
+from safetensors.torch import load as load_safetensors  # safetensors only: never pickle
 from torch import Tensor
 
 from adapters_store.errors import VersionNotFound
@@ -165,7 +165,7 @@ class Engine:
         arch = stored.manifest.architecture
         # The store's domains (including an imported classifier) come from the store: none built in.
         net = create_backbone(arch.name, classifier_domain=None, **arch.kwargs)  # type: ignore[arg-type]
-        tensors = safetensors.torch.load(stored.read_tensor_bytes(verify=True))
+        tensors = load_safetensors(stored.read_tensor_bytes(verify=True))
         net.load_shared_state_dict(tensors)
         if net.fingerprint() != stored.manifest.fingerprint:
             raise EngineError(
@@ -261,7 +261,7 @@ class Engine:
         try:
             stored = self.store.get(key.domain, key.version)
             data = stored.read_tensor_bytes(verify=self.config.verify_checksums)
-            tensors = safetensors.torch.load(data)
+            tensors = load_safetensors(data)
             config = AdapterConfig.from_dict(stored.manifest.adapter.model_dump())
             fetched = _Fetched(stored.manifest, config, tensors)
             future.set_result(fetched)
