@@ -13,7 +13,9 @@ import argparse
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -94,23 +96,7 @@ def cmd_allocation(args: argparse.Namespace) -> int:
         threads=args.threads,
         rows=args.rows.split(",") if args.rows else None,
     )
-    started = time.perf_counter()
-    results = allocation.run_allocation(
-        settings,
-        args.out.with_suffix(".json"),
-        fresh=args.fresh,
-        log=_say,
-        progress=args.progress,
-        device=args.device,
-        command=_command_line("allocation", args, _DEFAULTS),
-    )
-    paths = allocation.write_report(results, args.out)
-    _say(allocation.markdown_table(results))
-    _say(
-        f"done in {fmt_duration(time.perf_counter() - started)} (study total {fmt_duration(results['wall_seconds'])}); "
-        f"wrote {', '.join(str(p) for p in paths)}"
-    )
-    return 0
+    return _run_and_report("allocation", allocation.run_allocation, allocation, settings, args)
 
 
 def _sizes(text: str) -> list[int | str]:
@@ -143,18 +129,25 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
     )
+    return _run_and_report("transfer", transfer.run_transfer, transfer, settings, args)
+
+
+def _run_and_report(
+    name: str, run: Callable[..., dict[str, Any]], study: ModuleType, settings: Any, args: argparse.Namespace
+) -> int:
+    """Run a study (resuming from OUT.json), write its report and print its table."""
     started = time.perf_counter()
-    results = transfer.run_transfer(
+    results = run(
         settings,
         args.out.with_suffix(".json"),
         fresh=args.fresh,
         log=_say,
         progress=args.progress,
         device=args.device,
-        command=_command_line("transfer", args, _DEFAULTS),
+        command=_command_line(name, args, _DEFAULTS),
     )
-    paths = transfer.write_report(results, args.out)
-    _say(transfer.markdown_table(results))
+    paths = study.write_report(results, args.out)
+    _say(study.markdown_table(results))
     _say(
         f"done in {fmt_duration(time.perf_counter() - started)} (study total {fmt_duration(results['wall_seconds'])}); "
         f"wrote {', '.join(str(p) for p in paths)}"
