@@ -18,6 +18,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +86,31 @@ def _manifest_fingerprint(manifest_bytes: bytes) -> str:
     return parse_domain_manifest(manifest_bytes).backbone_fingerprint
 
 
+@contextmanager
+def _spawn_put(
+    root: Path, bundle: Path, kill_at: int, activate: bool, chunk_bytes: int
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The put child (this module run as a script), killed and its pipes closed on the way out."""
+    cmd = [sys.executable, "-m", "adapters_store.crashtest", str(root), str(bundle), str(kill_at)]
+    cmd += ["--chunk-bytes", str(chunk_bytes)] + (["--activate"] if activate else [])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGE_PARENT, os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
 def run_put(
     root: Path,
     bundle: Path,
@@ -97,18 +124,9 @@ def run_put(
 
     ``timeout`` only guards against a broken child; synchronisation is the child's PAUSED line.
     """
-    cmd = [sys.executable, "-m", "adapters_store.crashtest", str(root), str(bundle), str(kill_at)]
-    cmd += ["--chunk-bytes", str(chunk_bytes)] + (["--activate"] if activate else [])
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGE_PARENT, os.environ.get("PYTHONPATH")])),
-    }
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
-    )
-    assert proc.stdout is not None and proc.stdin is not None
     steps: list[str] = []
-    try:
+    with _spawn_put(root, bundle, kill_at, activate, chunk_bytes) as proc:
+        assert proc.stdout is not None
         with selectors.DefaultSelector() as sel:
             sel.register(proc.stdout, selectors.EVENT_READ)
             while True:
@@ -129,14 +147,6 @@ def run_put(
                     proc.wait()
                     err = proc.stderr.read().decode() if proc.stderr else ""
                     raise RuntimeError(f"crash child failed (rc={proc.returncode}): {line!r} {err[-2000:]}")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdin.close()
-        proc.stdout.close()
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 def run_put_killed_after(
@@ -153,17 +163,8 @@ def run_put_killed_after(
     For the benchmark: the kill lands wherever the child happens to be (inside a write, an fsync, a
     rename), not only at hook points. ``killed_at`` is the last step the child reported.
     """
-    cmd = [sys.executable, "-m", "adapters_store.crashtest", str(root), str(bundle), "-1"]
-    cmd += ["--chunk-bytes", str(chunk_bytes)] + (["--activate"] if activate else [])
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGE_PARENT, os.environ.get("PYTHONPATH")])),
-    }
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
-    )
-    assert proc.stdout is not None and proc.stdin is not None
-    try:
+    with _spawn_put(root, bundle, -1, activate, chunk_bytes) as proc:
+        assert proc.stdout is not None
         with selectors.DefaultSelector() as sel:
             sel.register(proc.stdout, selectors.EVENT_READ)
             if not sel.select(timeout):
@@ -177,14 +178,6 @@ def run_put_killed_after(
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
         lines = [first, *(line.decode().strip() for line in proc.stdout.readlines())]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdin.close()
-        proc.stdout.close()
-        if proc.stderr is not None:
-            proc.stderr.close()
     steps = tuple(line[5:] for line in lines if line.startswith("STEP "))
     done = [int(line[5:]) for line in lines if line.startswith("DONE ")]
     if done:
