@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PACKAGES := residual_adapters adapters_store training server multidomain
+PACKAGES := domain_format residual_adapters adapters_store training server multidomain
 
 .PHONY: install lint test serve bench clean
 
