@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := domain_format residual_adapters adapters_store training server multidomain
 
-.PHONY: install lint test serve bench clean
+.PHONY: install lint test test-portability serve bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,21 @@ lint: install
 # Sleeping (not spinning) OpenMP threads: the tests run servers, decode threads and subprocesses beside torch.
 test: lint
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q tests
+
+# The tests with numeric tolerances, under every kernel set the libraries can be forced to on this CPU
+# (MKL runs the mixed-batch and head GEMMs, oneDNN the convolutions, ATen the vectorised elementwise ops):
+# their bounds come from an error model (tests/numerics.py), not from one CPU's rounding.
+NUMERIC_TESTS := tests/residual_adapters tests/training/test_pipeline.py tests/training/test_compress.py \
+	tests/training/test_export.py tests/server/test_engine.py tests/server/test_classify.py tests/server/test_tolerance.py
+KERNEL_SETS := MKL_ENABLE_INSTRUCTIONS=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX512 ONEDNN_MAX_CPU_ISA=AVX2 \
+	ONEDNN_MAX_CPU_ISA=AVX512_CORE ATEN_CPU_CAPABILITY=default ATEN_CPU_CAPABILITY=avx2 \
+	ATEN_CPU_CAPABILITY=avx512 OMP_NUM_THREADS=1 OMP_NUM_THREADS=2
+test-portability: install
+	@for kernels in $(KERNEL_SETS); do \
+		echo "== $$kernels"; \
+		out=$$(env $$kernels OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q $(NUMERIC_TESTS) 2>&1); status=$$?; \
+		echo "$$out" | tail -n 1; [ $$status -eq 0 ] || { echo "$$out" | tail -n 60; exit 1; }; \
+	done
 
 serve: install
 	$(BIN)/multidomain serve

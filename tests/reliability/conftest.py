@@ -19,7 +19,7 @@ from PIL import Image
 from adapters_store import LocalStore
 from server.app import create_app
 from tests.reliability.hostile_corpus import ImageCase, UploadCase, ValidArtifact, load_corpus, write_corpus
-from tests.server.conftest import TinyWorld, encode, image, make_store, settings_for, world
+from tests.server.conftest import TOL, TinyWorld, encode, image, make_store, settings_for, world
 
 __all__ = ["world"]  # re-exported fixture: pytest finds it through this module
 
@@ -54,7 +54,7 @@ class Served:
             return f"the known-good request got {r.status_code}: {r.text[:300]}"
         body = r.json()
         got = {s["index"]: s["probability"] for s in body["results"][0]["top_k"]}
-        if body["version"] != 1 or got != pytest.approx(dict(enumerate(self.expected.tolist())), abs=1e-5):
+        if body["version"] != 1 or got != pytest.approx(dict(enumerate(self.expected.tolist())), abs=TOL):
             return f"the known-good request got v{body['version']} {got}, not v1 {self.expected.tolist()}"
         return None
 

@@ -24,7 +24,7 @@ from tests.reliability.hostile_corpus import (
     _npy_object,
     _torch_zip,
 )
-from tests.server.conftest import ADMIN
+from tests.server.conftest import ADMIN, TOL
 
 MIN_UPLOADS, MIN_IMAGES = 50, 30
 
@@ -140,7 +140,7 @@ def _check_answer(served: Served, case: ImageCase, r: Response) -> str | None:
     expected = served.world.reference("birds", _expected_pixels(case))
     got = {s["index"]: s["probability"] for s in body["results"][0]["top_k"]}
     want = {i: float(p) for i, p in enumerate(expected)}
-    if body["version"] != 1 or len(body["results"]) != 1 or got != pytest.approx(want, abs=1e-4):
+    if body["version"] != 1 or len(body["results"]) != 1 or got != pytest.approx(want, abs=TOL):
         return f"wrong answer {got} (want {want}, v1)"
     return None
 

@@ -57,7 +57,7 @@ def test_path_multipart_and_json_forms_agree(client: TestClient) -> None:
         assert len(body["results"]) == 3
         for got, want in zip(body["results"], raw, strict=True):
             assert len(got["top_k"]) == 2
-            assert _probs(got) == pytest.approx(_probs(want), abs=1e-5)
+            assert _probs(got) == pytest.approx(_probs(want), abs=TOL)
 
 
 def test_top_k_is_capped_by_the_domain_class_count(client: TestClient) -> None:

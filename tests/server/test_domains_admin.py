@@ -45,7 +45,7 @@ def test_upload_activate_rollback_delete(client: TestClient, world: TinyWorld) -
     assert (
         client.put("/v1/domains/birds/active", json={"rollback": True}, headers=auth()).json()["active"] == 1
     )
-    assert _top(client, "birds") == (1, pytest.approx(p1, abs=1e-6))
+    assert _top(client, "birds") == (1, pytest.approx(p1, abs=TOL))
     assert client.delete("/v1/domains/birds/versions/2", headers=auth()).status_code == 200
     assert client.get("/v1/domains/birds").json()["versions"] == [1]
     # the active version cannot be deleted; the whole domain can

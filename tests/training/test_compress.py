@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from residual_adapters import AdapterConfig, MultiDomainNet, create_backbone
+from tests.numerics import difference_bound, relative_error
 from tests.training.conftest import provenance, tiny_net
 from training import export
 from training.compress import CompressionError, compress_domains
@@ -30,10 +31,12 @@ def _two_domains(net: MultiDomainNet) -> MultiDomainNet:
     return net
 
 
-def _max_output_difference(net: MultiDomainNet, name: str, compressed_name: str, size: int = 16) -> float:
+def _output_difference(net: MultiDomainNet, name: str, compressed_name: str, size: int = 16) -> float:
+    """Relative difference of the two domains' logits: a lossless compression leaves only the rounding of
+    two paths (the SVD's reconstruction is one more product per adapter, inside the same budget)."""
     x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return float((net.forward_domain(x, name) - net.forward_domain(x, compressed_name)).abs().max())
+        return relative_error(net.forward_domain(x, compressed_name), net.forward_domain(x, name))
 
 
 @pytest.mark.parametrize("shared_basis", [False, True])
@@ -46,7 +49,7 @@ def test_full_rank_is_lossless(shared_basis: bool) -> None:
             k.removesuffix(".adapter.weight") for k in net.domain_state(name) if k.endswith(".adapter.weight")
         }
         net.load_domain(f"{name}_c", compressed.config, compressed.tensors)
-        assert _max_output_difference(net, name, f"{name}_c") < 1e-4
+        assert _output_difference(net, name, f"{name}_c") < difference_bound(net)
 
 
 def test_torchvision_pointwise_factors_are_retruncated_losslessly() -> None:
@@ -61,7 +64,7 @@ def test_torchvision_pointwise_factors_are_retruncated_losslessly() -> None:
         if f"{unit}.adapter.u" in spec:  # a 1x1 unit already stored low-rank: never above its stored rank
             assert rank <= spec[f"{unit}.adapter.u"][0][1]
     net.load_domain("a_c", compressed.config, compressed.tensors)
-    assert _max_output_difference(net, "a", "a_c", size=32) < 1e-4
+    assert _output_difference(net, "a", "a_c", size=32) < difference_bound(net)
 
 
 def test_budget_halves_the_adapter_and_keeps_the_dominant_directions() -> None:
@@ -129,4 +132,6 @@ def test_compressed_artifact_validates_and_serves_from_the_bank(digits: DomainDa
     served.bank_load(0, compressed.config, compressed.tensors)
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
-        assert torch.allclose(served.forward_slot(x, 0), net.forward_domain(x, "a_svd"), atol=1e-4)
+        assert relative_error(served.forward_slot(x, 0), net.forward_domain(x, "a_svd")) < difference_bound(
+            net
+        )

@@ -8,6 +8,7 @@ import torch
 from adapters_store.errors import ArtifactInvalid
 from adapters_store.manifest import manifest_to_json
 from residual_adapters import AdapterConfig, MultiDomainNet
+from tests.numerics import difference_bound, relative_error
 from tests.training.conftest import SIZE, provenance, tiny_net
 from training import export
 from training.data import BatchMaker, DomainData
@@ -78,13 +79,13 @@ def test_train_export_validate_load_predict(net: MultiDomainNet, digits: DomainD
     expected = predict_logits(net, "digits", digits.test, batches)
     for name in ("digits", "from_bundle"):
         got = predict_logits(served, name, digits.test, batches)
-        assert torch.allclose(got, expected, atol=1e-5)
+        assert relative_error(got, expected) < difference_bound(net)
     # The server's path: the bank (folded BN) gives the same predictions.
     served.enable_bank(2)
     served.bank_load(0, AdapterConfig.from_dict(loaded.adapter.model_dump()), served.domain_state("digits"))
     x = batches.centre(digits.test.images)
     with torch.no_grad():
-        assert torch.allclose(served.forward_slot(x, 0), expected, atol=1e-4)
+        assert relative_error(served.forward_slot(x, 0), expected) < difference_bound(net)
     accuracy = float((expected.argmax(1) == digits.test.targets).float().mean())
     assert accuracy > 0.1  # better than chance after three epochs on real digits
 
