@@ -26,6 +26,7 @@ from pydantic import (
 
 from adapters_store.errors import ArtifactInvalid, Problem
 from adapters_store.strict_json import StrictJSONError, loads_strict
+from domain_format.preprocess import Channels, ImageSpec, Interpolation
 
 FORMAT_VERSION: Literal[1] = 1
 """Bumped on any incompatible change of either manifest; readers refuse versions they do not know."""
@@ -103,15 +104,19 @@ class Preprocessing(BaseModel):
     """Shorter side after resizing, before the centre crop."""
     mean: Annotated[list[float], Field(min_length=3, max_length=3)]
     std: Annotated[list[Annotated[float, Field(gt=0.0)]], Field(min_length=3, max_length=3)]
-    channels: Literal["rgb", "grayscale"]
+    channels: Channels
     """``grayscale`` images are replicated to 3 channels by the server."""
-    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = "bilinear"
+    interpolation: Interpolation = "bilinear"
 
     @model_validator(mode="after")
     def _crop_fits(self) -> Preprocessing:
         if self.resize < self.input_size:
             raise ValueError(f"resize ({self.resize}) is smaller than input_size ({self.input_size})")
         return self
+
+    def image_spec(self) -> ImageSpec:
+        """What ``domain_format.preprocess`` needs to make this domain's uint8 pixels (mean/std apart)."""
+        return ImageSpec(self.input_size, self.resize, self.channels, self.interpolation)
 
 
 class Provenance(BaseModel):

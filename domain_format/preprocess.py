@@ -1,0 +1,187 @@
+"""Image bytes → uint8 pixels: the one preprocessing of training and serving (PIL and numpy, no torch).
+
+The trainer evaluates a domain and the server (or a torch-free front end) answers with it on exactly the
+pixels made here, so the two can never disagree. Normalisation (uint8 → float, mean/std) is a separate,
+torch step: ``residual_adapters.inputs.normalise``.
+
+    spec = ImageSpec(input_size=224, resize=256, channels="rgb", interpolation="bilinear")
+    pixels = prepare(data, spec, max_pixels=40_000_000)  # np.uint8 [224, 224, 3]; C = 1 for grayscale
+
+``prepare`` is three steps, each public for callers that need to stop in between:
+
+1. ``open_image(data, spec, max_pixels=...)``: JPEG, PNG or WebP only; the pixel count, and the count the
+   image would have once its shorter side is resized, are checked from the header before any pixel is
+   decoded (a decompression bomb costs nothing); then the pixels are decoded.
+2. ``fit(image, spec)``: 16-bit images mapped onto 8 bits by their full range; converted to the spec's
+   channels (palette, alpha, CMYK → RGB, or L for grayscale); shorter side resized to ``spec.resize``
+   (PIL's antialiased filters, the longer side truncated as torchvision's ``Resize(int)`` does); the centre
+   ``resize``×``resize`` square → uint8 [resize, resize, C]. Training keeps these squares in memory: its
+   augmentation takes random crops inside them.
+3. ``centre_crop(pixels, spec.input_size)``: the evaluation and serving crop, offsets ``centre_offset``.
+
+Failures raise ``ImageRejected`` subclasses, each saying what is wrong: ``UnsupportedImage`` (not one of
+the accepted formats), ``TooManyPixels`` (over ``max_pixels``), ``CorruptImage`` (empty, truncated or
+unreadable data). The HTTP layer maps them to status codes; this module knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+Channels = Literal["rgb", "grayscale"]
+Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
+"""PIL format names; nothing else is ever handed to a decoder."""
+ACCEPTED_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp")
+DEFAULT_MAX_PIXELS = 40_000_000
+"""The pixel limit for callers without a setting of their own (the server's default too)."""
+
+_RESAMPLE: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+_MODES: dict[str, str] = {"rgb": "RGB", "grayscale": "L"}
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """The geometry and channels of a domain's inputs (the manifest's ``Preprocessing`` less mean/std)."""
+
+    input_size: int
+    """Side of the square centre crop the network sees."""
+    resize: int
+    """Shorter side after resizing, before the centre crop; at least ``input_size``."""
+    channels: Channels = "rgb"
+    """``grayscale``: one channel out (the normalisation step replicates it to three)."""
+    interpolation: Interpolation = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.input_size < 1 or self.resize < self.input_size:
+            raise ValueError(f"need 1 <= input_size ({self.input_size}) <= resize ({self.resize})")
+        if self.channels not in _MODES:
+            raise ValueError(f"channels must be one of {sorted(_MODES)}, not {self.channels!r}")
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, not {self.interpolation!r}")
+
+
+class ImageRejected(Exception):
+    """An image that cannot be used; the message says what is wrong with it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UnsupportedImage(ImageRejected):
+    """Not a JPEG, PNG or WebP image."""
+
+    accepted = ACCEPTED_MEDIA_TYPES
+
+
+class CorruptImage(ImageRejected):
+    """Empty, truncated or otherwise undecodable image data."""
+
+
+class TooManyPixels(ImageRejected):
+    """More pixels than allowed, as stored or once resized (a decompression bomb, an extreme strip)."""
+
+    def __init__(self, message: str, max_pixels: int) -> None:
+        super().__init__(message)
+        self.max_pixels = max_pixels
+
+
+def prepare(data: bytes, spec: ImageSpec, *, max_pixels: int) -> np.ndarray:
+    """Encoded image bytes → uint8 [input_size, input_size, C] (C = 3 for ``rgb``, 1 for ``grayscale``)."""
+    return centre_crop(fit(open_image(data, spec, max_pixels=max_pixels), spec), spec.input_size)
+
+
+def open_image(data: bytes, spec: ImageSpec, *, max_pixels: int) -> Image.Image:
+    """Decode an image, refusing what is not JPEG/PNG/WebP, too large (from the header), or corrupt."""
+    if not data:
+        raise CorruptImage("the image is empty")
+    try:
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError:
+        raise UnsupportedImage("not a JPEG, PNG or WebP image") from None
+    except Image.DecompressionBombError as exc:  # PIL's own, process-wide guard (at twice its limit)
+        raise TooManyPixels(str(exc), max_pixels=max_pixels) from None
+    except (OSError, ValueError) as exc:  # ValueError: PIL's guard against PNG text-chunk bombs
+        raise CorruptImage(f"the image header cannot be read: {exc}") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise CorruptImage(f"the image header says {width}x{height} pixels")
+    if width * height > max_pixels:
+        raise TooManyPixels(
+            f"the image has {width}x{height} = {width * height} pixels, over the limit of {max_pixels}",
+            max_pixels=max_pixels,
+        )
+    resized_w, resized_h = resized_size(width, height, spec.resize)
+    # A 30000x1 strip is small, but "shorter side to 28" would make it 840000x28.
+    if resized_w * resized_h > max_pixels:
+        raise TooManyPixels(
+            f"the image ({width}x{height}) would have {resized_w * resized_h} pixels once its shorter side "
+            f"is resized to {spec.resize}, over the limit of {max_pixels}",
+            max_pixels=max_pixels,
+        )
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
+        raise CorruptImage(f"the image data is corrupt: {exc}") from None
+    return image
+
+
+def fit(image: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """A decoded image → its centre ``resize``×``resize`` square, uint8 [resize, resize, C]."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # the same pixels; straight to RGB/L PIL warns on every such image
+    converted = to_8bit(image).convert(_MODES[spec.channels])
+    side = spec.resize
+    size = resized_size(converted.width, converted.height, side)
+    if converted.size != size:  # PIL copies an image resized to its own size; skip the copy
+        converted = converted.resize(size, _RESAMPLE[spec.interpolation])
+    pixels = np.asarray(converted)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    return centre_crop(pixels, side)
+
+
+def centre_crop(pixels: np.ndarray, size: int) -> np.ndarray:
+    """The centre ``size``×``size`` window of [H, W, C] pixels (a copy, contiguous)."""
+    top, left = centre_offset(pixels.shape[0], size), centre_offset(pixels.shape[1], size)
+    # np.array copies: a writable array of its own, never a view of PIL's read-only buffer
+    return np.array(pixels[top : top + size, left : left + size], order="C")
+
+
+def centre_offset(full: int, size: int) -> int:
+    """Where a centred window of ``size`` starts in ``full``: the one rounding rule of every centre crop."""
+    if not 0 < size <= full:
+        raise ValueError(f"cannot take a centre window of {size} out of {full}")
+    return (full - size) // 2
+
+
+def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
+    """(width, height) once the shorter side is ``shorter``; the longer side truncated (torchvision's rule)."""
+    if width <= height:
+        return shorter, int(shorter * height / width)
+    return int(shorter * width / height), shorter
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16/32-bit integer images mapped onto 8 bits by their full 16-bit range (the top byte).
+
+    PIL's own convert("L"/"RGB") clips such images at 255, which turns a 16-bit PNG almost white.
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        return Image.fromarray((values >> 8).astype(np.uint8))  # 2-D uint8: mode L
+    return image

@@ -1,0 +1,41 @@
+"""uint8 pixels → network input: the one normalisation of training and serving.
+
+``domain_format.preprocess`` makes the pixels (decode, 8-bit, channels, resize, centre crop; no torch);
+this step turns them into the float tensor a network takes, with the domain's per-channel mean and std (in
+[0, 1] units, as the manifest's ``Preprocessing`` holds them). A one-channel (grayscale) input is
+replicated to the three channels every backbone expects.
+
+The arithmetic is elementwise and the same for any batch size, so an image normalised alone (serving) and
+inside a batch (training's evaluation) gives bit-identical values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Layout = Literal["nhwc", "nchw"]
+
+
+def normalise(pixels: Tensor, mean: Sequence[float], std: Sequence[float], *, layout: Layout) -> Tensor:
+    """uint8 pixels [N, H, W, C] (``nhwc``) or [N, C, H, W] (``nchw``), C = 1 or 3 → float32 [N, 3, H, W].
+
+    ``(x - 255 mean) / (255 std)`` per channel. From ``nhwc`` the result is a channels-last tensor (the
+    same values; call ``.contiguous()`` for the default memory format).
+    """
+    if pixels.dtype != torch.uint8 or pixels.ndim != 4:
+        raise ValueError(f"expected uint8 pixels of 4 dimensions, got {pixels.dtype} {tuple(pixels.shape)}")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values each, got {len(mean)} and {len(std)}")
+    x = pixels.permute(0, 3, 1, 2) if layout == "nhwc" else pixels
+    if x.shape[1] not in (1, 3):
+        raise ValueError(f"expected 1 or 3 channels, got {x.shape[1]} ({layout} {tuple(pixels.shape)})")
+    x = x.float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    scaled_mean = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1) * 255.0
+    scaled_std = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1) * 255.0
+    return (x - scaled_mean) / scaled_std
