@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import random
@@ -40,7 +39,6 @@ import httpx
 import numpy as np
 import safetensors.torch
 import torch
-from PIL import Image
 
 from adapters_store import (
     AdapterSettings,
@@ -52,8 +50,9 @@ from adapters_store import (
     pack_bundle,
     sha256_hex,
 )
+from domain_format.preprocess import DEFAULT_MAX_PIXELS
 from residual_adapters import AdapterConfig, MultiDomainNet, create_backbone
-from server.preprocess import build_transform
+from server.preprocess import preprocess
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import build_store, free_port, png_images, zipf_weights
@@ -363,7 +362,6 @@ def recompute(store_dir: Path, record: Record, images: list[bytes], tolerance: f
     net = create_backbone(arch.name, classifier_domain=None, **arch.kwargs)  # type: ignore[arg-type]
     net.load_shared_state_dict(safetensors.torch.load(backbone.read_tensor_bytes(verify=True)))
     net.eval()
-    pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
     table: dict[tuple[str, int], np.ndarray] = {}
     unknown = wrong = 0
     worst = 0.0
@@ -378,9 +376,9 @@ def recompute(store_dir: Path, record: Record, images: list[bytes], tolerance: f
             cfg = AdapterConfig.from_dict(manifest.adapter.model_dump())
             name = f"{key[0]}_v{key[1]}"
             net.load_domain(name, cfg, safetensors.torch.load(tensor_bytes))
-            transform = build_transform(manifest.preprocessing)
+            pre = manifest.preprocessing
             with torch.no_grad():
-                x = torch.stack([transform(p) for p in pil])
+                x = torch.stack([preprocess(b, pre, max_pixels=DEFAULT_MAX_PIXELS) for b in images])
                 table[key] = torch.softmax(net.forward_domain(x, name), dim=1).numpy()
             net.remove_domain(name)
         expected = table[key][answer.image]

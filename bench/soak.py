@@ -15,7 +15,6 @@ The last line is one JSON summary.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import random
 import sys
@@ -26,11 +25,12 @@ from pathlib import Path
 import numpy as np
 import safetensors.torch
 import torch
-from PIL import Image
 
 from adapters_store import LocalStore, validate_domain_artifact
+from domain_format.preprocess import DEFAULT_MAX_PIXELS
 from residual_adapters import create_backbone
 from server.engine import Engine, EngineConfig, process_rss_bytes
+from server.preprocess import preprocess
 from training.export import spec_for_net
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,7 +76,7 @@ def main() -> None:
             store, EngineConfig(device="cpu", bank_slots=args.bank_slots, merged_cache=2, revision_poll_s=0)
         )
         engine.warm_up()
-        images = [Image.open(io.BytesIO(b)).convert("RGB") for b in png_images(4, args.size)]
+        images = png_images(4, args.size)
         domains = store.list_domains()
         # One domain's tensors: what a leak-on-unload would add to RSS per load.
         artifact_bytes = len(store.get(domains[0]).read_tensor_bytes(verify=True))
@@ -95,7 +95,8 @@ def main() -> None:
                 next_sample += 1.0
             domain = domains[requests % len(domains)]  # round-robin: every request misses the bank
             key = engine.resolve(domain)
-            x = engine.transform(key)(images[requests % len(images)])[None]
+            pre = engine.manifest(key).preprocessing
+            x = preprocess(images[requests % len(images)], pre, max_pixels=DEFAULT_MAX_PIXELS)[None]
             engine.infer([key], x, top_k=3)
             requests += 1
             if requests % args.version_every == 0:

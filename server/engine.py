@@ -3,7 +3,7 @@
     engine = Engine(LocalStore("store"), EngineConfig(bank_slots=16))
     engine.warm_up()
     key = engine.resolve("birds")                 # the active version, as a (domain, version) key
-    x = engine.transform(key)(pil_image)          # the domain's preprocessing
+    x = preprocess(data, engine.manifest(key).preprocessing, max_pixels=10**7)  # server.preprocess
     [pred] = engine.infer([key], x[None], top_k=5)
 
 Free of HTTP types: the server, the benchmarks and the reliability suite all drive it directly.
@@ -40,7 +40,6 @@ from adapters_store.store import AdapterStore
 from adapters_store.validation import DomainSpec
 from residual_adapters import AdapterConfig, DomainMismatch, MultiDomainNet, create_backbone
 from server.errors import DomainUnavailable, EngineError
-from server.preprocess import Transform, build_transform
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -154,7 +153,6 @@ class Engine:
         self._inflight: dict[DomainKey, Future[_Fetched]] = {}
         self._staged: OrderedDict[DomainKey, _Fetched] = OrderedDict()  # prefetched, not yet in the bank
         self._active: dict[str, tuple[DomainKey, DomainManifest]] = {}
-        self._transforms: dict[DomainKey, Transform] = {}
         self._revision = store.revision()
         self._revision_checked = time.monotonic()
         self.warm = False
@@ -226,18 +224,6 @@ class Engine:
         if active is not None and active[0] == key:
             return active[1]
         return self.store.get(key.domain, key.version).manifest
-
-    def transform(self, key: DomainKey) -> Transform:
-        """The domain version's preprocessing (PIL image -> [3, S, S] float tensor), cached."""
-        with self._state_lock:
-            found = self._transforms.get(key)
-        if found is None:
-            found = build_transform(self.manifest(key).preprocessing)
-            with self._state_lock:
-                if len(self._transforms) > 4 * self.config.bank_slots:  # bounded: drop the oldest
-                    self._transforms.pop(next(iter(self._transforms)))
-                self._transforms[key] = found
-        return found
 
     # -- residency --------------------------------------------------------------------------------
     def resident(self) -> list[DomainKey]:
@@ -358,8 +344,6 @@ class Engine:
                 self._merged.pop(slot.index, None)
                 self.net.bank_clear(slot.index)
             self._active.pop(domain, None)
-            for key in [k for k in self._transforms if k.domain == domain]:
-                del self._transforms[key]
             count = len(self._resident)
         if gone:
             self.events.resident_changed(count)

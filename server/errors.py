@@ -1,4 +1,5 @@
-"""The server's own exception types. `server.app` maps them (and the store's) to HTTP answers in one place.
+"""The server's own exception types. `server.http_errors` maps them (and the store's and the image
+decoder's) to HTTP answers in one place.
 
 Each carries a stable machine-readable `code` and the HTTP `status` it stands for, so the mapping is data.
 """
@@ -40,18 +41,8 @@ class BodyTooLarge(ServerError):
     status, code = 413, "body_too_large"
 
 
-class TooManyPixels(ServerError):
-    """A decompression bomb: small compressed bytes, huge pixel count."""
-
-    status, code = 413, "too_many_pixels"
-
-
 class UnsupportedMediaType(ServerError):
     status, code = 415, "unsupported_media_type"
-
-
-class CorruptImage(ServerError):
-    status, code = 422, "corrupt_image"
 
 
 class QueueFull(ServerError):

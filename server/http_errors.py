@@ -1,6 +1,7 @@
 """The one place where exceptions become HTTP answers: `{"error": {"code", "message", ...}}` everywhere.
 
-Covers the server's own errors, the store's, the validator's, and FastAPI's own 404/405/422.
+Covers the server's own errors, the store's, the validator's, the image decoder's, and FastAPI's own
+404/405/422.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from adapters_store.errors import (
     StoreCorrupt,
     VersionNotFound,
 )
+from domain_format.preprocess import CorruptImage, ImageRejected, TooManyPixels, UnsupportedImage
 from server.errors import DomainUnavailable, EngineError, QueueFull, ServerError
 
 log = logging.getLogger("server")
@@ -36,6 +38,13 @@ _STORE_STATUS: list[tuple[type[AdapterStoreError], int, str]] = [
     (StoreConflict, 409, "conflict"),
     (StoreBusy, 503, "store_busy"),
     (StoreCorrupt, 500, "store_corrupt"),
+]
+
+# Images the decoder refuses: (status, code).
+_IMAGE_STATUS: list[tuple[type[ImageRejected], int, str]] = [
+    (UnsupportedImage, 415, "unsupported_media_type"),
+    (TooManyPixels, 413, "too_many_pixels"),
+    (CorruptImage, 422, "corrupt_image"),
 ]
 
 _HTTP_CODES = {
@@ -78,6 +87,17 @@ def _store_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(status, code, str(exc), headers)
 
 
+def _image_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ImageRejected)
+    status, code = next(((s, c) for cls, s, c in _IMAGE_STATUS if isinstance(exc, cls)), (422, "bad_image"))
+    details: dict[str, Any] = {}
+    if isinstance(exc, UnsupportedImage):
+        details["accepted"] = list(exc.accepted)
+    if isinstance(exc, TooManyPixels):
+        details["max_pixels"] = exc.max_pixels
+    return error_response(status, code, exc.message, **details)
+
+
 def _engine_error(_: Request, exc: Exception) -> JSONResponse:
     log.error("engine failure: %s", exc)
     code = "domain_unavailable" if isinstance(exc, DomainUnavailable) else "engine_error"
@@ -111,6 +131,7 @@ def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServerError, _server_error)
     app.add_exception_handler(AdapterStoreError, _store_error)
+    app.add_exception_handler(ImageRejected, _image_error)
     app.add_exception_handler(EngineError, _engine_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

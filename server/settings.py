@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from domain_format.preprocess import DEFAULT_MAX_PIXELS
+
 MiB = 1024 * 1024
 
 
@@ -60,7 +62,7 @@ class Settings(BaseSettings):
     """Largest classify request body (enforced while reading)."""
     max_upload_bytes: int = Field(default=256 * MiB, ge=1)
     """Largest adapter upload body."""
-    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
     """Decompression-bomb guard: images with more pixels are refused."""
     max_images_per_request: int = Field(default=64, ge=1)
     max_top_k: int = Field(default=100, ge=1)

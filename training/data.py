@@ -5,14 +5,18 @@ A source is a name (``digits``, ``mnist``, ``fashion-mnist``, ``textures``) or a
 ``DomainData``: images decoded once, resized (shorter side) and centre-cropped to ``resize`` px, kept in
 memory as uint8 tensors, split train/val(/test) per class with a fixed seed.
 
+Decoding, 8-bit, channels, resizing and every centre crop are ``domain_format.preprocess`` and the
+normalisation is ``residual_adapters.inputs.normalise``: the code the server runs, so an image file gives
+the same tensor in evaluation here as in serving (files the server would refuse are skipped and reported).
+
 Why in memory and batched instead of a per-sample ``transforms.Compose`` in a DataLoader: on a 2-core
 machine per-sample PIL work costs more than the forward pass of a small network; decoding once and
 doing the paper's augmentation (random crop of ``input_size`` out of ``resize`` + horizontal flip) as
 tensor indexing over a whole batch keeps the CPU on the model. The cost is memory:
 N x C x resize^2 bytes (10k RGB images at 72 px: 155 MB).
 
-Evaluation and serving use the same geometry: resize the shorter side to ``resize``, centre crop
-``input_size`` (what the server does with the manifest's ``Preprocessing``).
+Evaluation and serving use the same pixels: the ``resize`` square, centre crop ``input_size``; training
+starts from the same squares and crops them at random instead.
 """
 
 from __future__ import annotations
@@ -24,16 +28,24 @@ import os
 import pickle
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
 from adapters_store.manifest import Preprocessing
+from domain_format.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    ImageRejected,
+    ImageSpec,
+    centre_offset,
+    fit,
+    open_image,
+)
+from residual_adapters.inputs import normalise
 
 log = logging.getLogger(__name__)
 
@@ -203,20 +215,13 @@ def _textures(patch: int = 32) -> RawDataset:
     )
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """16/32-bit integer images mapped onto 8 bits by their full 16-bit range, exactly as the server's
-    `server.preprocess.to_8bit` does (PIL's convert clips them at 255: a 16-bit PNG turns white), so
-    training and serving see the same pixels. Not imported from there: training never imports the server."""
-    if image.mode.startswith("I;16") or image.mode == "I":
-        values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
-        return Image.fromarray((values >> 8).astype(np.uint8), "L")
-    return image
+def _image_folder(path: Path, spec: ImageSpec) -> RawDataset:
+    """A torchvision ImageFolder layout, each image fitted to the ``spec.resize`` square as it is decoded.
 
-
-def _image_folder(path: Path, grayscale: bool = False) -> RawDataset:
-    """A torchvision ImageFolder layout; unreadable files are reported with their paths and skipped."""
+    Unreadable files, and files the server would refuse (not JPEG/PNG/WebP, too many pixels), are
+    reported with their paths and skipped.
+    """
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-    from torchvision.transforms.functional import pil_to_tensor
 
     if not path.is_dir():
         raise DataError(f"{path} is not a directory (expected one sub-folder of images per class)")
@@ -230,33 +235,34 @@ def _image_folder(path: Path, grayscale: bool = False) -> RawDataset:
     skipped: list[tuple[str, str]] = []
     for file, target in samples:
         try:
-            with Image.open(file) as img:
-                img.load()
-                converted = _to_8bit(img).convert("L" if grayscale else "RGB")
-        except Exception as exc:  # PIL raises many types for a bad file; each is reported, none is fatal
+            image = open_image(Path(file).read_bytes(), spec, max_pixels=DEFAULT_MAX_PIXELS)
+            pixels = fit(image, spec)
+        except (ImageRejected, OSError) as exc:  # each bad file is reported, none is fatal
             skipped.append((file, f"{type(exc).__name__}: {exc}"))
             continue
-        images.append(pil_to_tensor(converted))
+        images.append(torch.from_numpy(pixels).permute(2, 0, 1))
         targets.append(target)
     for file, reason in skipped:
         log.warning("skipped unreadable image %s (%s)", file, reason)
     present = set(targets)
     empty = [c for c, i in class_to_idx.items() if i not in present]
     if empty:
-        raise DataError(f"{path}: no readable images for classes {empty}")
+        first = f"; first skipped: {skipped[0][0]} ({skipped[0][1]})" if skipped else ""
+        raise DataError(f"{path}: no readable images for classes {empty}{first}")
     return RawDataset(
-        images,
+        torch.stack(images).contiguous(),
         torch.tensor(targets, dtype=torch.int64),
         classes,
-        grayscale=grayscale,
+        grayscale=spec.channels == "grayscale",
         flip=True,
         description=f"image folder {path.name}",
         skipped=skipped,
     )
 
 
-def load_raw(source: str, *, grayscale: bool = False) -> RawDataset:
-    """Decode a source: a built-in name or an ImageFolder directory."""
+def load_raw(source: str, spec: ImageSpec) -> RawDataset:
+    """Decode a source: a built-in name or an ImageFolder directory (fitted to ``spec`` as it is read;
+    the built-ins are small arrays, fitted later, only the images a split selects)."""
     if source == "digits":
         return _digits()
     if source == "mnist":
@@ -268,31 +274,27 @@ def load_raw(source: str, *, grayscale: bool = False) -> RawDataset:
     path = Path(source)
     if not path.exists():
         raise DataError(f"unknown data source {source!r}: not one of {BUILTIN_SOURCES} and not a directory")
-    return _image_folder(path, grayscale=grayscale)
+    return _image_folder(path, spec)
 
 
 # -- resizing, splitting, statistics -----------------------------------------------------------------------
 
 
-def resize_square(images: list[Tensor] | Tensor, size: int) -> Tensor:
-    """Resize the shorter side to ``size`` and centre crop a square (bilinear, antialiased) -> uint8."""
-    if isinstance(images, Tensor):
-        return _resize_batch(images, size)
-    return torch.cat([_resize_batch(img[None], size) for img in images]) if images else torch.empty(0)
-
-
-def _resize_batch(x: Tensor, size: int) -> Tensor:
-    h, w = x.shape[-2:]
-    if (h, w) == (size, size):
-        return x.contiguous()
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+def resize_square(images: list[Tensor] | Tensor, spec: ImageSpec) -> Tensor:
+    """uint8 [C, H, W] images -> uint8 [N, C, resize, resize]: ``domain_format.preprocess.fit`` on each
+    (shorter side resized, centre square), so built-in arrays get the server's resize too."""
+    side = spec.resize
+    if len(images) == 0:
+        return torch.empty(0, 1 if spec.channels == "grayscale" else 3, side, side, dtype=torch.uint8)
+    if isinstance(images, Tensor) and images.shape[-2:] == (side, side):
+        return images.contiguous()  # already fitted (image folders are fitted as they are decoded)
     out = []
-    for chunk in x.split(4096):
-        y = F.interpolate(chunk.float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-        top, left = (nh - size) // 2, (nw - size) // 2
-        out.append(y[:, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8))
-    return torch.cat(out)
+    for img in images:
+        array = img.permute(1, 2, 0).numpy()
+        out.append(
+            torch.from_numpy(fit(Image.fromarray(array[:, :, 0] if img.shape[0] == 1 else array), spec))
+        )
+    return torch.stack(out).permute(0, 3, 1, 2).contiguous()
 
 
 def stratified_split(
@@ -355,11 +357,13 @@ def load_domain_data(
     resize = resize or round(input_size * 72 / 64)
     if resize < input_size:
         raise DataError(f"resize ({resize}) must be at least input_size ({input_size})")
-    raw = load_raw(source, grayscale=grayscale)
+    spec = ImageSpec(input_size, resize, "grayscale" if grayscale else "rgb", "bilinear")
+    raw = load_raw(source, spec)
+    spec = replace(spec, channels="grayscale" if raw.grayscale else "rgb")  # built-ins are grayscale
     test: ImageSet | None = None
     if raw.test_images is not None and raw.test_targets is not None and (test_per_class or test_fraction):
         (test_idx,) = stratified_split(raw.test_targets, [1.0], seed, [test_per_class])
-        test = ImageSet(resize_square(raw.test_images[test_idx], resize), raw.test_targets[test_idx])
+        test = ImageSet(resize_square(raw.test_images[test_idx], spec), raw.test_targets[test_idx])
         train_idx, val_idx = stratified_split(
             raw.targets, [1.0 - val_fraction, val_fraction], seed, [train_per_class, val_per_class]
         )
@@ -369,20 +373,20 @@ def load_domain_data(
             raw.targets, fractions, seed, [train_per_class, val_per_class, test_per_class]
         )
         if test_fraction > 0:
-            test = ImageSet(resize_square(_take(raw.images, test_idx), resize), raw.targets[test_idx])
+            test = ImageSet(resize_square(_take(raw.images, test_idx), spec), raw.targets[test_idx])
     # Only the selected images are resized: a 50-per-class subset of MNIST should not pay for all 60k.
-    train = ImageSet(resize_square(_take(raw.images, train_idx), resize), raw.targets[train_idx])
-    val = ImageSet(resize_square(_take(raw.images, val_idx), resize), raw.targets[val_idx])
+    train = ImageSet(resize_square(_take(raw.images, train_idx), spec), raw.targets[train_idx])
+    val = ImageSet(resize_square(_take(raw.images, val_idx), spec), raw.targets[val_idx])
     if len(train) == 0 or len(val) == 0:
         raise DataError(f"{source}: empty split (train {len(train)}, val {len(val)} images)")
     mean, std = normalisation or channel_stats(train.images)
     preprocessing = Preprocessing(
-        input_size=input_size,
-        resize=resize,
+        input_size=spec.input_size,
+        resize=spec.resize,
         mean=mean,
         std=std,
-        channels="grayscale" if raw.grayscale else "rgb",
-        interpolation="bilinear",
+        channels=spec.channels,
+        interpolation=spec.interpolation,
     )
     allow_flip = flip if flip is not None else (raw.flip and source not in NO_FLIP)
     return DomainData(
@@ -421,19 +425,18 @@ class BatchMaker:
     def __init__(self, preprocessing: Preprocessing, flip: bool) -> None:
         self.size = preprocessing.input_size
         self.flip = flip
-        self.mean = torch.tensor(preprocessing.mean).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(preprocessing.std).view(1, 3, 1, 1) * 255.0
+        self.mean = preprocessing.mean
+        self.std = preprocessing.std
 
-    def _normalise(self, x: Tensor) -> Tensor:
-        x = x.float()
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return (x - self.mean) / self.std
+    def normalise(self, images: Tensor) -> Tensor:
+        """uint8 [N, C, H, W] -> the network's float input (the server's normalisation)."""
+        return normalise(images, self.mean, self.std, layout="nchw")
 
     def centre(self, images: Tensor) -> Tensor:
+        """The evaluation (and serving) crop of the ``resize`` squares."""
         s, full = self.size, images.shape[-1]
-        top = (full - s) // 2
-        return self._normalise(images[:, :, top : top + s, top : top + s])
+        top = centre_offset(full, s)
+        return self.normalise(images[:, :, top : top + s, top : top + s])
 
     def augment(self, images: Tensor, g: torch.Generator) -> Tensor:
         """The paper's augmentation: a random ``input_size`` crop (+ a horizontal flip where allowed)."""
@@ -448,7 +451,7 @@ class BatchMaker:
         if self.flip:
             mirror = torch.rand(n, generator=g) < 0.5
             crops = torch.where(mirror[:, None, None, None], crops.flip(-1), crops)
-        return self._normalise(crops)
+        return self.normalise(crops)
 
     def train_batches(
         self, data: ImageSet, batch_size: int, g: torch.Generator

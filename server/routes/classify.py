@@ -18,10 +18,11 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from torch import Tensor
 
+from domain_format.preprocess import ACCEPTED_MEDIA_TYPES
 from server.deps import RuntimeDep, require_inference
 from server.engine import DomainKey
 from server.errors import BadRequest, MissingDomain, QueueFull, UnsupportedMediaType
-from server.preprocess import ACCEPTED_MEDIA_TYPES, check_resized_pixels, decode_image
+from server.preprocess import preprocess
 from server.runtime import Runtime
 from server.schemas import ClassifyJSON, ClassifyResponse, ImageResult, LabelScoreOut, Timing, error_responses
 
@@ -86,15 +87,9 @@ def _prepare(runtime: Runtime, domain: str, images: list[bytes]) -> tuple[Domain
     """Resolve the active version, decode and preprocess (runs in the thread pool)."""
     key = runtime.engine.resolve(domain)
     runtime.engine.prefetch(key)  # a cold domain is read here, in parallel with the worker's batches
-    transform = runtime.engine.transform(key)
     pre = runtime.engine.manifest(key).preprocessing
     max_pixels = runtime.settings.max_image_pixels
-    tensors = []
-    for data in images:
-        image = decode_image(data, max_pixels=max_pixels)
-        check_resized_pixels(image, pre, max_pixels)
-        tensors.append(transform(image))
-    return key, tensors
+    return key, [preprocess(data, pre, max_pixels=max_pixels) for data in images]
 
 
 async def _classify(

@@ -62,7 +62,7 @@ def prepare(workdir: Path) -> None:
 
     from adapters_store.manifest import Provenance
     from residual_adapters import AdapterConfig, create_backbone
-    from server.preprocess import build_transform, decode_image
+    from server.preprocess import preprocess
     from training.export import domain_artifact, imagenet_labels, imagenet_preprocessing, write_bundle
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def prepare(workdir: Path) -> None:
     )
     write_bundle(artifact, workdir / "cats.tar")
 
-    x = build_transform(preprocessing)(decode_image(photo.read_bytes(), max_pixels=10**8)).unsqueeze(0)
+    x = preprocess(photo.read_bytes(), preprocessing, max_pixels=10**8).unsqueeze(0)
     net.eval()
     with torch.no_grad():
         p_imagenet = net.forward_domain(x, "imagenet").softmax(1)[0]

@@ -84,11 +84,14 @@ class TinyWorld:
     """Domain name -> artifact (also "birds_v2": another version of birds)."""
 
     def reference(self, name: str, image: Image.Image) -> torch.Tensor:
-        """Class probabilities from the model library's trainable forward, same preprocessing."""
-        from server.preprocess import build_transform
+        """Class probabilities from the model library's trainable forward, same preprocessing (from the
+        decoded image on: the shared pixels and normalisation)."""
+        from domain_format.preprocess import centre_crop, fit
+        from server.preprocess import network_input
 
         pre = DOMAINS[name.split("_")[0]][2]
-        x = build_transform(pre)(image)[None]
+        spec = pre.image_spec()
+        x = network_input(centre_crop(fit(image, spec), spec.input_size), pre)[None]
         with torch.no_grad():
             return torch.softmax(self.net.forward_domain(x, name), dim=1)[0]
 

@@ -13,13 +13,13 @@ import server.engine
 from adapters_store import LocalStore
 from server.batcher import Batcher
 from server.engine import DomainKey, Engine, EngineConfig
-from server.preprocess import build_transform
-from tests.server.conftest import DOMAINS, TOL, TinyWorld, image, make_store
+from server.preprocess import preprocess
+from tests.server.conftest import DOMAINS, TOL, TinyWorld, encode, image, make_store
 from training.export import validate_domain
 
 
 def _x(name: str, seed: int) -> torch.Tensor:
-    return build_transform(DOMAINS[name][2])(image(seed))
+    return preprocess(encode(image(seed)), DOMAINS[name][2], max_pixels=10**7)
 
 
 def _ref(world: TinyWorld, name: str, x: torch.Tensor) -> torch.Tensor:

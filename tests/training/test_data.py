@@ -38,13 +38,26 @@ def test_image_folder_reports_and_skips_unreadable_files(tmp_path: Path, caplog)
     assert data.preprocessing.channels == "rgb" and data.flip
 
 
+def test_image_folder_skips_what_the_server_would_refuse(tmp_path: Path) -> None:
+    """Training decodes with the server's decoder: a BMP or TIFF would be refused when served, so it is
+    reported and skipped here too, never trained on."""
+    root = make_folder(tmp_path / "pets", {"cat": 4, "dog": 4})
+    Image.new("RGB", (20, 14)).save(root / "cat" / "odd.bmp")
+    Image.new("RGB", (20, 14)).save(root / "dog" / "odd.tiff")
+    data = load_domain_data(str(root), input_size=8, val_fraction=0.5)
+    reasons = {Path(p).name: reason for p, reason in data.skipped}
+    assert set(reasons) == {"odd.bmp", "odd.tiff"}
+    assert all("not a JPEG, PNG or WebP" in r for r in reasons.values())
+    assert len(data.train) + len(data.val) == 8
+
+
 def test_image_folder_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not one of"):
         load_domain_data(str(tmp_path / "missing"))
     root = make_folder(tmp_path / "x", {"a": 3})
     (root / "b").mkdir()
     (root / "b" / "bad.png").write_bytes(b"nope")
-    with pytest.raises(DataError, match=r"no readable images for classes \['b'\]"):
+    with pytest.raises(DataError, match=r"no readable images for classes \['b'\]; first skipped: .*bad.png"):
         load_domain_data(str(root))
 
 
@@ -85,7 +98,7 @@ def test_augmentation_crops_and_flips_only_where_allowed() -> None:
     out = flipping.augment(images, g)
     assert out.shape == (len(images), 3, 16, 16)
     # Every augmented image is some 16x16 window of its source, mirrored or not.
-    raw = flipping._normalise(images)
+    raw = flipping.normalise(images)
     windows = raw.unfold(2, 16, 1).unfold(3, 16, 1)  # [n, 3, oy, ox, 16, 16]
     mirrored = 0
     for i in range(len(images)):
