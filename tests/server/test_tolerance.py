@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from server.preprocess import build_transform
-from tests.server.conftest import DOMAINS, LOGIT_SCALE, MAX_CLASSES, TOL, TinyWorld, image
+from server.preprocess import preprocess
+from tests.server.conftest import DOMAINS, LOGIT_SCALE, MAX_CLASSES, TOL, TinyWorld, encode, image
 
 
 @torch.no_grad()
@@ -14,7 +14,11 @@ def test_the_world_stays_within_the_logit_scale_the_tolerance_assumes(world: Tin
         assert world.net.domains[name].num_classes <= MAX_CLASSES
         pre = DOMAINS[name.split("_")[0]][2]
         x = torch.stack(
-            [build_transform(pre)(image(seed, mode=mode)) for seed in range(16) for mode in ("RGB", "L")]
+            [
+                preprocess(encode(image(seed, mode=mode)), pre, max_pixels=10**7)
+                for seed in range(16)
+                for mode in ("RGB", "L")
+            ]
         )
         assert float(world.net.forward_domain(x, name).abs().max()) <= LOGIT_SCALE, name
 
