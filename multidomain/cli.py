@@ -14,7 +14,7 @@ from collections.abc import Sequence
 GROUPS = {
     "store": "multidomain.store_cli",
     "train": "training.cli",
-    "serve": "server.cli",
+    "serve": "multidomain.serve_cli",
 }
 
 

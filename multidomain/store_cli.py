@@ -8,8 +8,8 @@
 
 ARTIFACT is a bundle (.tar) or a directory with manifest.json + adapter.safetensors; BACKBONE_DIR a
 directory with manifest.json + backbone.safetensors. ``--store`` defaults to ``$MD_STORE_DIR``, else
-``./store``. Glue: this module may import the model library (lazily, so ``list`` stays fast);
-``adapters_store`` itself never does.
+``./store``. Validation against a backbone goes through ``model_artifacts`` (imported lazily, so
+``list`` stays fast and loads no torch); ``adapters_store`` itself never knows the model.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from adapters_store import (
     BACKBONE_TENSORS_NAME,
@@ -42,8 +42,6 @@ from adapters_store import (
 from adapters_store.safetensors_check import looks_like_pickle
 
 EXIT_OK, EXIT_INVALID = 0, 1
-# Keys of an architecture's kwargs that would make create_backbone read files other than the artifact.
-_FORBIDDEN_ARCH_KWARGS = frozenset({"weights"})
 
 
 class _Refused(Exception):
@@ -183,30 +181,13 @@ def read_backbone(path: Path, limits: Limits = Limits()) -> ValidatedBackbone:
 
 def backbone_spec(backbone: ValidatedBackbone) -> tuple[Callable[[DomainManifest], DomainSpec], str]:
     """Build the backbone with the model library: ``(spec_for, fingerprint)`` for validation."""
-    import torch
+    from model_artifacts import BackboneRefused, backbone_network, spec_for
 
-    from residual_adapters import AdapterConfig, create_backbone
-
-    arch = backbone.manifest.architecture
-    forbidden = _FORBIDDEN_ARCH_KWARGS & set(arch.kwargs)
-    if forbidden:
-        msg = f"kwargs {sorted(forbidden)} are not structural; the weights come from {BACKBONE_TENSORS_NAME}"
-        raise _Refused([Problem("backbone.manifest.architecture", msg, "schema")])
-    kwargs: dict[str, Any] = dict(arch.kwargs)
     try:
-        net = create_backbone(arch.name, **kwargs)
-        net.load_shared_state_dict({k: torch.from_numpy(v.copy()) for k, v in backbone.tensors.items()})
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _Refused([Problem("backbone", f"the model library refused it: {exc}", "backbone")]) from None
-    fingerprint = net.fingerprint()
-    if fingerprint != backbone.manifest.fingerprint:
-        msg = f"weights give fingerprint {fingerprint}, the manifest says {backbone.manifest.fingerprint}"
-        raise _Refused([Problem("backbone.manifest.fingerprint", msg, "fingerprint")])
-
-    def spec_for(manifest: DomainManifest) -> DomainSpec:
-        return net.domain_spec(AdapterConfig(**manifest.adapter.model_dump()), len(manifest.labels))
-
-    return spec_for, fingerprint
+        net = backbone_network(backbone.manifest, backbone.tensors)
+    except BackboneRefused as exc:
+        raise _Refused([Problem(f"backbone.{exc.field}", str(exc), exc.code)]) from None
+    return spec_for(net), net.fingerprint()
 
 
 def validate_path(artifact: Path, backbone_dir: Path) -> ValidatedArtifact:

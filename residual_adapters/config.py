@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-AdapterKind = Literal["parallel", "series", "lowrank", "bn", "head"]
-ADAPTER_KINDS: tuple[str, ...] = ("parallel", "series", "lowrank", "bn", "head")
+from domain_format.kinds import (
+    ADAPTER_KINDS,
+    DEFAULT_ALLOCATION,
+    DEFAULT_KIND,
+    DEFAULT_POINTWISE_BUDGET,
+    DEFAULT_RANK,
+    KINDS_WITH_ADAPTERS,
+    KINDS_WITH_DOMAIN_BN,
+    AdapterKind,
+)
 
 # Named allocations for the paper's parameter-allocation study: fractions of the adaptable units, in depth order.
 NAMED_ALLOCATIONS: dict[str, list[tuple[float, float]]] = {
@@ -22,22 +30,21 @@ NAMED_ALLOCATIONS: dict[str, list[tuple[float, float]]] = {
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """One domain's adapter layout. JSON-able: the manifest stores `to_dict()`."""
+    """One domain's adapter layout. JSON-able: the manifest stores `to_dict()`. The kinds and defaults
+    are `domain_format.kinds`' (the manifest's `AdapterSettings` is built from the same names)."""
 
-    kind: AdapterKind = "parallel"
-    """parallel: y = BN_d(W*x + A_d*x); series: y = BN_d(z + A_d*BN'_d(z)), z = W*x;
-    lowrank: parallel with A_d = U_d V_d; bn: domain BN + head only ("BN adapt"); head: head only
-    (the frozen backbone as a feature extractor, base BN statistics)."""
+    kind: AdapterKind = DEFAULT_KIND
+    """One of `domain_format.kinds.ADAPTER_KINDS` (see `AdapterKind` there for what each computes)."""
 
-    rank: int | None = None
+    rank: int | None = DEFAULT_RANK
     """Rank of U_d V_d for `lowrank` (required there); ignored by other kinds."""
 
-    allocation: str | list[str] = "all"
+    allocation: str | list[str] = DEFAULT_ALLOCATION
     """Which units get adapters: all, none, shallow, middle, deep (thirds of the adaptable units in depth
     order), shallow+deep, "range:A-B" (fractions, e.g. "range:0.25-0.75"), or an explicit list of unit names.
     Every unit keeps its domain BN whatever the allocation."""
 
-    pointwise_budget: float = 0.1
+    pointwise_budget: float = DEFAULT_POINTWISE_BUDGET
     """1x1 convolutions get low-rank adapters so a domain stays small: rank = ceil(budget * Cout*Cin/(Cout+Cin)),
     i.e. about `budget` of that conv's weights (a full 1x1 adapter on a 1x1 conv would double it)."""
 
@@ -58,11 +65,11 @@ class AdapterConfig:
 
     @property
     def has_adapters(self) -> bool:
-        return self.kind in ("parallel", "series", "lowrank")
+        return self.kind in KINDS_WITH_ADAPTERS
 
     @property
     def has_domain_bn(self) -> bool:
-        return self.kind != "head"
+        return self.kind in KINDS_WITH_DOMAIN_BN
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

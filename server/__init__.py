@@ -5,7 +5,9 @@
 - `server.batcher.Batcher`: dynamic batching of any domains on one worker thread, with backpressure.
 - `server.app.create_app(settings)`: the FastAPI app (routes in `server.routes`, errors in
   `server.http_errors`, settings in `server.settings`, metrics in `server.metrics`).
-- `server.client.MultidomainClient`: the Python client; `server.cli`: the `multidomain serve` command.
+The Python client is its own package (`client/`, `multidomain_client`); the `multidomain serve` command
+lives with the other commands (`multidomain/serve_cli.py`). This package imports neither `training` nor
+`multidomain`.
 """
 
 import os

@@ -4,8 +4,9 @@ A batch closes when it holds `max_batch_size` images, or `max_wait_ms` after it 
 after its first image arrived or the worker became free, whichever is later. The second rule matters under
 load: the images queued while the previous batch ran are all "old", and without a short window after the
 worker frees up, the clients just answered would miss the next batch and batches would stay half full.
-Images in one batch share an input size (domains may differ in it) and use at most `bank_slots`
-distinct domain versions (what the bank can hold at once); the others wait for the next batch, in order.
+Images in one batch share an input size (domains may differ in it) and use at most
+`max_domains_per_batch` distinct domain versions (what the engine's bank can hold at once: its caller
+passes the bank's slot count); the others wait for the next batch, in order.
 When `max_queue` images are waiting, `submit` refuses with `QueueFull` (429) instead of growing memory.
 
 `submit` returns concurrent futures, so synchronous callers (benchmarks, the reliability suite) can use it
@@ -51,12 +52,16 @@ class Batcher:
         self,
         engine: Engine,
         *,
+        max_domains_per_batch: int,
         max_batch_size: int = 32,
         max_wait_ms: float = 5.0,
         max_queue: int = 512,
         events: BatchEvents | None = None,
     ) -> None:
+        if max_domains_per_batch < 1:
+            raise ValueError("max_domains_per_batch must be >= 1")
         self.engine = engine
+        self.max_domains_per_batch = max_domains_per_batch
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -137,16 +142,14 @@ class Batcher:
             return self._select()
 
     def _select(self) -> list[_Item]:
-        """Take compatible items in queue order (same input shape, at most bank_slots domain versions)."""
+        """Take compatible items in queue order (same input shape, at most max_domains_per_batch domain versions)."""
         shape = self._queue[0].image.shape
         keys: set[DomainKey] = set()
         taken: list[_Item] = []
         left: deque[_Item] = deque()
         while self._queue and len(taken) < self.max_batch_size:
             item = self._queue.popleft()
-            fits = item.image.shape == shape and (
-                item.key in keys or len(keys) < self.engine.config.bank_slots
-            )
+            fits = item.image.shape == shape and (item.key in keys or len(keys) < self.max_domains_per_batch)
             if fits:
                 keys.add(item.key)
                 taken.append(item)

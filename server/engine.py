@@ -38,7 +38,8 @@ from adapters_store.errors import VersionNotFound
 from adapters_store.manifest import DomainManifest
 from adapters_store.store import AdapterStore
 from adapters_store.validation import DomainSpec
-from residual_adapters import AdapterConfig, DomainMismatch, MultiDomainNet, create_backbone
+from model_artifacts import BackboneRefused, adapter_config, backbone_network, spec_for
+from residual_adapters import AdapterConfig, DomainMismatch, MultiDomainNet
 from server.errors import DomainUnavailable, EngineError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -160,15 +161,11 @@ class Engine:
     # -- backbone ---------------------------------------------------------------------------------
     def _load_backbone(self) -> tuple[MultiDomainNet, str]:
         stored = self.store.get_backbone()
-        arch = stored.manifest.architecture
         # The store's domains (including an imported classifier) come from the store: none built in.
-        net = create_backbone(arch.name, classifier_domain=None, **arch.kwargs)  # type: ignore[arg-type]
-        tensors = load_safetensors(stored.read_tensor_bytes(verify=True))
-        net.load_shared_state_dict(tensors)
-        if net.fingerprint() != stored.manifest.fingerprint:
-            raise EngineError(
-                f"backbone weights do not match the fingerprint {stored.manifest.fingerprint[:16]}"
-            )
+        try:
+            net = backbone_network(stored.manifest, load_safetensors(stored.read_tensor_bytes(verify=True)))
+        except BackboneRefused as exc:
+            raise EngineError(f"the store's backbone cannot be served: {exc}") from None
         net.eval().requires_grad_(False)
         net.to(device=self.device, dtype=self.dtype)
         if self.memory_format is torch.channels_last:
@@ -177,8 +174,7 @@ class Engine:
 
     def domain_spec(self, manifest: DomainManifest) -> DomainSpec:
         """The tensors a domain manifest implies on this backbone (the upload validator's `spec_for`)."""
-        cfg = AdapterConfig.from_dict(manifest.adapter.model_dump())
-        return self.net.domain_spec(cfg, len(manifest.labels))
+        return spec_for(self.net)(manifest)
 
     # -- which version serves a domain ------------------------------------------------------------
     def notice_store_change(self) -> None:
@@ -248,7 +244,7 @@ class Engine:
             stored = self.store.get(key.domain, key.version)
             data = stored.read_tensor_bytes(verify=self.config.verify_checksums)
             tensors = load_safetensors(data)
-            config = AdapterConfig.from_dict(stored.manifest.adapter.model_dump())
+            config = adapter_config(stored.manifest.adapter)
             fetched = _Fetched(stored.manifest, config, tensors)
             future.set_result(fetched)
             return fetched

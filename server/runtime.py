@@ -58,6 +58,7 @@ class Runtime:
         engine.warm = True
         batcher = Batcher(
             engine,
+            max_domains_per_batch=settings.bank_slots,  # a batch never needs more slots than the bank has
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue,

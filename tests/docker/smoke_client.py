@@ -61,9 +61,11 @@ def prepare(workdir: Path) -> None:
     from skimage import data
 
     from adapters_store.manifest import Provenance
+    from model_artifacts import domain_artifact
+    from model_artifacts.torchvision_import import imagenet_labels, imagenet_preprocessing
     from residual_adapters import AdapterConfig, create_backbone
     from server.preprocess import preprocess
-    from training.export import domain_artifact, imagenet_labels, imagenet_preprocessing, write_bundle
+    from training.export import write_bundle
 
     workdir.mkdir(parents=True, exist_ok=True)
     photo = workdir / "chelsea.png"

@@ -23,11 +23,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from adapters_store import LocalStore, Preprocessing, Provenance, manifest_to_json, validate_backbone_artifact
+from model_artifacts import backbone_artifact, domain_artifact, validate_domain
 from residual_adapters import AdapterConfig, MultiDomainNet, create_backbone
 from server.app import create_app
 from server.settings import Settings
 from tests.numerics import probability_bound
-from training.export import backbone_artifact, domain_artifact, validate_domain
 
 ADMIN = "admin-secret"
 LOGIT_SCALE = 32.0

@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from adapters_store import LocalStore, pack_bundle
+from model_artifacts import validate_domain
 from server.app import create_app
 from tests.server.conftest import TOL, TinyWorld, auth, encode, image, make_store, settings_for
 
@@ -79,7 +80,6 @@ def test_activation_by_another_process_is_noticed(
 ) -> None:
     assert _top(client, "birds")[0] == 1
     other = LocalStore(store.root)  # another writer on the same directory (e.g. the store CLI)
-    from training.export import validate_domain
 
     art = world.artifacts["birds_v2"]
     other.put(validate_domain(art.manifest, art.tensors, world.net), activate=True)

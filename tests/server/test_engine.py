@@ -11,11 +11,11 @@ import torch
 
 import server.engine
 from adapters_store import LocalStore
+from model_artifacts import validate_domain
 from server.batcher import Batcher
 from server.engine import DomainKey, Engine, EngineConfig
 from server.preprocess import preprocess
 from tests.server.conftest import DOMAINS, TOL, TinyWorld, encode, image, make_store
-from training.export import validate_domain
 
 
 def _x(name: str, seed: int) -> torch.Tensor:
@@ -144,7 +144,9 @@ def test_batcher_mixes_domains_and_answers_each_request(world: TinyWorld, store:
         def queue_wait(self, seconds: float) -> None: ...
         def queue_depth(self, images: int) -> None: ...
 
-    batcher = Batcher(engine, max_batch_size=4, max_wait_ms=50, max_queue=64, events=Events())  # type: ignore[arg-type]
+    batcher = Batcher(
+        engine, max_domains_per_batch=2, max_batch_size=4, max_wait_ms=50, max_queue=64, events=Events()
+    )  # type: ignore[arg-type]
     names = ["birds", "digits", "textures"] * 4
     xs = [_x(n, i) for i, n in enumerate(names)]
     futures = [batcher.submit(engine.resolve(n), [x], top_k=1)[0] for n, x in zip(names, xs, strict=True)]

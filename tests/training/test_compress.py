@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model_artifacts import domain_artifact
 from residual_adapters import AdapterConfig, MultiDomainNet, create_backbone
 from tests.numerics import difference_bound, relative_error
 from tests.training.conftest import provenance, tiny_net
-from training import export
 from training.compress import CompressionError, compress_domains
 from training.data import DomainData
 
@@ -115,7 +115,7 @@ def test_compressed_artifact_validates_and_serves_from_the_bank(digits: DomainDa
     net = _two_domains(tiny_net())
     compressed = compress_domains(net, ["a"], budget=0.5).domains["a"]
     net.load_domain("a_svd", compressed.config, compressed.tensors)
-    manifest, _tensor_bytes = export.domain_artifact(
+    manifest, _tensor_bytes = domain_artifact(
         net,
         "a_svd",
         labels=list("vwxyz"),

@@ -9,27 +9,33 @@ import torch
 import torchvision
 from skimage import data
 
+from model_artifacts import (
+    domain_artifact,
+    import_torchvision,
+    mobilenet_weights_installed,
+    mobilenet_weights_path,
+)
+from model_artifacts.torchvision_import import imagenet_labels, unique_labels
 from tests.numerics import probability_bound
 from training import export
-from training.decathlon import mobilenet_weights_path
 
 
 def test_unique_labels_numbers_repeats_in_order() -> None:
-    assert export.unique_labels(["crane", "kite", "crane", "crane"]) == [
+    assert unique_labels(["crane", "kite", "crane", "crane"]) == [
         "crane",
         "kite",
         "crane (2)",
         "crane (3)",
     ]
     # An existing "crane (2)" is never duplicated: the repeat takes the next free number.
-    assert export.unique_labels(["crane", "crane (2)", "crane"]) == ["crane", "crane (2)", "crane (3)"]
-    labels = export.imagenet_labels()
+    assert unique_labels(["crane", "crane (2)", "crane"]) == ["crane", "crane (2)", "crane (3)"]
+    labels = imagenet_labels()
     assert len(labels) == 1000 and len(set(labels)) == 1000
 
 
-@pytest.mark.skipif(not mobilenet_weights_path().exists(), reason="offline MobileNetV2 weights not installed")
+@pytest.mark.skipif(not mobilenet_weights_installed(), reason="offline MobileNetV2 weights not installed")
 def test_import_torchvision_round_trip_classifies_chelsea(tmp_path: Path) -> None:
-    (backbone, domain) = export.import_torchvision("mobilenet_v2", mobilenet_weights_path())
+    (backbone, domain) = import_torchvision("mobilenet_v2", mobilenet_weights_path())
     assert domain is not None
     manifest = domain[0]
     assert manifest.domain == "imagenet" and manifest.adapter.kind == "head"
@@ -38,7 +44,7 @@ def test_import_torchvision_round_trip_classifies_chelsea(tmp_path: Path) -> Non
     export.write_backbone_dir(backbone, tmp_path / "backbone")
     export.write_bundle(domain, tmp_path / "imagenet.tar")
 
-    net = export.load_backbone(tmp_path / "backbone")
+    net = export.read_backbone_network(tmp_path / "backbone")
     loaded = export.load_domain_into(net, tmp_path / "imagenet.tar")
     net.eval()
     transform = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.transforms()
@@ -55,9 +61,7 @@ def test_import_torchvision_round_trip_classifies_chelsea(tmp_path: Path) -> Non
 
 
 def test_import_without_classifier() -> None:
-    (backbone, domain) = export.import_torchvision(
-        "mobilenet_v2", mobilenet_weights_path(), classifier_domain=None
-    )
+    (backbone, domain) = import_torchvision("mobilenet_v2", mobilenet_weights_path(), classifier_domain=None)
     assert domain is None and backbone[0].architecture.name == "mobilenet_v2"
 
 
@@ -69,9 +73,7 @@ def test_read_domain_refuses_a_tampered_tensor_file(tmp_path: Path) -> None:
     net = tiny_net()
     net.add_domain("d", AdapterConfig(kind="bn"), 3)
     pre = load_domain_data("textures", input_size=8, train_per_class=2, val_per_class=1).preprocessing
-    artifact = export.domain_artifact(
-        net, "d", labels=["a", "b", "c"], preprocessing=pre, provenance=provenance()
-    )
+    artifact = domain_artifact(net, "d", labels=["a", "b", "c"], preprocessing=pre, provenance=provenance())
     path = export.write_domain_dir(artifact, tmp_path / "d")
     assert export.read_domain(path)[0].domain == "d"
     tensors = path / "adapter.safetensors"
@@ -82,7 +84,7 @@ def test_read_domain_refuses_a_tampered_tensor_file(tmp_path: Path) -> None:
 
 def test_backbone_shortcut_matches_the_servers_imported_backbone() -> None:
     """`--backbone mobilenet_v2` must train against exactly the weights the server's first run stores."""
-    from training.cli import _load_backbone
+    from training.backbones import load_backbone
 
-    (backbone, _), _domain = export.import_torchvision("mobilenet_v2", mobilenet_weights_path())
-    assert _load_backbone("mobilenet_v2").fingerprint() == backbone.fingerprint
+    (backbone, _), _domain = import_torchvision("mobilenet_v2", mobilenet_weights_path())
+    assert load_backbone("mobilenet_v2").fingerprint() == backbone.fingerprint

@@ -7,6 +7,7 @@ import torch
 
 from adapters_store.errors import ArtifactInvalid
 from adapters_store.manifest import manifest_to_json
+from model_artifacts import backbone_artifact, domain_artifact, validate_domain
 from residual_adapters import AdapterConfig, MultiDomainNet
 from tests.numerics import difference_bound, relative_error
 from tests.training.conftest import SIZE, provenance, tiny_net
@@ -54,7 +55,7 @@ def test_adapter_training_changes_the_domain_and_never_the_shared_weights(
 def test_train_export_validate_load_predict(net: MultiDomainNet, digits: DomainData, tmp_path) -> None:
     net.add_domain("digits", AdapterConfig(kind="parallel"), digits.num_classes)
     result = train_domain(net, "digits", digits, TrainConfig(epochs=3, batch_size=32, lr=0.1, progress=False))
-    artifact = export.domain_artifact(
+    artifact = domain_artifact(
         net,
         "digits",
         labels=digits.labels,
@@ -64,12 +65,12 @@ def test_train_export_validate_load_predict(net: MultiDomainNet, digits: DomainD
     manifest, _tensor_bytes = artifact
     assert manifest.preprocessing.input_size == SIZE and manifest.preprocessing.channels == "grayscale"
     assert manifest.backbone == "resnet26" and manifest.backbone_fingerprint == net.fingerprint()
-    backbone_dir = export.write_backbone_dir(export.backbone_artifact(net), tmp_path / "backbone")
+    backbone_dir = export.write_backbone_dir(backbone_artifact(net), tmp_path / "backbone")
     domain_dir = export.write_domain_dir(artifact, tmp_path / "digits")
     bundle = export.write_bundle(artifact, tmp_path / "digits.tar")
 
     # A fresh process's view: rebuild the backbone from its artifact, validate and load the domain.
-    served = export.load_backbone(backbone_dir)
+    served = export.read_backbone_network(backbone_dir)
     assert served.fingerprint() == net.fingerprint()
     loaded = export.load_domain_into(served, domain_dir)
     assert loaded.labels == digits.labels
@@ -93,22 +94,22 @@ def test_train_export_validate_load_predict(net: MultiDomainNet, digits: DomainD
 def test_export_refuses_what_the_server_would_refuse(net: MultiDomainNet, digits: DomainData) -> None:
     net.add_domain("digits", AdapterConfig(kind="parallel"), digits.num_classes)
     with pytest.raises(ValueError, match="10 classes but 3 labels"):
-        export.domain_artifact(
+        domain_artifact(
             net, "digits", labels=["a", "b", "c"], preprocessing=digits.preprocessing, provenance=provenance()
         )
-    manifest, tensor_bytes = export.domain_artifact(
+    manifest, tensor_bytes = domain_artifact(
         net, "digits", labels=digits.labels, preprocessing=digits.preprocessing, provenance=provenance()
     )
     other = tiny_net(seed=1)  # different shared weights: a different fingerprint
     with pytest.raises(ArtifactInvalid) as info:
-        export.validate_domain(manifest_to_json(manifest), tensor_bytes, other)
+        validate_domain(manifest_to_json(manifest), tensor_bytes, other)
     assert "fingerprint" in info.value.codes()
 
 
 def test_float16_artifact_round_trips(net: MultiDomainNet, digits: DomainData, tmp_path) -> None:
     net.add_domain("digits", AdapterConfig(kind="parallel"), digits.num_classes)
     train_domain(net, "digits", digits, TrainConfig(epochs=1, batch_size=32, progress=False))
-    artifact = export.domain_artifact(
+    artifact = domain_artifact(
         net,
         "digits",
         labels=digits.labels,

@@ -16,12 +16,14 @@ from typing import Any
 import pytest
 import torch
 
+from model_artifacts import backbone_artifact
 from residual_adapters import AdapterConfig, MultiDomainNet
 from residual_adapters.config import select_units
+from training.backbones import BackboneSpecError, load_backbone
 from training.cli import main
 from training.decathlon import DomainEntry
 from training.studies import allocation, transfer
-from training.studies.common import StudyError, load_backbone
+from training.studies.common import StudyError
 from training.studies.transfer import ALL, TransferSettings, schedule, subset
 
 TINY_ALLOCATION = allocation.TINY
@@ -183,7 +185,7 @@ def test_unknown_rows_and_backbones_are_refused(tmp_path: Path) -> None:
         allocation.run_allocation(
             replace(TINY_ALLOCATION, rows=["sideways"]), tmp_path / "a.json", log=_quiet
         )
-    with pytest.raises(StudyError, match="unknown backbone"):
+    with pytest.raises(BackboneSpecError, match="unknown backbone"):
         load_backbone("no-such-net")
 
 
@@ -238,9 +240,8 @@ def test_transfer_table_shape_seeds_and_parameters(tmp_path: Path) -> None:
 
 
 def test_subset_takes_exactly_per_class_and_differs_by_seed(tmp_path: Path) -> None:
-    from training.studies.common import load_domain
-
-    data = load_domain(DomainEntry("digits", "digits", train_per_class=8, val_per_class=3), TINY_TRANSFER)
+    entry = DomainEntry("digits", "digits", train_per_class=8, val_per_class=3)
+    data = entry.load(TINY_TRANSFER.input_size, TINY_TRANSFER.seed)
     a, b = subset(data, 3, 0), subset(data, 3, 1)
     assert torch.bincount(a.train.targets).tolist() == [3] * 10
     assert not torch.equal(a.train.images, b.train.images)
@@ -317,7 +318,7 @@ def test_cli_runs_on_a_backbone_artifact_and_an_image_folder(
     from training import export
 
     net = load_backbone("resnet26:0.125")
-    export.write_backbone_dir(export.backbone_artifact(net), tmp_path / "backbone")
+    export.write_backbone_dir(backbone_artifact(net), tmp_path / "backbone")
     g = torch.Generator().manual_seed(0)
     for cls, level in (("dark", 60), ("light", 190)):
         (tmp_path / "shapes" / cls).mkdir(parents=True)
@@ -351,7 +352,7 @@ def test_cli_runs_on_a_backbone_artifact_and_an_image_folder(
     other = load_backbone("resnet26:0.125")
     with torch.no_grad():
         next(iter(other.shared_state_dict().values())).add_(1.0)
-    export.write_backbone_dir(export.backbone_artifact(other), tmp_path / "backbone")
+    export.write_backbone_dir(backbone_artifact(other), tmp_path / "backbone")
     capsys.readouterr()
     assert main(argv) == 2
     assert "written with another backbone" in capsys.readouterr().err

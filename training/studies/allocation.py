@@ -27,17 +27,15 @@ from typing import Any
 import torch
 
 from residual_adapters import AdapterConfig, MultiDomainNet
+from training.backbones import load_backbone
 from training.data import DomainData
-from training.decathlon import DomainEntry
+from training.decathlon import DomainEntry, domain_summary
 from training.studies.common import (
     AfterRow,
     Log,
     ResultsFile,
     StudySettings,
-    domain_summary,
     fmt_duration,
-    load_backbone,
-    load_domain,
     read_results,
     settings_dict,
     train_and_test,
@@ -148,7 +146,7 @@ def run_allocation(
     results.check_backbone(net.fingerprint())
     datasets: dict[str, DomainData] = {}
     for entry in settings.domains:
-        data = load_domain(entry, settings)
+        data = entry.load(settings.input_size, settings.seed)
         datasets[entry.name] = data
         log(f"{entry.name}: {data.num_classes} classes, train {len(data.train)}, val {len(data.val)}, "
             f"test {len(data.test or [])} ({data.description})")  # fmt: skip

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from residual_adapters import AdapterConfig, MultiDomainNet
-from training.data import BatchMaker, DomainData, load_domain_data
-from training.decathlon import DomainEntry, build_backbone
+from training.data import BatchMaker, DomainData
+from training.decathlon import DomainEntry
 from training.evaluate import evaluate
 from training.trainer import TrainConfig, finetune_copy, train_domain
 
@@ -54,51 +54,6 @@ class StudySettings:
     """Clip each trained tensor's gradient to this L2 norm (None: no clipping). ImageNet MobileNetV2 on
     small grayscale domains has BN channels with near-zero variance whose 1/sqrt(var + eps) factors
     make rare batches' gradients explode (x1e7 in one step, then chance accuracy): see docs/studies.md."""
-
-
-def load_backbone(spec: str) -> MultiDomainNet:
-    """A backbone artifact directory, ``mobilenet_v2`` or ``<arch>[:<width>]``."""
-    path = Path(spec)
-    if path.is_dir():
-        from training.export import load_backbone as load_artifact
-
-        return load_artifact(path)
-    try:
-        # Random-weight backbones (tests, smoke runs) are seeded: a resumed study must see the same weights.
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            return build_backbone(spec)
-    except (KeyError, ValueError) as exc:
-        raise StudyError(
-            f"unknown backbone {spec!r}: not a backbone artifact directory, 'mobilenet_v2' or '<arch>[:<width>]' "
-            f"({exc})"
-        ) from None
-
-
-def load_domain(entry: DomainEntry, settings: StudySettings) -> DomainData:
-    """A domain of the study with a held-out test split (the table reports test accuracy)."""
-    return load_domain_data(
-        entry.source,
-        name=entry.name,
-        input_size=settings.input_size,
-        val_fraction=entry.val_fraction,
-        test_fraction=entry.test_fraction,
-        train_per_class=entry.train_per_class,
-        val_per_class=entry.val_per_class,
-        test_per_class=entry.test_per_class,
-        seed=settings.seed,
-    )
-
-
-def domain_summary(data: DomainData) -> dict[str, Any]:
-    return {
-        "classes": data.num_classes,
-        "train": len(data.train),
-        "val": len(data.val),
-        "test": len(data.test) if data.test is not None else 0,
-        "description": data.description,
-        "flip": data.flip,
-    }
 
 
 @dataclass

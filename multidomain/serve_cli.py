@@ -2,21 +2,21 @@
 
 Settings come from the environment (prefix `MD_`, see `server.settings.Settings`); `--host`, `--port` and
 `--store` override them. On a store without a backbone, the first-run import (`multidomain.bootstrap`:
-MobileNetV2 with ImageNet weights, domain `imagenet`) runs first unless `--no-bootstrap` is given.
+MobileNetV2 with ImageNet weights, domain `imagenet`) runs first unless `--no-bootstrap` is given. The
+server package itself knows nothing of this command: it lives with the other commands.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from adapters_store.errors import BackboneNotFound
 from adapters_store.local import LocalStore
+from multidomain.bootstrap import bootstrap_store, has_backbone
 from server.settings import Settings
 
 
@@ -43,14 +43,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-def _needs_bootstrap(store_dir: Path) -> bool:
-    try:
-        LocalStore(store_dir).get_backbone()
-    except BackboneNotFound:
-        return True
-    return False
-
-
 def serve_environment(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
     """The serving process's environment: the factory reads MD_* itself, so the command-line overrides
     travel there; OpenMP threads sleep rather than spin (see `server/__init__.py`) unless told otherwise."""
@@ -72,10 +64,8 @@ def uvicorn_command(settings: Settings, log_level: str) -> list[str]:
 def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args)
-    if not args.no_bootstrap and _needs_bootstrap(settings.store_dir):
-        # Glue, imported only here: it uses the training package's importer, which the server never imports.
-        bootstrap = importlib.import_module("multidomain.bootstrap")
-        bootstrap.bootstrap_store(settings.store_dir)
+    if not args.no_bootstrap and not has_backbone(LocalStore(settings.store_dir)):
+        bootstrap_store(settings.store_dir)
     # A fresh interpreter, not uvicorn.run here: this process has already loaded torch (the CLI's other
     # command groups import it), and torch's OpenMP runtime reads OMP_WAIT_POLICY only when it loads.
     command = uvicorn_command(settings, args.log_level)

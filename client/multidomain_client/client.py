@@ -1,11 +1,12 @@
-"""A small Python client for the server's API (httpx).
+"""A small Python client for the server's API (httpx; imports nothing of the server or torch).
 
     client = MultidomainClient("http://127.0.0.1:8000", token="admin-secret")
     client.upload("birds", manifest_bytes, tensor_bytes, activate=True)   # {"domain", "version", "active"}
     client.classify("birds", open("crow.jpg", "rb").read(), top_k=3)      # {"domain", "version", "results", ...}
 
 Every error answer becomes a `ServerResponseError` subclass carrying the HTTP status, the server's error
-code and message (and its details, e.g. the validator's `problems`).
+code and message and its details (e.g. the validator's `problems`); its text names them all, so a printed
+exception tells a person why the server refused.
 """
 
 from __future__ import annotations
@@ -25,15 +26,37 @@ class ServerUnreachable(ClientError):
     """The server could not be reached (connection refused, timeout...)."""
 
 
+_PROBLEMS_SHOWN = 10
+"""Most problems a message lists (an upload with a wrong backbone can have one per tensor)."""
+
+
 class ServerResponseError(ClientError):
-    """The server answered with an error."""
+    """The server answered with an error; ``str()`` is the status, code, message and every reason given."""
 
     def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None) -> None:
-        super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
         self.details = details or {}
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        text = f"{self.status} {self.code}: {self.message}"
+        problems = self.details.get("problems")
+        if isinstance(problems, list) and problems:
+            reasons = [_reason(p) for p in problems[:_PROBLEMS_SHOWN]]
+            if len(problems) > _PROBLEMS_SHOWN:
+                reasons.append(f"and {len(problems) - _PROBLEMS_SHOWN} more")
+            text += ": " + "; ".join(reasons)
+        return text
+
+
+def _reason(problem: Any) -> str:
+    """One problem of an error body (``{"field", "message", "code"}``) as ``field: message``."""
+    if not isinstance(problem, dict):
+        return str(problem)
+    field, message = problem.get("field"), problem.get("message")
+    return f"{field}: {message}" if field else str(message)
 
 
 class AuthError(ServerResponseError):
