@@ -26,6 +26,8 @@ lint: install
 	$(BIN)/ruff check $(PACKAGES) client tests bench
 	$(BIN)/ruff format --check $(PACKAGES) client tests bench
 	$(BIN)/mypy $(PACKAGES) client/multidomain_client
+	# The package layers (pyproject's [tool.importlinter]); tests/test_layers.py runs the same in `make test`.
+	$(BIN)/lint-imports
 
 # Sleeping (not spinning) OpenMP threads: the tests run servers, decode threads and subprocesses beside torch.
 test: lint
@@ -52,7 +54,7 @@ serve: install
 	$(BIN)/multidomain serve
 
 bench: install
-	$(BIN)/python bench/engine.py --quick
+	$(BIN)/python -m bench.engine --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info

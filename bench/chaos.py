@@ -14,8 +14,8 @@ Checked and reported:
   - requests lost: in flight at the kill, refused while the server was down, failed after it was back.
 The last line is one JSON summary.
 
-    python bench/chaos.py                     # ~90 s of load on 2 CPU cores
-    python bench/chaos.py --duration 30 --after-restart 10
+    python -m bench.chaos                     # ~90 s of load on 2 CPU cores
+    python -m bench.chaos --duration 30 --after-restart 10
 """
 
 from __future__ import annotations
@@ -23,16 +23,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -41,103 +37,40 @@ import safetensors.torch
 import torch
 
 from adapters_store import (
-    AdapterSettings,
     DomainManifest,
     LocalStore,
-    Preprocessing,
-    Provenance,
     manifest_to_json,
     pack_bundle,
     sha256_hex,
 )
+from bench.harness import (
+    ServerProcess,
+    build_store,
+    free_port,
+    png_images,
+    spread_domain_artifact,
+    zipf_weights,
+)
 from domain_format.preprocess import DEFAULT_MAX_PIXELS
-from residual_adapters import AdapterConfig, MultiDomainNet, create_backbone
+from model_artifacts import adapter_config, backbone_network
+from residual_adapters import MultiDomainNet
 from server.preprocess import preprocess
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import build_store, free_port, png_images, zipf_weights
-
-ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "chaos-admin"
 CLASSES = 10
 
 
-# -- artifacts ------------------------------------------------------------------------------------
-def make_artifact(
-    net: MultiDomainNet, fingerprint: str, domain: str, seed: int, size: int
-) -> tuple[bytes, bytes]:
-    """A random parallel-adapter domain, scaled so its probabilities are spread (mean top-1 about 0.7):
-    with saturated one-hot answers, two versions could give equal probabilities and the recomputation
-    check could not tell them apart (`min_gap_between_versions` reports how well it can)."""
-    cfg = AdapterConfig(kind="parallel")
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, (shape, _) in net.domain_spec(cfg, CLASSES).items():
-        if name.endswith(("running_var", "bn.weight")):
-            tensors[name] = torch.rand(shape, generator=g) + 0.5
-        elif name.startswith("head."):  # small enough that the softmax is not saturated (see below)
-            tensors[name] = torch.randn(shape, generator=g) * 0.01
-        else:
-            tensors[name] = torch.randn(shape, generator=g) * 0.05
-    data = safetensors.torch.save(tensors)
-    manifest = DomainManifest(
-        domain=domain,
-        labels=[f"class_{k}" for k in range(CLASSES)],
-        backbone="resnet26",
-        backbone_fingerprint=fingerprint,
-        adapter=AdapterSettings.model_validate(cfg.to_dict()),
-        preprocessing=Preprocessing(
-            input_size=size, resize=size, mean=[0.5] * 3, std=[0.25] * 3, channels="rgb"
-        ),
-        provenance=Provenance(dataset="synthetic", epochs=0, created_at=datetime.now(UTC)),
-        sha256=sha256_hex(data),
-    )
-    return manifest_to_json(manifest), data
-
-
 # -- the server process -----------------------------------------------------------------------------
-class Server:
-    def __init__(self, store_dir: Path, port: int, args: argparse.Namespace) -> None:
-        env = {
-            **os.environ,
-            "MD_STORE_DIR": str(store_dir),
-            "MD_BANK_SLOTS": str(args.bank_slots),
-            "MD_MERGED_CACHE": "2",
-            "MD_ADMIN_TOKEN": TOKEN,
-            "MD_REVISION_POLL_S": "0.2",
-            "MD_DEVICE": "cpu",
-            "MD_TORCH_THREADS": "1",
-        }
-        cmd = [sys.executable, "-m", "uvicorn", "server.app:create_app", "--factory", "--host", "127.0.0.1",
-               "--port", str(port), "--log-level", "error", "--no-access-log", "--backlog", "4096"]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
-        self.url = f"http://127.0.0.1:{port}"
-
-    async def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient(timeout=2) as client:
-            while time.monotonic() < deadline:  # a benchmark may poll; tests never do
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.proc.returncode}")
-                try:
-                    if (await client.get(f"{self.url}/readyz")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise RuntimeError("server not ready in time")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+def start_server(store_dir: Path, port: int, args: argparse.Namespace) -> ServerProcess:
+    env = {
+        "MD_BANK_SLOTS": str(args.bank_slots),
+        "MD_MERGED_CACHE": "2",
+        "MD_ADMIN_TOKEN": TOKEN,
+        "MD_REVISION_POLL_S": "0.2",
+        "MD_DEVICE": "cpu",
+        "MD_TORCH_THREADS": "1",
+    }
+    return ServerProcess(store_dir, env, port=port, log_level="error")
 
 
 # -- what the run records ---------------------------------------------------------------------------
@@ -234,7 +167,14 @@ class Chaos:
         self, client: httpx.AsyncClient, domain: str, activate: bool, slow: bool = False
     ) -> None:
         self.seed += 1
-        manifest, tensors = make_artifact(self.net, self.fingerprint, domain, self.seed, self.args.size)
+        manifest, tensors = spread_domain_artifact(
+            self.net,
+            domain,
+            seed=self.seed,
+            size=self.args.size,
+            classes=CLASSES,
+            fingerprint=self.fingerprint,
+        )
         self.record.attempted[sha256_hex(tensors)] = (domain, manifest, tensors)
         if slow:
             self.killed_sha = sha256_hex(tensors)
@@ -304,8 +244,8 @@ class Chaos:
 
     async def run(self) -> None:
         args = self.args
-        server = Server(self.store_dir, self.port, args)
-        await server.wait_ready()
+        server = start_server(self.store_dir, self.port, args)
+        await server.wait_ready_async()
         # Idle connections expire before uvicorn's 5 s keep-alive timeout: otherwise the server may close one
         # just as the client reuses it (the usual keep-alive race, a client-side ReadError, not a lost request).
         limits = httpx.Limits(
@@ -330,8 +270,8 @@ class Chaos:
                 await slow
             except httpx.TransportError:
                 self.record.admin_ops["upload:killed"] += 1
-            server = Server(self.store_dir, self.port, args)
-            await server.wait_ready()
+            server = start_server(self.store_dir, self.port, args)
+            await server.wait_ready_async()
             self.record.ready_again_at = time.monotonic()
             # Clients reconnect: connections to the killed process are dead, a real client opens new ones.
             self.client = httpx.AsyncClient(base_url=self.url, limits=limits, timeout=60)
@@ -358,9 +298,7 @@ def recompute(store_dir: Path, record: Record, images: list[bytes], tolerance: f
                 if found is not None and found[0] == domain:
                     record.artifacts[(domain, version)] = (found[1], found[2])
     backbone = stored.get_backbone()
-    arch = backbone.manifest.architecture
-    net = create_backbone(arch.name, classifier_domain=None, **arch.kwargs)  # type: ignore[arg-type]
-    net.load_shared_state_dict(safetensors.torch.load(backbone.read_tensor_bytes(verify=True)))
+    net = backbone_network(backbone.manifest, safetensors.torch.load(backbone.read_tensor_bytes(verify=True)))
     net.eval()
     table: dict[tuple[str, int], np.ndarray] = {}
     unknown = wrong = 0
@@ -373,9 +311,8 @@ def recompute(store_dir: Path, record: Record, images: list[bytes], tolerance: f
         if key not in table:
             manifest_bytes, tensor_bytes = record.artifacts[key]
             manifest = DomainManifest.model_validate_json(manifest_bytes)
-            cfg = AdapterConfig.from_dict(manifest.adapter.model_dump())
             name = f"{key[0]}_v{key[1]}"
-            net.load_domain(name, cfg, safetensors.torch.load(tensor_bytes))
+            net.load_domain(name, adapter_config(manifest.adapter), safetensors.torch.load(tensor_bytes))
             pre = manifest.preprocessing
             with torch.no_grad():
                 x = torch.stack([preprocess(b, pre, max_pixels=DEFAULT_MAX_PIXELS) for b in images])
@@ -421,12 +358,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
         store_dir = Path(tmp) / "store"
-        build_store(store_dir, args.width, args.size, args.domains, CLASSES)
+        net = build_store(store_dir, args.width, args.size, args.domains, CLASSES)
         store = LocalStore(store_dir)
-        backbone = store.get_backbone()
-        net = create_backbone("resnet26", width=args.width).eval()
-        net.load_shared_state_dict(safetensors.torch.load(backbone.read_tensor_bytes(verify=True)))
-        chaos = Chaos(args, store_dir, net, backbone.manifest.fingerprint)
+        chaos = Chaos(args, store_dir, net, store.get_backbone().manifest.fingerprint)
         for domain in store.list_domains():  # the initial versions, kept in case they get deleted
             stored = store.get(domain)
             chaos.record.artifacts[(domain, stored.version)] = (

@@ -3,8 +3,8 @@
 Every figure is images/s measured side by side in one run (the variants take turns, round after round,
 and each reports its median round), so the ratios to the plain backbone hold on a noisy shared machine.
 
-    python bench/engine.py --quick                # CPU, ~2 minutes on 2 cores
-    python bench/engine.py --device cuda --dtype bf16
+    python -m bench.engine --quick                # CPU, ~2 minutes on 2 cores
+    python -m bench.engine --device cuda --dtype bf16
 
 The last line is one JSON object.
 """

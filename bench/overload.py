@@ -7,8 +7,8 @@ that the server, not this Python client, is the bottleneck. Reported: admitted (
 with Retry-After) counts, any other status, the p50/p99 latency of admitted requests, the server's
 queue depth (sampled from /metrics) against its limit, and its RSS at idle and at peak.
 
-    python bench/overload.py                      # ~1 minute
-    python bench/overload.py --factor 10 --duration 30
+    python -m bench.overload                      # ~1 minute
+    python -m bench.overload --factor 10 --duration 30
 The last line is one JSON summary.
 """
 
@@ -19,30 +19,14 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
-import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import build_store, free_port, png_images
-
-ROOT = Path(__file__).resolve().parent.parent
-MiB = 1024 * 1024
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+from bench.harness import MiB, ServerProcess, build_store, pct, png_images
 
 
 def queue_depth(metrics_text: str) -> float:
@@ -52,21 +36,8 @@ def queue_depth(metrics_text: str) -> float:
     return float("nan")
 
 
-async def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    async with httpx.AsyncClient(timeout=2) as client:
-        for _ in range(1800):  # a benchmark may poll; tests never do
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
-            try:
-                if (await client.get(f"{url}/readyz")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError("server not ready in time")
-
-
-async def run(args: argparse.Namespace, url: str, proc: subprocess.Popen[bytes]) -> dict[str, object]:
+async def run(args: argparse.Namespace, server: ServerProcess) -> dict[str, object]:
+    url = server.url
     images = [base64.b64encode(b).decode() for b in png_images(args.images, args.size)]
     body = json.dumps({"images": images, "top_k": 3}).encode()
     domains = [f"d{i}" for i in range(args.domains)]
@@ -97,7 +68,7 @@ async def run(args: argparse.Namespace, url: str, proc: subprocess.Popen[bytes])
         t0 = time.monotonic()
         await asyncio.gather(*(closed(w) for w in range(args.capacity_clients)))
         capacity = done / (time.monotonic() - t0)
-        idle_rss = rss_mib(proc.pid)
+        idle_rss = server.rss_bytes() / MiB
 
         # Overload: open loop at factor x capacity.
         rate = capacity * args.factor
@@ -113,7 +84,7 @@ async def run(args: argparse.Namespace, url: str, proc: subprocess.Popen[bytes])
             nonlocal peak_rss, peak_queue
             async with httpx.AsyncClient(base_url=url, timeout=10) as side:
                 while sampling:
-                    peak_rss = max(peak_rss, rss_mib(proc.pid))
+                    peak_rss = max(peak_rss, server.rss_bytes() / MiB)
                     with contextlib.suppress(httpx.TransportError):
                         peak_queue = max(peak_queue, queue_depth((await side.get("/metrics")).text))
                     await asyncio.sleep(0.25)
@@ -152,8 +123,8 @@ async def run(args: argparse.Namespace, url: str, proc: subprocess.Popen[bytes])
         sampling = False
         await sampler
 
-    def pct(values: list[float], q: float) -> float:
-        return round(float(np.percentile(values, q)) * 1e3, 1) if values else float("nan")
+    def ms(values: list[float], q: float) -> float:
+        return round(pct(values, q) * 1e3, 1)
 
     return {
         "capacity_requests_per_s": round(capacity, 1),
@@ -167,9 +138,9 @@ async def run(args: argparse.Namespace, url: str, proc: subprocess.Popen[bytes])
         "refused_429": statuses.get("429", 0),
         "refused_without_retry_after": missing_retry_after,
         "five_xx": sum(v for k, v in statuses.items() if k.startswith("5")),
-        "admitted_p50_ms": pct(admitted, 50),
-        "admitted_p99_ms": pct(admitted, 99),
-        "refused_p99_ms": pct(refused_latency, 99),
+        "admitted_p50_ms": ms(admitted, 50),
+        "admitted_p99_ms": ms(admitted, 99),
+        "refused_p99_ms": ms(refused_latency, 99),
         "max_queue": args.max_queue,
         "peak_queue_depth": peak_queue,
         "queue_bounded": peak_queue <= args.max_queue,
@@ -197,25 +168,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="overload-") as tmp:
         store_dir = Path(tmp) / "store"
         build_store(store_dir, args.width, args.size, args.domains, 10)
-        port = free_port()
         env = {
-            **os.environ,
-            "MD_STORE_DIR": str(store_dir),
             "MD_MAX_QUEUE": str(args.max_queue),
             "MD_MAX_BATCH_SIZE": "32",
             "MD_BANK_SLOTS": str(args.domains),
             "MD_DEVICE": "cpu",
         }
-        cmd = [sys.executable, "-m", "uvicorn", "server.app:create_app", "--factory", "--host", "127.0.0.1",
-               "--port", str(port), "--log-level", "error", "--no-access-log", "--backlog", "4096"]  # fmt: skip
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
+        server = ServerProcess(store_dir, env, log_level="error")
         try:
-            url = f"http://127.0.0.1:{port}"
-            asyncio.run(wait_ready(url, proc))
-            summary = asyncio.run(run(args, url, proc))
+            asyncio.run(server.wait_ready_async())
+            summary = asyncio.run(run(args, server))
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            server.stop()
     print(json.dumps(summary))
 
 

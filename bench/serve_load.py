@@ -8,8 +8,8 @@ Measures, side by side in one run on the same model, resolution and batch size:
   3. resident memory (server RSS) with 1, 10 and 100 registered domains, 1 and 10 resident.
 The last line is one JSON summary.
 
-    python bench/serve_load.py --quick          # a few minutes on 2 CPU cores
-    python bench/serve_load.py --clients 32 --domains 10 --size 64 --width 1.0 --duration 60
+    python -m bench.serve_load --quick          # a few minutes on 2 CPU cores
+    python -m bench.serve_load --clients 32 --domains 10 --size 64 --width 1.0 --duration 60
 """
 
 from __future__ import annotations
@@ -22,117 +22,25 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import asyncio
-import io
 import json
 import random
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-import numpy as np
-import safetensors.torch
 import torch
-from PIL import Image
 
 from adapters_store import (
-    AdapterSettings,
-    DomainManifest,
     LocalStore,
-    Preprocessing,
-    Provenance,
     manifest_to_json,
-    sha256_hex,
     validate_backbone_artifact,
-    validate_domain_artifact,
 )
-from model_artifacts import backbone_artifact, spec_for
-from residual_adapters import AdapterConfig, MultiDomainNet, create_backbone
+from bench.harness import ServerProcess, add_domains, build_store, pct, png_images, zipf_weights
+from model_artifacts import backbone_artifact
+from residual_adapters import create_backbone
 from server.engine import Engine, EngineConfig
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-# -- building a store -------------------------------------------------------------------------------
-def build_store(
-    root: Path, width: float, size: int, domains: int, classes: int, seed: int = 0
-) -> dict[str, int]:
-    """A store with a resnet26 backbone and `domains` parallel-adapter domains d0..d{n-1}."""
-    torch.manual_seed(seed)
-    net = create_backbone("resnet26", width=width).eval()
-    store = LocalStore(root)
-    b_manifest, b_bytes = backbone_artifact(net)
-    store.put_backbone(validate_backbone_artifact(manifest_to_json(b_manifest), b_bytes))
-    add_domains(store, net, b_manifest.fingerprint, size, range(domains), classes)
-    return {"backbone_bytes": len(b_bytes)}
-
-
-def add_domains(
-    store: LocalStore,
-    net: MultiDomainNet,
-    fingerprint: str,
-    size: int,
-    indices: range,
-    classes: int,
-    prefix: str = "d",
-) -> int:
-    """Put random (well-scaled) parallel-adapter domains; returns one artifact's tensor bytes."""
-    cfg = AdapterConfig(kind="parallel")
-    spec = net.domain_spec(cfg, classes)
-    net_spec = spec_for(net)
-    pre = Preprocessing(input_size=size, resize=size, mean=[0.5] * 3, std=[0.25] * 3, channels="rgb")
-    provenance = Provenance(dataset="synthetic", epochs=0, created_at=datetime.now(UTC))
-    nbytes = 0
-    for i in indices:
-        g = torch.Generator().manual_seed(1000 + i)
-        tensors = {}
-        for name, (shape, _) in spec.items():
-            if name.endswith(("running_var", "bn.weight")):
-                tensors[name] = torch.rand(shape, generator=g) + 0.5
-            else:
-                tensors[name] = torch.randn(shape, generator=g) * 0.02
-        data = safetensors.torch.save(tensors)
-        nbytes = len(data)
-        manifest = DomainManifest(
-            domain=f"{prefix}{i}",
-            labels=[f"class_{k}" for k in range(classes)],
-            backbone="resnet26",
-            backbone_fingerprint=fingerprint,
-            adapter=AdapterSettings.model_validate(cfg.to_dict()),
-            preprocessing=pre,
-            provenance=provenance,
-            sha256=sha256_hex(data),
-        )
-        validated = validate_domain_artifact(
-            manifest_to_json(manifest), data, spec_for=net_spec, fingerprint=fingerprint
-        )
-        store.put(validated, activate=True)
-    return nbytes
-
-
-def zipf_weights(n: int, s: float) -> list[float]:
-    w = [1.0 / (k + 1) ** s for k in range(n)]
-    total = sum(w)
-    return [x / total for x in w]
-
-
-def png_images(count: int, size: int) -> list[bytes]:
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(count):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
-
-
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
 # -- engine only -----------------------------------------------------------------------------------
@@ -171,56 +79,17 @@ def engine_only(store_dir: Path, args: argparse.Namespace, weights: list[float])
 
 
 # -- the server ------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ServerProcess:
-    def __init__(self, store_dir: Path, args: argparse.Namespace, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        environ = {
-            **os.environ,
-            "MD_STORE_DIR": str(store_dir),
+def start_server(store_dir: Path, args: argparse.Namespace, **env: str) -> ServerProcess:
+    return ServerProcess(
+        store_dir,
+        {
             "MD_BANK_SLOTS": str(args.bank_slots),
             "MD_MAX_BATCH_SIZE": str(args.batch),
             "MD_MAX_WAIT_MS": str(args.max_wait_ms),
             "MD_DEVICE": args.device,
             **env,
-        }
-        cmd = [sys.executable, "-m", "uvicorn", "server.app:create_app", "--factory", "--host", "127.0.0.1",
-               "--port", str(self.port), "--log-level", "warning", "--no-access-log", "--backlog", "4096"]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, env=environ, cwd=ROOT)
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:  # a benchmark may poll; tests never do
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server not ready in time")
-
-    def rss_bytes(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        },
+    )
 
 
 async def load_phase(url: str, args: argparse.Namespace, weights: list[float]) -> dict[str, float]:
@@ -307,7 +176,6 @@ def memory_phase(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     image = png_images(1, args.size)[0]
     torch.manual_seed(0)
     net = create_backbone("resnet26", width=args.width).eval()
-    fingerprint = net.fingerprint()
     store_dir = tmp / "memstore"
     store = LocalStore(store_dir)
     b_manifest, b_bytes = backbone_artifact(net)
@@ -315,9 +183,9 @@ def memory_phase(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     registered = 0
     artifact_bytes = 0
     for n in (1, 10, 100):
-        artifact_bytes = add_domains(store, net, fingerprint, args.size, range(registered, n), args.classes)
+        artifact_bytes = add_domains(store, net, args.size, range(registered, n), args.classes)
         registered = n
-        server = ServerProcess(store_dir, args, MD_MERGED_CACHE="0", MD_BANK_SLOTS="16")
+        server = start_server(store_dir, args, MD_MERGED_CACHE="0", MD_BANK_SLOTS="16")
         try:
             server.wait_ready()
             with httpx.Client(base_url=server.url, timeout=60) as client:
@@ -441,10 +309,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         store_dir = tmp / "store"
-        build_store(store_dir, args.width, args.size, args.domains, args.classes)
-        net = create_backbone("resnet26", width=args.width)
-        add_domains(LocalStore(store_dir), net, LocalStore(store_dir).get_backbone().manifest.fingerprint,
-                    args.size, range(args.cold_domains), args.classes, prefix="cold")  # fmt: skip
+        net = build_store(store_dir, args.width, args.size, args.domains, args.classes)
+        add_domains(
+            LocalStore(store_dir), net, args.size, range(args.cold_domains), args.classes, prefix="cold"
+        )
         print(f"store ready: {args.domains} domains + {args.cold_domains} cold ones", flush=True)
 
         if args.device_check:
@@ -457,7 +325,7 @@ def main() -> None:
         )
         summary.update(eng)
 
-        server = ServerProcess(store_dir, args)
+        server = start_server(store_dir, args)
         try:
             server.wait_ready()
             e2e = asyncio.run(load_phase(server.url, args, weights))

@@ -7,8 +7,8 @@ and its oldest version deleted, so version-keyed caches (transforms, staged fetc
 churn too. RSS is sampled once a second; the slope over the run after a warm-up is fitted by least
 squares and compared with the scatter of the samples around that line.
 
-    python bench/soak.py --duration 600       # the 10-minute soak the issue asks for
-    python bench/soak.py --duration 60        # a short one
+    python -m bench.soak --duration 600       # the 10-minute soak the issue asks for
+    python -m bench.soak --duration 60        # a short one
 The last line is one JSON summary.
 """
 
@@ -17,27 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 import torch
 
 from adapters_store import LocalStore, validate_domain_artifact
+from bench.harness import MiB, build_store, png_images, rss_bytes, spread_domain_artifact
 from domain_format.preprocess import DEFAULT_MAX_PIXELS
 from model_artifacts import spec_for
-from residual_adapters import create_backbone
-from server.engine import Engine, EngineConfig, process_rss_bytes
+from server.engine import Engine, EngineConfig
 from server.preprocess import preprocess
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chaos import make_artifact
-from serve_load import build_store, png_images
-
-MiB = 1024 * 1024
 
 
 def fit_slope(times: list[float], values: list[float]) -> tuple[float, float]:
@@ -65,12 +57,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         store_dir = Path(tmp) / "store"
-        build_store(store_dir, args.width, args.size, args.domains, 10)
+        net = build_store(store_dir, args.width, args.size, args.domains, 10)
         store = LocalStore(store_dir)
-        backbone = store.get_backbone()
-        net = create_backbone("resnet26", width=args.width).eval()
-        net.load_shared_state_dict(safetensors.torch.load(backbone.read_tensor_bytes(verify=True)))
-        fingerprint = backbone.manifest.fingerprint
+        fingerprint = store.get_backbone().manifest.fingerprint
         net_spec = spec_for(net)
         engine = Engine(
             store, EngineConfig(device="cpu", bank_slots=args.bank_slots, merged_cache=2, revision_poll_s=0)
@@ -91,7 +80,7 @@ def main() -> None:
         while (now := time.monotonic()) - start < args.duration:
             if now >= next_sample:
                 samples_t.append(now - start)
-                samples_rss.append(process_rss_bytes() / MiB)
+                samples_rss.append(rss_bytes() / MiB)
                 next_sample += 1.0
             domain = domains[requests % len(domains)]  # round-robin: every request misses the bank
             key = engine.resolve(domain)
@@ -102,7 +91,9 @@ def main() -> None:
             if requests % args.version_every == 0:
                 seed += 1
                 target = rng.choice(domains)
-                manifest, tensors = make_artifact(net, fingerprint, target, seed, args.size)
+                manifest, tensors = spread_domain_artifact(
+                    net, target, seed=seed, size=args.size, classes=10, fingerprint=fingerprint
+                )
                 validated = validate_domain_artifact(
                     manifest, tensors, spec_for=net_spec, fingerprint=fingerprint
                 )

@@ -13,7 +13,7 @@ After every kill: ``LocalStore.verify()`` (every listed version loads and matche
 put either landed entirely or not at all, the active version is the expected one and loads. The next
 trial's put then has to get the dead writer's lock. Last line: a one-line JSON summary.
 
-    .venv/bin/python bench/store_crash.py [--trials 100] [--mode hook|timed] [--size-mb 3]
+    .venv/bin/python -m bench.store_crash [--trials 100] [--mode hook|timed] [--size-mb 3]
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Same backbone, same data, same batches, one process; the two are interleaved rou
 load from other work on a shared machine hits both alike, and the ratio of the medians is reported.
 Why adapters are cheaper: the frozen convs need input gradients but never weight gradients.
 
-    .venv/bin/python bench/train_speed.py                                 # the paper's ResNet-26, 64 px, digits
-    .venv/bin/python bench/train_speed.py --backbone mobilenet_v2         # ImageNet MobileNetV2 (the mini preset's)
+    .venv/bin/python -m bench.train_speed                                 # the paper's ResNet-26, 64 px, digits
+    .venv/bin/python -m bench.train_speed --backbone mobilenet_v2         # ImageNet MobileNetV2 (the mini preset's)
 
 One torch thread by default: on a shared 2-core machine two OpenMP threads spin against other work.
 

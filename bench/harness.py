@@ -1,0 +1,254 @@
+"""What the benchmarks share: a uvicorn server in a subprocess, process memory, stores of random domains.
+
+    server = ServerProcess(store_dir, {"MD_BANK_SLOTS": "4"})
+    server.wait_ready()            # or: await server.wait_ready_async()
+    server.rss_bytes(), server.pss_bytes()
+    server.stop()                  # SIGTERM, then SIGKILL after 30 s; server.kill() for SIGKILL at once
+
+The server is started the way ``multidomain serve`` starts it (uvicorn on the app factory, settings from
+``MD_*``), on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+import safetensors.torch
+import torch
+from PIL import Image
+
+from adapters_store import (
+    DomainManifest,
+    LocalStore,
+    Preprocessing,
+    Provenance,
+    manifest_to_json,
+    sha256_hex,
+    validate_backbone_artifact,
+    validate_domain_artifact,
+)
+from model_artifacts import adapter_settings, backbone_artifact, spec_for
+from residual_adapters import AdapterConfig, MultiDomainNet, create_backbone
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1024 * 1024
+
+
+# -- memory ---------------------------------------------------------------------------------------------
+def _proc_field(path: str, name: str) -> int:
+    """A ``name:   N kB`` line of a /proc file, in bytes (0 where unavailable: not Linux, process gone)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    """Resident set size of process ``pid`` (this process when None)."""
+    return _proc_field(f"/proc/{pid or 'self'}/status", "VmRSS")
+
+
+def pss_bytes(pid: int | None = None) -> int:
+    """Proportional set size: shared pages (torch's libraries) divided among the processes mapping them, so
+    the PSS of several processes adds up to what they really use together."""
+    return _proc_field(f"/proc/{pid or 'self'}/smaps_rollup", "Pss")
+
+
+# -- the server process ---------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """``uvicorn server.app:create_app --factory`` on 127.0.0.1 with ``MD_STORE_DIR=store_dir`` and ``env``."""
+
+    def __init__(
+        self,
+        store_dir: Path,
+        env: Mapping[str, str] | None = None,
+        *,
+        port: int | None = None,
+        log_level: str = "warning",
+    ) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        environ = {**os.environ, "MD_STORE_DIR": str(store_dir), **(env or {})}
+        cmd = [sys.executable, "-m", "uvicorn", "server.app:create_app", "--factory", "--host", "127.0.0.1",
+               "--port", str(self.port), "--log-level", log_level, "--no-access-log", "--backlog", "4096"]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, env=environ, cwd=ROOT)
+
+    def _check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {self.proc.returncode}")
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # a benchmark may poll; tests never do
+            self._check_alive()
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server not ready in time")
+
+    async def wait_ready_async(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(timeout=2) as client:
+            while time.monotonic() < deadline:
+                self._check_alive()
+                try:
+                    if (await client.get(f"{self.url}/readyz")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise RuntimeError("server not ready in time")
+
+    def rss_bytes(self) -> int:
+        return rss_bytes(self.proc.pid)
+
+    def pss_bytes(self) -> int:
+        return pss_bytes(self.proc.pid)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown at all (what a crash looks like)."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        """SIGTERM (uvicorn finishes what is in flight), SIGKILL if that takes more than 30 s."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- stores of random domains ---------------------------------------------------------------------------
+def random_domain_artifact(
+    net: MultiDomainNet,
+    domain: str,
+    *,
+    seed: int,
+    size: int,
+    classes: int,
+    adapter_scale: float = 0.02,
+    head_scale: float = 0.02,
+    fingerprint: str | None = None,
+) -> tuple[bytes, bytes]:
+    """(manifest bytes, tensor bytes) of a random parallel-adapter domain of ``net``, well scaled: BN
+    scales and variances in [0.5, 1.5), adapters and BN shifts ``adapter_scale`` x N(0, 1), the head
+    ``head_scale`` x N(0, 1) (small: spread, unsaturated probabilities). ``fingerprint``: ``net``'s, when
+    the caller has it (hashing every weight per artifact adds up over hundreds of domains)."""
+    cfg = AdapterConfig(kind="parallel")
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (shape, _) in net.domain_spec(cfg, classes).items():
+        if name.endswith(("running_var", "bn.weight")):
+            tensors[name] = torch.rand(shape, generator=g) + 0.5
+        elif name.startswith("head."):
+            tensors[name] = torch.randn(shape, generator=g) * head_scale
+        else:
+            tensors[name] = torch.randn(shape, generator=g) * adapter_scale
+    data = safetensors.torch.save(tensors)
+    manifest = DomainManifest(
+        domain=domain,
+        labels=[f"class_{k}" for k in range(classes)],
+        backbone=str(net.architecture["name"]),
+        backbone_fingerprint=fingerprint or net.fingerprint(),
+        adapter=adapter_settings(cfg),
+        preprocessing=Preprocessing(
+            input_size=size, resize=size, mean=[0.5] * 3, std=[0.25] * 3, channels="rgb"
+        ),
+        provenance=Provenance(dataset="synthetic", epochs=0, created_at=datetime.now(UTC)),
+        sha256=sha256_hex(data),
+    )
+    return manifest_to_json(manifest), data
+
+
+def spread_domain_artifact(
+    net: MultiDomainNet, domain: str, *, seed: int, size: int, classes: int, fingerprint: str | None = None
+) -> tuple[bytes, bytes]:
+    """A random domain whose probabilities are spread (mean top-1 about 0.7): with saturated one-hot
+    answers two versions could give equal probabilities, and a check that recomputes answers offline
+    could not tell them apart (chaos reports ``min_gap_between_versions``)."""
+    return random_domain_artifact(
+        net, domain, seed=seed, size=size, classes=classes, adapter_scale=0.05, head_scale=0.01,
+        fingerprint=fingerprint,
+    )  # fmt: skip
+
+
+def add_domains(
+    store: LocalStore, net: MultiDomainNet, size: int, indices: Iterable[int], classes: int, prefix: str = "d"
+) -> int:
+    """Put random domains ``{prefix}{i}`` (seed 1000 + i), validated against ``net``, each activated;
+    returns one artifact's tensor bytes."""
+    check = spec_for(net)
+    fingerprint = net.fingerprint()
+    nbytes = 0
+    for i in indices:
+        manifest, data = random_domain_artifact(
+            net, f"{prefix}{i}", seed=1000 + i, size=size, classes=classes, fingerprint=fingerprint
+        )
+        nbytes = len(data)
+        store.put(
+            validate_domain_artifact(manifest, data, spec_for=check, fingerprint=fingerprint), activate=True
+        )
+    return nbytes
+
+
+def build_store(
+    root: Path, width: float, size: int, domains: int, classes: int, seed: int = 0
+) -> MultiDomainNet:
+    """A store with a random resnet26 backbone (seeded) and ``domains`` random domains d0..d{n-1}; returns
+    the backbone's network (for recomputing answers offline)."""
+    torch.manual_seed(seed)
+    net = create_backbone("resnet26", width=width).eval()
+    store = LocalStore(root)
+    b_manifest, b_bytes = backbone_artifact(net)
+    store.put_backbone(validate_backbone_artifact(manifest_to_json(b_manifest), b_bytes))
+    add_domains(store, net, size, range(domains), classes)
+    return net
+
+
+# -- requests -------------------------------------------------------------------------------------------
+def zipf_weights(n: int, s: float) -> list[float]:
+    w = [1.0 / (k + 1) ** s for k in range(n)]
+    total = sum(w)
+    return [x / total for x in w]
+
+
+def png_images(count: int, size: int) -> list[bytes]:
+    """``count`` random RGB PNGs of ``size`` x ``size`` (seeded: the same images every run)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
