@@ -38,7 +38,7 @@ from adapters_store.manifest import (
     parse_backbone_manifest,
     parse_domain_manifest,
 )
-from adapters_store.store import AdapterStore, DomainInfo, StoredBackbone, StoredDomain
+from adapters_store.store import AdapterStore, DomainVersions, StoredBackbone, StoredDomain
 from adapters_store.validation import (
     DomainSpec,
     SpecFor,
@@ -61,10 +61,10 @@ __all__ = [
     "ArtifactInvalid",
     "BackboneManifest",
     "BackboneNotFound",
-    "DomainInfo",
     "DomainManifest",
     "DomainNotFound",
     "DomainSpec",
+    "DomainVersions",
     "Limits",
     "LocalStore",
     "Preprocessing",

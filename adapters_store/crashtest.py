@@ -27,7 +27,7 @@ from adapters_store.bundle import unpack_bundle
 from adapters_store.errors import DomainNotFound, StoreError
 from adapters_store.local import LocalStore
 from adapters_store.safetensors_check import check_safetensors
-from adapters_store.store import DomainInfo
+from adapters_store.store import DomainVersions
 from adapters_store.validation import DomainSpec, sha256_hex, validate_domain_artifact
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
@@ -189,7 +189,7 @@ def check_store(
     store: LocalStore,
     domain: str,
     *,
-    before: DomainInfo | None,
+    before: DomainVersions | None,
     known_sha256: dict[int, str],
     new_version: int,
     new_sha256: str,
@@ -205,7 +205,7 @@ def check_store(
     problems = [str(p) for p in store.verify()]
     old_versions = set(before.versions) if before else set()
     try:
-        info: DomainInfo | None = store.describe(domain)
+        info: DomainVersions | None = store.describe(domain)
     except DomainNotFound:
         info = None
     except StoreError as exc:

@@ -56,7 +56,7 @@ from adapters_store.manifest import (
     parse_backbone_manifest,
     parse_domain_manifest,
 )
-from adapters_store.store import DomainInfo, StoredBackbone, StoredDomain
+from adapters_store.store import DomainVersions, StoredBackbone, StoredDomain
 from adapters_store.validation import ValidatedArtifact, ValidatedBackbone
 
 FaultHook = Callable[[str], None]
@@ -135,9 +135,9 @@ class LocalStore:
     def list_domains(self) -> list[str]:
         return sorted(self._read_index().domains)
 
-    def describe(self, domain: str) -> DomainInfo:
+    def describe(self, domain: str) -> DomainVersions:
         entry = self._entry(self._read_index(), domain)
-        return DomainInfo(domain, tuple(sorted(entry.versions)), entry.active, tuple(entry.previous))
+        return DomainVersions(domain, tuple(sorted(entry.versions)), entry.active, tuple(entry.previous))
 
     def get(self, domain: str, version: int | None = None) -> StoredDomain:
         entry = self._entry(self._read_index(), domain)

@@ -70,8 +70,9 @@ class StoredBackbone:
 
 
 @dataclass(frozen=True)
-class DomainInfo:
-    """What ``describe`` tells about a domain."""
+class DomainVersions:
+    """What ``describe`` tells about a domain: its versions, the active one and the rollback history (the
+    model family's ``DomainInfo`` is another thing: a loaded domain's config and class count)."""
 
     domain: str
     versions: tuple[int, ...]
@@ -113,7 +114,7 @@ class AdapterStore(Protocol):
         """Names of the domains with at least one stored version, sorted."""
         ...
 
-    def describe(self, domain: str) -> DomainInfo: ...
+    def describe(self, domain: str) -> DomainVersions: ...
 
     def activate(self, domain: str, version: int) -> None:
         """Make ``version`` the one served (atomic; remembers the previous one for ``rollback``)."""

@@ -23,7 +23,7 @@ import torch
 from residual_adapters import AdapterConfig, MultiDomainNet, create_backbone
 
 MODELS = {"resnet26": 64, "mobilenet_v2": 224}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build(name: str, domains: int, device: str, dtype: torch.dtype) -> MultiDomainNet:
@@ -72,7 +72,7 @@ def measure(
 @torch.inference_mode()
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, float]:
     size = MODELS[name]
-    device, dtype = args.device, DTYPES[args.dtype]
+    device, dtype = args.device, PRECISIONS[args.dtype]
     net = build(name, args.domains, device, dtype)
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
@@ -113,7 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (CPU: about 2 minutes)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=sorted(PRECISIONS), default="fp32")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--domains", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=None)

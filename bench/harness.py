@@ -43,7 +43,6 @@ from model_artifacts import adapter_settings, backbone_artifact, spec_for
 from residual_adapters import AdapterConfig, MultiDomainNet, create_backbone
 
 ROOT = Path(__file__).resolve().parent.parent
-MiB = 1024 * 1024
 
 
 # -- memory ---------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.harness import MiB, ServerProcess, build_store, pct, png_images
+from adapters_store.limits import MiB
+from bench.harness import ServerProcess, build_store, pct, png_images
 
 
 def queue_depth(metrics_text: str) -> float:

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from adapters_store import LocalStore, validate_domain_artifact
-from bench.harness import MiB, build_store, png_images, rss_bytes, spread_domain_artifact
+from adapters_store.limits import MiB
+from bench.harness import build_store, png_images, rss_bytes, spread_domain_artifact
 from domain_format.preprocess import DEFAULT_MAX_PIXELS
 from model_artifacts import spec_for
 from server.engine import Engine, EngineConfig

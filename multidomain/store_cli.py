@@ -23,23 +23,17 @@ from pathlib import Path
 from typing import TextIO
 
 from adapters_store import (
-    BACKBONE_TENSORS_NAME,
-    DOMAIN_TENSORS_NAME,
-    MANIFEST_NAME,
     ArtifactInvalid,
     DomainManifest,
     DomainSpec,
-    Limits,
     LocalStore,
     Problem,
     StoreError,
     ValidatedArtifact,
     ValidatedBackbone,
-    unpack_bundle,
-    validate_backbone_artifact,
     validate_domain_artifact,
 )
-from adapters_store.safetensors_check import looks_like_pickle
+from adapters_store.files import read_backbone_dir, read_domain_files
 
 EXIT_OK, EXIT_INVALID = 0, 1
 
@@ -142,41 +136,7 @@ def _guarded(command: Callable[[argparse.Namespace, TextIO], int]) -> Callable[[
     return run
 
 
-# -- reading artifacts from disk ----------------------------------------------------------------------
-
-
-def _read(path: Path, field: str, limit: int) -> bytes:
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise _Refused([Problem(field, f"cannot read {path}: {exc.strerror}", "io")]) from None
-    if size > limit:
-        raise _Refused([Problem(field, f"{path}: {size} bytes exceed the limit of {limit}", "too_large")])
-    return path.read_bytes()
-
-
-def read_domain_files(path: Path, limits: Limits = Limits()) -> tuple[bytes, bytes, str | None]:
-    """``(manifest_bytes, tensor_bytes, tensor_filename)`` of a bundle file or an artifact directory."""
-    if path.is_dir():
-        manifest = _read(path / MANIFEST_NAME, "manifest", limits.max_manifest_bytes)
-        return manifest, _read(path / DOMAIN_TENSORS_NAME, "tensors", limits.max_tensor_bytes), None
-    data = _read(path, "bundle", limits.max_bundle_bytes)
-    pickled = looks_like_pickle(data, path.name)
-    if pickled is not None:
-        raise _Refused([pickled])
-    manifest, tensors = unpack_bundle(data, limits=limits)
-    return manifest, tensors, None
-
-
-def read_backbone(path: Path, limits: Limits = Limits()) -> ValidatedBackbone:
-    if not path.is_dir():
-        raise _Refused([Problem("backbone", f"{path} is not a backbone artifact directory", "io")])
-    manifest = _read(path / MANIFEST_NAME, "backbone.manifest", limits.max_manifest_bytes)
-    tensors = _read(path / BACKBONE_TENSORS_NAME, "backbone.tensors", limits.max_backbone_bytes)
-    try:
-        return validate_backbone_artifact(manifest, tensors, limits=limits)
-    except ArtifactInvalid as exc:
-        raise _Refused([Problem(f"backbone.{p.field}", p.message, p.code) for p in exc.problems]) from None
+# -- reading artifacts from disk: adapters_store.files (size limits, pickles refused) -------------------
 
 
 def backbone_spec(backbone: ValidatedBackbone) -> tuple[Callable[[DomainManifest], DomainSpec], str]:
@@ -192,12 +152,10 @@ def backbone_spec(backbone: ValidatedBackbone) -> tuple[Callable[[DomainManifest
 
 def validate_path(artifact: Path, backbone_dir: Path) -> ValidatedArtifact:
     """Everything ``store validate`` checks; raises ``_Refused`` / ``ArtifactInvalid``."""
-    backbone = read_backbone(backbone_dir)
+    backbone = read_backbone_dir(backbone_dir)
     spec_for, fingerprint = backbone_spec(backbone)
-    manifest, tensors, filename = read_domain_files(artifact)
-    return validate_domain_artifact(
-        manifest, tensors, spec_for=spec_for, fingerprint=fingerprint, filename=filename
-    )
+    manifest, tensors = read_domain_files(artifact)
+    return validate_domain_artifact(manifest, tensors, spec_for=spec_for, fingerprint=fingerprint)
 
 
 def _summary(validated: ValidatedArtifact) -> str:
@@ -229,7 +187,7 @@ def cmd_put(args: argparse.Namespace, out: TextIO) -> int:
 
 @_guarded
 def cmd_put_backbone(args: argparse.Namespace, out: TextIO) -> int:
-    backbone = read_backbone(args.backbone)
+    backbone = read_backbone_dir(args.backbone)
     backbone_spec(backbone)  # the model library must rebuild it and agree on the fingerprint
     _store(args).put_backbone(backbone)
     print(f"stored backbone {backbone.manifest.name} {backbone.manifest.fingerprint[:16]}...", file=out)

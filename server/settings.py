@@ -8,9 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adapters_store.limits import MiB
 from domain_format.preprocess import DEFAULT_MAX_PIXELS
-
-MiB = 1024 * 1024
 
 
 class Settings(BaseSettings):

@@ -45,7 +45,7 @@ def inline_code() -> list[tuple[str, str]]:
 PYTHON_BLOCKS = blocks("python")
 SHELL_LINES = [
     (where, line)
-    for where, code in blocks("sh") + blocks("bash")
+    for where, code in blocks("sh") + blocks("bash") + blocks("")
     for line in code.replace("\\\n", " ").splitlines()
 ]
 INLINE = inline_code()

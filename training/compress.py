@@ -57,7 +57,10 @@ class CompressionReport:
 
 
 @dataclass
-class AdapterMatrix:
+class DenseAdapter:
+    """One unit's adapter as a dense matrix for the SVD, and how it is stored (the model's own
+    ``residual_adapters.adapters.AdapterMatrix`` is the trainable module)."""
+
     matrix: Tensor
     """[C_out, C_in], float64 for the SVD."""
     rank: int
@@ -71,7 +74,7 @@ class AdapterMatrix:
         return self.rank * (c_out + c_in) if self.factored else c_out * c_in
 
 
-def adapter_matrices(net: MultiDomainNet, name: str) -> dict[str, AdapterMatrix]:
+def adapter_matrices(net: MultiDomainNet, name: str) -> dict[str, DenseAdapter]:
     """unit name -> its adapter matrix, for a parallel or low-rank domain."""
     info = net.domains[name]
     if info.config.kind == "series":
@@ -81,14 +84,14 @@ def adapter_matrices(net: MultiDomainNet, name: str) -> dict[str, AdapterMatrix]
     if not info.config.has_adapters:
         raise CompressionError(f"domain {name!r} (kind {info.config.kind}) has no adapters to compress")
     state = net.domain_state(name)
-    out: dict[str, AdapterMatrix] = {}
+    out: dict[str, DenseAdapter] = {}
     for key, value in state.items():
         if key.endswith(".adapter.weight"):
-            out[key.removesuffix(".adapter.weight")] = AdapterMatrix(value.double(), min(value.shape), False)
+            out[key.removesuffix(".adapter.weight")] = DenseAdapter(value.double(), min(value.shape), False)
         elif key.endswith(".adapter.u"):
             unit = key.removesuffix(".adapter.u")
             product = value.double() @ state[f"{unit}.adapter.v"].double()
-            out[unit] = AdapterMatrix(product, int(value.shape[1]), True)
+            out[unit] = DenseAdapter(product, int(value.shape[1]), True)
     return out
 
 

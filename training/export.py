@@ -11,16 +11,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adapters_store.bundle import pack_bundle, unpack_bundle
+from adapters_store.bundle import pack_bundle
+from adapters_store.files import read_backbone_dir, read_domain_files
 from adapters_store.manifest import (
     BACKBONE_TENSORS_NAME,
     DOMAIN_TENSORS_NAME,
     MANIFEST_NAME,
+    BackboneManifest,
     DomainManifest,
     manifest_to_json,
     parse_domain_manifest,
 )
-from adapters_store.validation import ValidatedBackbone, sha256_hex, validate_backbone_artifact
+from adapters_store.validation import sha256_hex
 from model_artifacts import (
     BackboneArtifact,
     BackboneRefused,
@@ -34,22 +36,23 @@ from residual_adapters import MultiDomainNet
 # -- files ----------------------------------------------------------------------------------------------
 
 
+def _write_dir(
+    manifest: DomainManifest | BackboneManifest, tensor_bytes: bytes, tensors_name: str, path: Path
+) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / tensors_name).write_bytes(tensor_bytes)
+    (path / MANIFEST_NAME).write_bytes(manifest_to_json(manifest))  # last: a directory with it is complete
+    return path
+
+
 def write_domain_dir(artifact: DomainArtifact, path: Path) -> Path:
     """Write ``manifest.json`` + ``adapter.safetensors`` into ``path`` (created)."""
-    manifest, tensor_bytes = artifact
-    path.mkdir(parents=True, exist_ok=True)
-    (path / DOMAIN_TENSORS_NAME).write_bytes(tensor_bytes)
-    (path / MANIFEST_NAME).write_bytes(manifest_to_json(manifest))
-    return path
+    return _write_dir(*artifact, DOMAIN_TENSORS_NAME, path)
 
 
 def write_backbone_dir(artifact: BackboneArtifact, path: Path) -> Path:
     """Write ``manifest.json`` + ``backbone.safetensors`` into ``path`` (created)."""
-    manifest, tensor_bytes = artifact
-    path.mkdir(parents=True, exist_ok=True)
-    (path / BACKBONE_TENSORS_NAME).write_bytes(tensor_bytes)
-    (path / MANIFEST_NAME).write_bytes(manifest_to_json(manifest))
-    return path
+    return _write_dir(*artifact, BACKBONE_TENSORS_NAME, path)
 
 
 def write_bundle(artifact: DomainArtifact, path: Path) -> Path:
@@ -60,32 +63,18 @@ def write_bundle(artifact: DomainArtifact, path: Path) -> Path:
     return path
 
 
-def read_domain_bytes(path: Path) -> tuple[bytes, bytes]:
-    """``(manifest_bytes, tensor_bytes)`` of a domain artifact directory or bundle file (not validated)."""
-    if path.is_dir():
-        return (path / MANIFEST_NAME).read_bytes(), (path / DOMAIN_TENSORS_NAME).read_bytes()
-    return unpack_bundle(path.read_bytes())
-
-
 def read_domain(path: Path) -> DomainArtifact:
     """A domain artifact directory or bundle, schema- and checksum-checked (not against a backbone)."""
-    manifest_bytes, tensor_bytes = read_domain_bytes(path)
+    manifest_bytes, tensor_bytes = read_domain_files(path)
     manifest = parse_domain_manifest(manifest_bytes)
     if sha256_hex(tensor_bytes) != manifest.sha256:
         raise ValueError(f"{path}: sha256 of {DOMAIN_TENSORS_NAME} does not match its manifest")
     return manifest, tensor_bytes
 
 
-def read_backbone(path: Path) -> ValidatedBackbone:
-    """A backbone artifact directory, validated by the store (schema, checksum, finite values)."""
-    return validate_backbone_artifact(
-        (path / MANIFEST_NAME).read_bytes(), (path / BACKBONE_TENSORS_NAME).read_bytes()
-    )
-
-
 def read_backbone_network(path: Path) -> MultiDomainNet:
     """The network of a backbone artifact directory, validated and its fingerprint checked."""
-    validated = read_backbone(path)
+    validated = read_backbone_dir(path)
     try:
         return backbone_network(validated.manifest, validated.tensors)
     except BackboneRefused as exc:
@@ -94,7 +83,7 @@ def read_backbone_network(path: Path) -> MultiDomainNet:
 
 def load_domain_into(net: MultiDomainNet, path: Path, name: str | None = None) -> DomainManifest:
     """Validate a domain artifact against ``net`` and add it as a trainable domain (``name`` or its own)."""
-    manifest_bytes, tensor_bytes = read_domain_bytes(path)
+    manifest_bytes, tensor_bytes = read_domain_files(path)
     validated = validate_domain(manifest_bytes, tensor_bytes, net)
     load_validated_domain(net, validated, name)
     return validated.manifest
