@@ -30,8 +30,15 @@ import torch
 from residual_adapters import AdapterConfig, MultiDomainNet
 from training.backbones import load_backbone
 from training.compress import compress_domains
-from training.data import BatchMaker, DomainData, load_domain_data
+from training.data import BatchMaker, DomainData
 from training.evaluate import evaluate
+from training.experiment import (
+    DomainEntry,
+    domain_summary,
+    domains_table,
+    load_domains,
+)
+from training.figures import save_figure, subplots
 from training.trainer import TrainConfig, finetune_copy, train_domain
 
 METHODS = ("head", "bn", "finetune", "series", "parallel", "parallel+svd")
@@ -50,46 +57,6 @@ def decathlon_score(
         alpha = 1000.0 * e_max**-gamma
         total += alpha * max(0.0, e_max - error) ** gamma
     return total
-
-
-@dataclass
-class DomainEntry:
-    """One domain of a preset: a data source and its subset sizes."""
-
-    source: str
-    name: str
-    train_per_class: int | None = None
-    val_per_class: int | None = None
-    test_per_class: int | None = None
-    val_fraction: float = 0.2
-    test_fraction: float = 0.3
-
-    def load(self, input_size: int, seed: int) -> DomainData:
-        """This domain's data at ``input_size`` with a held-out test split (the tables report test
-        accuracy); ``seed`` fixes the splits."""
-        return load_domain_data(
-            self.source,
-            name=self.name,
-            input_size=input_size,
-            val_fraction=self.val_fraction,
-            test_fraction=self.test_fraction,
-            train_per_class=self.train_per_class,
-            val_per_class=self.val_per_class,
-            test_per_class=self.test_per_class,
-            seed=seed,
-        )
-
-
-def domain_summary(data: DomainData) -> dict[str, Any]:
-    """What a results file records about one domain's data."""
-    return {
-        "classes": data.num_classes,
-        "train": len(data.train),
-        "val": len(data.val),
-        "test": len(data.test) if data.test is not None else 0,
-        "description": data.description,
-        "flip": data.flip,
-    }
 
 
 @dataclass
@@ -209,15 +176,10 @@ def run_decathlon(
     net = load_backbone(preset.backbone)
     shared = body_parameter_count(net)
     results = {m: MethodResult(m) for m in METHODS}
-    datasets: dict[str, DomainData] = {}
+    datasets = load_domains(preset.domains, preset.input_size, preset.seed, log)
     for entry in preset.domains:
-        data = entry.load(preset.input_size, preset.seed)
-        datasets[entry.name] = data
+        data = datasets[entry.name]
         assert data.test is not None
-        log(
-            f"{entry.name}: {data.num_classes} classes, train {len(data.train)}, val {len(data.val)}, "
-            f"test {len(data.test)} ({data.description})"
-        )
         batches = BatchMaker(data.preprocessing, data.flip)
         for method in TRAINED_METHODS:
             settings = preset.methods[method]
@@ -368,12 +330,7 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def plot_score_vs_params(results: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     for method, r in results["methods"].items():
         ax.scatter(r["params_multiplier"], r["score"], s=40)
         ax.annotate(
@@ -389,11 +346,7 @@ def plot_score_vs_params(results: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("decathlon score S")
     ax.set_title(f"preset {results['preset']['name']}: S vs parameters ({n} domains)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(results: dict[str, Any], out: Path, command: str) -> list[Path]:
@@ -433,13 +386,8 @@ def _markdown(results: dict[str, Any], png_name: str) -> str:
         "",
         "## Domains",
         "",
-        "| domain | classes | train | val | test | flip | source |",
-        "|---|---:|---:|---:|---:|---|---|",
+        *domains_table(domains),
     ]
-    for name, d in domains.items():
-        lines.append(
-            f"| {name} | {d['classes']} | {d['train']} | {d['val']} | {d['test']} | {d['flip']} | {d['description']} |"
-        )
     lines += ["", "## Per-domain parameters and training speed", ""]
     lines.append(
         "| method | " + " | ".join(f"{d} params" for d in domains) + " | img/s (mean) | train s (sum) |"

@@ -9,6 +9,7 @@ import torch
 
 from residual_adapters import MultiDomainNet
 from training.data import BatchMaker, ImageSet
+from training.figures import save_figure, subplots
 from training.trainer import predict_logits
 
 
@@ -59,16 +60,11 @@ def evaluate(
 
 def plot_confusion(evaluation: Evaluation, path: Path, title: str | None = None) -> Path:
     """Row-normalised confusion matrix as a PNG (counts annotated for up to 20 classes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     counts = torch.tensor(evaluation.confusion, dtype=torch.float64)
     rates = counts / counts.sum(1, keepdim=True).clamp_min(1)
     n = len(evaluation.labels)
     side = min(4 + 0.4 * n, 24)
-    fig, ax = plt.subplots(figsize=(side, side))
+    fig, ax = subplots(figsize=(side, side))
     ax.imshow(rates.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
     if n <= 50:
         ax.set_xticks(range(n), evaluation.labels, rotation=90)
@@ -85,8 +81,4 @@ def plot_confusion(evaluation: Evaluation, path: Path, title: str | None = None)
         title
         or f"{evaluation.domain}: top-1 {evaluation.top1:.1%}, top-5 {evaluation.top5:.1%} (n={evaluation.images})"
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -21,7 +21,7 @@ from residual_adapters import AdapterConfig, MultiDomainNet
 from residual_adapters.config import select_units
 from training.backbones import BackboneSpecError, load_backbone
 from training.cli import main
-from training.decathlon import DomainEntry
+from training.experiment import DomainEntry
 from training.studies import allocation, transfer
 from training.studies.common import StudyError
 from training.studies.transfer import ALL, TransferSettings, schedule, subset

@@ -24,20 +24,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from residual_adapters import AdapterConfig, MultiDomainNet
-from training.backbones import load_backbone
-from training.data import DomainData
-from training.decathlon import DomainEntry, domain_summary
+from training.experiment import DomainEntry, domain_summary, domains_table
+from training.figures import save_figure, subplots
 from training.studies.common import (
     AfterRow,
     Log,
-    ResultsFile,
+    RowClock,
     StudySettings,
+    backbone_summary,
+    begin_study,
     fmt_duration,
-    read_results,
-    settings_dict,
     train_and_test,
 )
 from training.trainer import TrainConfig
@@ -138,18 +135,8 @@ def run_allocation(
     unknown = sorted(set(settings.rows) - set(ROWS))
     if unknown:
         raise ValueError(f"unknown allocation rows {unknown}; expected some of {list(ROWS)}")
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    results = ResultsFile.open(out_json, "allocation", settings_dict(settings), fresh=fresh, log=log)
-    net = load_backbone(settings.backbone)
+    results, net, datasets = begin_study("allocation", settings, out_json, fresh=fresh, log=log)
     shared = net.shared_parameter_count
-    results.check_backbone(net.fingerprint())
-    datasets: dict[str, DomainData] = {}
-    for entry in settings.domains:
-        data = entry.load(settings.input_size, settings.seed)
-        datasets[entry.name] = data
-        log(f"{entry.name}: {data.num_classes} classes, train {len(data.train)}, val {len(data.val)}, "
-            f"test {len(data.test or [])} ({data.description})")  # fmt: skip
     # The low-rank rank depends only on the architecture (heads are counted apart): one r for every domain.
     rank = matching_rank(net, 1, settings.max_rank)
     rows_info = {}
@@ -164,12 +151,7 @@ def run_allocation(
             "units": adapted_units(net, cfg),
         }
     results.extra = {
-        "backbone": {
-            "spec": settings.backbone,
-            "shared_parameters": shared,
-            "fingerprint": net.fingerprint(),
-            "adaptable_units": net.adaptable_units(),
-        },
+        "backbone": {**backbone_summary(settings, net), "adaptable_units": net.adaptable_units()},
         "lowrank_rank": rank,
         "row_info": rows_info,
         "domains": {name: domain_summary(d) for name, d in datasets.items()},
@@ -182,7 +164,7 @@ def run_allocation(
         f"({rows_info.get(LOWRANK_ROW, {}).get('adapter_parameters', '-')} vs deep third "
         f"{rows_info.get('deep', {}).get('adapter_parameters', '-')} adapter parameters)"
     )
-    ran = 0
+    clock = RowClock(results, len(todo), command, started)
     for index, (domain, row) in enumerate(todo, 1):
         key = f"{domain}/{row}"
         if key in results.rows:
@@ -214,19 +196,13 @@ def run_allocation(
             **counts,
             **vars(outcome),
         }
-        ran += 1
-        elapsed = time.perf_counter() - started
-        remaining = len(todo) - index
-        eta = elapsed / ran * remaining
-        results.save(results.seconds_before + elapsed, command)
+        left = clock.row_done(index)
         log(
             f"[{index}/{len(todo)}] {domain} {ROW_NAMES[row]}: test {outcome.test_accuracy:.4f} "
             f"(val {outcome.val_accuracy:.4f}, {counts['adapter']:,} adapter params, "
-            f"{outcome.train_seconds:.0f} s); about {fmt_duration(eta)} left"
+            f"{outcome.train_seconds:.0f} s); {left}"
         )
-    wall = results.seconds_before + time.perf_counter() - started
-    results.save(wall, command)
-    return read_results(out_json)
+    return clock.finish()
 
 
 def table(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -277,13 +253,8 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path: Path) -> Path:
     """Mean test accuracy against adapter + BN parameters per domain (log x), one marker per allocation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     markers = "osD^v*Xp"
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = subplots(figsize=(6.5, 4.2))
     for i, t in enumerate(table(results)):
         if t["mean_accuracy"] is None:
             continue
@@ -298,11 +269,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(results: dict[str, Any], out: Path) -> list[Path]:
@@ -330,13 +297,8 @@ def write_report(results: dict[str, Any], out: Path) -> list[Path]:
         "",
         "## Domains",
         "",
-        "| domain | classes | train | val | test | flip | source |",
-        "|---|---:|---:|---:|---:|---|---|",
+        *domains_table(domains),
     ]
-    for name, d in domains.items():
-        lines.append(
-            f"| {name} | {d['classes']} | {d['train']} | {d['val']} | {d['test']} | {d['flip']} | {d['description']} |"
-        )
     lines += ["", "## Units adapted by each row", ""]
     for row in s["rows"]:
         units = results["row_info"][row]["units"]

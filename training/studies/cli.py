@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from training.data import DataError, _default_name
-from training.decathlon import DomainEntry
+from training.experiment import DomainEntry
 from training.studies import allocation, transfer
 from training.studies.common import StudyError, fmt_duration
 from training.trainer import TrainingError

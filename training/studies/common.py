@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from residual_adapters import AdapterConfig, MultiDomainNet
+from training.backbones import load_backbone
 from training.data import BatchMaker, DomainData
-from training.decathlon import DomainEntry
 from training.evaluate import evaluate
+from training.experiment import DomainEntry, load_domains
 from training.trainer import TrainConfig, finetune_copy, train_domain
 
 Log = Callable[[str], None]
@@ -54,6 +55,53 @@ class StudySettings:
     """Clip each trained tensor's gradient to this L2 norm (None: no clipping). ImageNet MobileNetV2 on
     small grayscale domains has BN channels with near-zero variance whose 1/sqrt(var + eps) factors
     make rare batches' gradients explode (x1e7 in one step, then chance accuracy): see docs/studies.md."""
+
+
+def begin_study(
+    study: str, settings: StudySettings, out_json: Path, *, fresh: bool, log: Log
+) -> tuple[ResultsFile, MultiDomainNet, dict[str, DomainData]]:
+    """What every study does first: its threads, its results file (new or resumed, refused when written
+    with other settings or another backbone), its backbone and its domains' data."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    results = ResultsFile.open(out_json, study, settings_dict(settings), fresh=fresh, log=log)
+    net = load_backbone(settings.backbone)
+    results.check_backbone(net.fingerprint())
+    return results, net, load_domains(settings.domains, settings.input_size, settings.seed, log)
+
+
+def backbone_summary(settings: StudySettings, net: MultiDomainNet) -> dict[str, Any]:
+    """What a results file records about the backbone its rows were trained on."""
+    return {
+        "spec": settings.backbone,
+        "shared_parameters": net.shared_parameter_count,
+        "fingerprint": net.fingerprint(),
+    }
+
+
+class RowClock:
+    """After each finished row: save the results file and estimate the time left from the rows run so far
+    (rows kept from an earlier run cost nothing now, so they are not counted)."""
+
+    def __init__(self, results: ResultsFile, total: int, command: str | None, started: float) -> None:
+        self.results = results
+        self.total = total
+        self.command = command
+        self.started = started
+        """``time.perf_counter()`` when the study started (its wall time includes loading the data)."""
+        self.ran = 0
+
+    def row_done(self, index: int) -> str:
+        """Save after row ``index`` (1-based, of ``total``); returns "about N min left"."""
+        self.ran += 1
+        elapsed = time.perf_counter() - self.started
+        self.results.save(self.results.seconds_before + elapsed, self.command)
+        return f"about {fmt_duration(elapsed / self.ran * (self.total - index))} left"
+
+    def finish(self) -> dict[str, Any]:
+        """The final save; the results as written."""
+        self.results.save(self.results.seconds_before + time.perf_counter() - self.started, self.command)
+        return read_results(self.results.path)
 
 
 @dataclass

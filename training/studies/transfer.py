@@ -28,17 +28,17 @@ from typing import Any
 import torch
 
 from residual_adapters import AdapterConfig
-from training.backbones import load_backbone
 from training.data import DomainData, ImageSet, stratified_split
-from training.decathlon import DomainEntry, domain_summary
+from training.experiment import DomainEntry, domain_summary
+from training.figures import save_figure, subplots
 from training.studies.common import (
     AfterRow,
     Log,
-    ResultsFile,
+    RowClock,
     StudySettings,
+    backbone_summary,
+    begin_study,
     fmt_duration,
-    read_results,
-    settings_dict,
     train_and_test,
 )
 from training.trainer import TrainConfig
@@ -150,18 +150,8 @@ def run_transfer(
     for size in settings.sizes:
         if size != ALL and (not isinstance(size, int) or size < 1):
             raise ValueError(f"bad size {size!r}: images per class (>= 1) or 'all'")
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    results = ResultsFile.open(out_json, "transfer", settings_dict(settings), fresh=fresh, log=log)
-    net = load_backbone(settings.backbone)
+    results, net, datasets = begin_study("transfer", settings, out_json, fresh=fresh, log=log)
     shared = net.shared_parameter_count
-    results.check_backbone(net.fingerprint())
-    datasets: dict[str, DomainData] = {}
-    for entry in settings.domains:
-        data = entry.load(settings.input_size, settings.seed)
-        datasets[entry.name] = data
-        log(f"{entry.name}: {data.num_classes} classes, train {len(data.train)}, val {len(data.val)}, "
-            f"test {len(data.test or [])} ({data.description})")  # fmt: skip
     method_parameters = {}
     for method in settings.methods:
         adapter_cfg = method_config(method, settings.rank)
@@ -172,11 +162,7 @@ def run_transfer(
             trained = c["adapter"] + c["bn"] if adapter_cfg.kind != "head" else 0
             method_parameters[method] = {"trained_per_domain": trained, "stored_per_domain": trained}
     results.extra = {
-        "backbone": {
-            "spec": settings.backbone,
-            "shared_parameters": shared,
-            "fingerprint": net.fingerprint(),
-        },
+        "backbone": backbone_summary(settings, net),
         "method_parameters": method_parameters,
         "domains": {name: domain_summary(d) for name, d in datasets.items()},
     }
@@ -195,7 +181,7 @@ def run_transfer(
                     todo.append((domain, size, seed, method))
     done_before = sum(_key(*t) in results.rows for t in todo)
     log(f"transfer study: {len(todo)} runs, {done_before} already done")
-    ran = 0
+    clock = RowClock(results, len(todo), command, started)
     for index, (domain, size, seed, method) in enumerate(todo, 1):
         key = _key(domain, size, seed, method)
         if key in results.rows:
@@ -233,17 +219,12 @@ def run_transfer(
             "train_images": len(data.train),
             **vars(outcome),
         }
-        ran += 1
-        elapsed = time.perf_counter() - started
-        eta = elapsed / ran * (len(todo) - index)
-        results.save(results.seconds_before + elapsed, command)
+        left = clock.row_done(index)
         log(
             f"[{index}/{len(todo)}] {domain} {size}/class seed {seed} {METHOD_NAMES[method]}: "
-            f"test {outcome.test_accuracy:.4f} ({train_cfg.epochs} epochs, {outcome.train_seconds:.0f} s); "
-            f"about {fmt_duration(eta)} left"
+            f"test {outcome.test_accuracy:.4f} ({train_cfg.epochs} epochs, {outcome.train_seconds:.0f} s); {left}"
         )
-    results.save(results.seconds_before + time.perf_counter() - started, command)
-    return read_results(out_json)
+    return clock.finish()
 
 
 def _key(domain: str, size: int | str, seed: int, method: str) -> str:
@@ -314,13 +295,8 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path: Path) -> Path:
     """Test accuracy against images per class (log x), one panel per domain, one curve per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     table = cells(results)
-    fig, axes = plt.subplots(1, len(table), figsize=(5 * len(table), 3.8), squeeze=False)
+    fig, axes = subplots(1, len(table), figsize=(5 * len(table), 3.8), squeeze=False)
     for ax, (domain, sizes) in zip(axes[0], table.items(), strict=True):
         for method in results["settings"]["methods"]:
             points = [(c[method].images_per_class, c[method]) for c in sizes.values() if method in c]
@@ -344,11 +320,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     fig.suptitle(
         f"transfer with little data, {results['settings']['backbone']} at {results['settings']['input_size']} px"
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(results: dict[str, Any], out: Path) -> list[Path]:
