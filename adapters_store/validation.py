@@ -96,7 +96,7 @@ def validate_domain_artifact(
     """Check a domain artifact against the running backbone; raise ``ArtifactInvalid`` with every problem.
 
     ``spec_for(manifest)`` gives the expected tensors (typically
-    ``lambda m: net.domain_spec(AdapterConfig(**m.adapter.model_dump()), len(m.labels))``); an exception
+    ``model_artifacts.spec_for(net)``); an exception
     from it is reported as a problem of ``manifest.adapter``. ``fingerprint`` is the running backbone's.
     ``filename`` is the uploaded tensor file's name, when known (``.pt``/``.pth``/``.bin`` are refused).
     """

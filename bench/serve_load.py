@@ -32,14 +32,8 @@ from pathlib import Path
 import httpx
 import torch
 
-from adapters_store import (
-    LocalStore,
-    manifest_to_json,
-    validate_backbone_artifact,
-)
+from adapters_store import LocalStore
 from bench.harness import ServerProcess, add_domains, build_store, pct, png_images, zipf_weights
-from model_artifacts import backbone_artifact
-from residual_adapters import create_backbone
 from server.engine import Engine, EngineConfig
 
 
@@ -174,12 +168,9 @@ def memory_phase(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     """Server RSS with 1, 10, 100 registered domains; 1 resident, then 10 resident (merged cache off)."""
     out: dict[str, float] = {}
     image = png_images(1, args.size)[0]
-    torch.manual_seed(0)
-    net = create_backbone("resnet26", width=args.width).eval()
     store_dir = tmp / "memstore"
+    net = build_store(store_dir, args.width, args.size, 0, args.classes)  # the domains come in steps below
     store = LocalStore(store_dir)
-    b_manifest, b_bytes = backbone_artifact(net)
-    store.put_backbone(validate_backbone_artifact(manifest_to_json(b_manifest), b_bytes))
     registered = 0
     artifact_bytes = 0
     for n in (1, 10, 100):
