@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from residual_adapters import AdapterConfig, MultiDomainNet
+from training.backbones import load_backbone
 from training.data import BatchMaker, load_domain_data
-from training.decathlon import build_backbone
 from training.trainer import finetune_copy, trainable_parameters
 
 
@@ -72,7 +72,7 @@ def main() -> None:
         for x, y in list(maker.train_batches(data.train, args.batch_size, g))[: args.steps]
     ]
 
-    net = build_backbone(args.backbone)
+    net = load_backbone(args.backbone)
     tuned = finetune_copy(net, "d", data.num_classes)
     net.add_domain("d", AdapterConfig(kind=args.kind), data.num_classes)  # type: ignore[arg-type]
     net.to(memory_format=memory_format)
