@@ -1,5 +1,5 @@
-"""The glue between artifacts and models: the only package that imports both ``adapters_store`` and
-``residual_adapters``.
+"""The glue between artifacts and models: the one place that converts between what ``adapters_store``
+holds (manifests, safetensors) and what ``residual_adapters`` builds (networks, ``AdapterConfig``).
 
 It sits between the lower layers (``domain_format`` < ``residual_adapters``, ``adapters_store``) and the
 upper ones (``server``, ``training`` < ``multidomain``): the store knows a domain spec only as data, the
