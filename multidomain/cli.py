@@ -18,16 +18,21 @@ GROUPS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or only the group ``only`` (when it names one): ``multidomain serve``
+    then imports neither training nor torch's training code just to parse its arguments."""
     parser = argparse.ArgumentParser(prog="multidomain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for module_name in GROUPS.values():
+    for name, module_name in GROUPS.items():
+        if only in GROUPS and name != only:
+            continue
         importlib.import_module(module_name).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     return int(args.func(args) or 0)
 
 
