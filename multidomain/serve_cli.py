@@ -66,8 +66,8 @@ def serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if not args.no_bootstrap and not has_backbone(LocalStore(settings.store_dir)):
         bootstrap_store(settings.store_dir)
-    # A fresh interpreter, not uvicorn.run here: this process has already loaded torch (the CLI's other
-    # command groups import it), and torch's OpenMP runtime reads OMP_WAIT_POLICY only when it loads.
+    # A fresh interpreter, not uvicorn.run here: this process may have loaded torch (the first-run import),
+    # and torch's OpenMP runtime reads OMP_WAIT_POLICY only when it loads.
     command = uvicorn_command(settings, args.log_level)
     os.execve(command[0], command, serve_environment(settings))
     return 0  # not reached: execve replaces this process
