@@ -18,6 +18,7 @@ from adapters_store.errors import (
     StoreConflict,
     StoreCorrupt,
     StoreError,
+    StoreSymlink,
     VersionNotFound,
 )
 from adapters_store.limits import Limits
@@ -75,6 +76,7 @@ __all__ = [
     "StoreConflict",
     "StoreCorrupt",
     "StoreError",
+    "StoreSymlink",
     "StoredBackbone",
     "StoredDomain",
     "ValidatedArtifact",

@@ -8,6 +8,7 @@ validator can produce is one of these types (never a bare ValueError or OSError)
 - ``StoreConflict``    -> 409: the request contradicts the store's state (delete the active version...).
 - ``StoreBusy``        -> 503: another writer held the store's lock for longer than the timeout.
 - ``StoreCorrupt``     -> 500: the store's own files do not parse; an operator must look.
+- ``StoreSymlink``     -> 500: a symbolic link inside the store's tree; refused, never followed.
 """
 
 from __future__ import annotations
@@ -77,3 +78,8 @@ class StoreBusy(StoreError):
 
 class StoreCorrupt(StoreError):
     """The store's own index or files do not parse: never caused by a client, an operator must look."""
+
+
+class StoreSymlink(StoreError):
+    """A path below the store's root is a symbolic link, which the store never made: it refuses to read,
+    write or delete through it (the link could point anywhere). An operator must replace or remove it."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,6 +36,7 @@ from typing import Literal
 import filelock
 from pydantic import BaseModel, Field, ValidationError
 
+from adapters_store import nofollow
 from adapters_store.errors import (
     ArtifactInvalid,
     BackboneNotFound,
@@ -45,6 +45,7 @@ from adapters_store.errors import (
     StoreBusy,
     StoreConflict,
     StoreCorrupt,
+    StoreSymlink,
     VersionNotFound,
 )
 from adapters_store.manifest import (
@@ -87,6 +88,10 @@ class _Index(BaseModel):
     domains: dict[str, _DomainEntry] = Field(default_factory=dict)
 
 
+_LAYOUT = ("tmp", "domains", "backbones", INDEX_NAME, ".lock")
+"""What the store makes directly below its root; none of it may be a symlink."""
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -96,7 +101,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 class LocalStore:
-    """``AdapterStore`` on a local directory; safe for concurrent threads and processes."""
+    """``AdapterStore`` on a local directory; safe for concurrent threads and processes.
+
+    Raises ``StoreSymlink`` (on opening, and before any write) when something below the root is a
+    symbolic link: the store never follows links it did not create (``adapters_store.nofollow``).
+    """
 
     def __init__(
         self,
@@ -118,15 +127,22 @@ class LocalStore:
         )
         self._fault_hook = fault_hook
         self._chunk_bytes = chunk_bytes
+        self.check_no_symlinks()
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
 
+    def check_no_symlinks(self) -> None:
+        """Raise ``StoreSymlink`` if the store's layout or a domain directory is a symlink (the root may be)."""
+        for name in _LAYOUT:
+            nofollow.refuse_symlinks(self.root, name)
+        for domain in nofollow.list_dir(self.root, "domains"):
+            nofollow.refuse_symlinks(self.root, "domains", domain)
+
     # -- reading (no lock) ---------------------------------------------------------------------------
     def revision(self) -> int:
         try:
-            with open(self.root / INDEX_NAME, "rb") as f:
-                head = f.read(64)
+            head = nofollow.read_head(self.root, [INDEX_NAME], 64)
         except FileNotFoundError:
             return 0
         match = _REVISION_RE.match(head)
@@ -149,7 +165,9 @@ class LocalStore:
             raise VersionNotFound(f"domain {domain!r} has no version {version}")
         vdir = self._version_dir(domain, version)
         try:
-            manifest = parse_domain_manifest((vdir / MANIFEST_NAME).read_bytes())
+            manifest = parse_domain_manifest(
+                nofollow.read_bytes(self.root, *self._version_parts(domain, version), MANIFEST_NAME)
+            )
         except FileNotFoundError:
             # Listed by the index we read, deleted since: the version is gone.
             raise VersionNotFound(f"domain {domain!r} version {version} was deleted") from None
@@ -165,7 +183,9 @@ class LocalStore:
             raise BackboneNotFound(f"no backbone in {self.root}")
         bdir = self.root / "backbones" / fingerprint
         try:
-            manifest = parse_backbone_manifest((bdir / MANIFEST_NAME).read_bytes())
+            manifest = parse_backbone_manifest(
+                nofollow.read_bytes(self.root, "backbones", fingerprint, MANIFEST_NAME)
+            )
         except (FileNotFoundError, ArtifactInvalid) as exc:
             raise StoreCorrupt(f"backbone {fingerprint}: {exc}") from None
         return StoredBackbone(manifest, bdir / BACKBONE_TENSORS_NAME)
@@ -228,20 +248,22 @@ class LocalStore:
                 raise StoreConflict(
                     f"version {version} is active for {domain!r}; activate another or delete the domain"
                 )
+            nofollow.refuse_symlinks(self.root, *self._version_parts(domain, version))
             entry.versions.remove(version)
             entry.previous = [v for v in entry.previous if v != version]
             if not entry.versions:
                 del index.domains[domain]
             self._commit(index)
             # Files go after the index no longer lists them; a crash here leaves an orphan, swept later.
-            shutil.rmtree(self._version_dir(domain, version), ignore_errors=True)
+            nofollow.remove_tree(self.root, *self._version_parts(domain, version))
 
     def delete_domain(self, domain: str) -> None:
         with self._writing() as index:
             self._entry(index, domain)
+            nofollow.refuse_symlinks(self.root, "domains", domain)
             del index.domains[domain]
             self._commit(index)
-            shutil.rmtree(self.root / "domains" / domain, ignore_errors=True)
+            nofollow.remove_tree(self.root, "domains", domain)
 
     def put_backbone(self, artifact: ValidatedBackbone) -> None:
         fingerprint = artifact.manifest.fingerprint
@@ -258,7 +280,9 @@ class LocalStore:
             old = index.backbone
             self._sweep_tmp()
             target = self.root / "backbones" / fingerprint
-            shutil.rmtree(target, ignore_errors=True)  # an orphan of an interrupted put_backbone
+            nofollow.remove_tree(
+                self.root, "backbones", fingerprint
+            )  # an orphan of an interrupted put_backbone
             staging = self._stage(
                 {
                     BACKBONE_TENSORS_NAME: artifact.tensor_bytes,
@@ -269,7 +293,7 @@ class LocalStore:
             index.backbone = fingerprint
             self._commit(index)
             if old is not None:
-                shutil.rmtree(self.root / "backbones" / old, ignore_errors=True)
+                nofollow.remove_tree(self.root, "backbones", old)
 
     # -- checking ------------------------------------------------------------------------------------
     def verify(self) -> list[Problem]:
@@ -292,12 +316,12 @@ class LocalStore:
             for version in entry.versions:
                 try:
                     self.get(domain, version).read_tensor_bytes(verify=True)
-                except (StoreCorrupt, VersionNotFound) as exc:
+                except (StoreCorrupt, StoreSymlink, VersionNotFound) as exc:
                     problems.append(Problem(f"{field}/v{version}", str(exc), "version"))
         if index.backbone is not None:
             try:
                 self.get_backbone().read_tensor_bytes(verify=True)
-            except (StoreCorrupt, OSError) as exc:
+            except (StoreCorrupt, StoreSymlink, OSError) as exc:
                 problems.append(Problem("backbone", str(exc), "backbone"))
         return problems
 
@@ -308,7 +332,7 @@ class LocalStore:
 
     def _read_index(self) -> _Index:
         try:
-            data = (self.root / INDEX_NAME).read_bytes()
+            data = nofollow.read_bytes(self.root, INDEX_NAME)
         except FileNotFoundError:
             return _Index()
         try:
@@ -324,7 +348,11 @@ class LocalStore:
         return entry
 
     def _version_dir(self, domain: str, version: int) -> Path:
-        return self.root / "domains" / domain / f"v{version}"
+        return self.root.joinpath(*self._version_parts(domain, version))
+
+    @staticmethod
+    def _version_parts(domain: str, version: int) -> tuple[str, str, str]:
+        return ("domains", domain, f"v{version}")
 
     @staticmethod
     def _set_active(entry: _DomainEntry, version: int) -> None:
@@ -336,13 +364,15 @@ class LocalStore:
     def _writing(self) -> Iterator[_Index]:
         """Hold the write lock and yield the current index; the caller commits it (or not)."""
         for sub in ("tmp", "domains", "backbones"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            nofollow.make_dirs(self.root, sub)
+        nofollow.refuse_symlinks(self.root, ".lock")  # filelock would open (and truncate) a link's target
         try:
             self._lock.acquire()
         except filelock.Timeout:
             raise StoreBusy(f"{self.root} is locked by another writer") from None
         try:
             self._fault("locked")
+            self.check_no_symlinks()  # again under the lock: what we checked before may have changed
             yield self._read_index()
         finally:
             self._lock.release()
@@ -370,7 +400,7 @@ class LocalStore:
 
     def _publish(self, staging: Path, target: Path) -> None:
         parent_existed = target.parent.exists()
-        target.parent.mkdir(parents=True, exist_ok=True)
+        nofollow.make_dirs(self.root, *target.parent.relative_to(self.root).parts)
         if not parent_existed:
             _fsync_dir(target.parent.parent)
         os.rename(staging, target)
@@ -389,20 +419,14 @@ class LocalStore:
 
     def _sweep_tmp(self) -> None:
         # Under the lock nobody else is staging, so whatever is in tmp/ belongs to a dead writer.
-        for child in (self.root / "tmp").iterdir():
-            if child.is_dir():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink(missing_ok=True)
+        for name in nofollow.list_dir(self.root, "tmp"):
+            nofollow.remove_tree(self.root, "tmp", name)
 
     def _sweep_orphans(self, index: _Index, domain: str) -> None:
         """Remove what interrupted writes left behind: staging files and unlisted version directories."""
         self._sweep_tmp()
-        ddir = self.root / "domains" / domain
-        if not ddir.is_dir():
-            return
         listed = set(index.domains[domain].versions) if domain in index.domains else set()
-        for child in ddir.iterdir():
-            match = _VERSION_DIR_RE.fullmatch(child.name)
+        for name in nofollow.list_dir(self.root, "domains", domain):
+            match = _VERSION_DIR_RE.fullmatch(name)
             if match is None or int(match.group(1)) not in listed:
-                shutil.rmtree(child, ignore_errors=True)
+                nofollow.remove_tree(self.root, "domains", domain, name)

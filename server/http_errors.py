@@ -22,6 +22,7 @@ from adapters_store.errors import (
     StoreBusy,
     StoreConflict,
     StoreCorrupt,
+    StoreSymlink,
     VersionNotFound,
 )
 from domain_format.preprocess import CorruptImage, ImageRejected, TooManyPixels, UnsupportedImage
@@ -38,6 +39,8 @@ _STORE_STATUS: list[tuple[type[AdapterStoreError], int, str]] = [
     (StoreConflict, 409, "conflict"),
     (StoreBusy, 503, "store_busy"),
     (StoreCorrupt, 500, "store_corrupt"),
+    # The operator's volume holds a link the store refuses to follow: not the client's fault.
+    (StoreSymlink, 500, "store_symlink"),
 ]
 
 # Images the decoder refuses: (status, code).

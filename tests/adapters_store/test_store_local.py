@@ -18,8 +18,10 @@ from adapters_store import (
     StoreBusy,
     StoreConflict,
     StoreCorrupt,
+    StoreSymlink,
     ValidatedArtifact,
     VersionNotFound,
+    nofollow,
     validate_backbone_artifact,
 )
 from adapters_store.testing import ArtifactFiles, make_backbone_artifact, make_domain_artifact, validated
@@ -260,3 +262,93 @@ def test_put_refuses_an_unsafe_name_even_if_validation_was_bypassed(store: Local
         store.put(forged)
     assert not (store.root.parent / "escape").exists()
     assert store.list_domains() == []
+
+
+# -- symlinks: the store never follows one it did not create ------------------------------------------
+
+
+def _victim(tmp_path: Path) -> Path:
+    """A directory outside the store with files that must survive whatever the store does."""
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "keep.txt").write_text("precious")
+    (victim / "sub" / "deep.txt").write_text("precious too")
+    return victim
+
+
+def _victim_intact(victim: Path) -> bool:
+    return (victim / "keep.txt").read_text() == "precious" and (victim / "sub" / "deep.txt").exists()
+
+
+def _replace_with_link(path: Path, target: Path) -> None:
+    nofollow.remove_tree(path.parent, path.name)
+    path.symlink_to(target, target_is_directory=True)
+
+
+def test_a_symlinked_tmp_is_refused_and_its_target_survives_an_upload(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    put(store, activate=True)
+    victim = _victim(tmp_path)
+    _replace_with_link(store.root / "tmp", victim)
+    with pytest.raises(StoreSymlink, match="tmp is a symbolic link"):
+        put(store)  # the sweep of tmp/ used to delete the victim's files here
+    assert _victim_intact(victim)
+    with pytest.raises(StoreSymlink):
+        LocalStore(store.root)  # refused on opening too
+    assert store.describe("birds").versions == (1,)
+
+
+def test_a_symlinked_domain_directory_is_refused_on_every_write(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    put(store, activate=True)
+    put(store)
+    victim = _victim(tmp_path)
+    _replace_with_link(store.root / "domains" / "birds", victim)
+    for write in (
+        lambda: put(store),
+        lambda: store.delete_version("birds", 2),
+        lambda: store.delete_domain("birds"),
+        lambda: store.activate("birds", 2),
+    ):
+        with pytest.raises(StoreSymlink, match="birds is a symbolic link"):
+            write()
+    with pytest.raises(StoreSymlink):
+        store.get("birds")  # nor read through it
+    assert _victim_intact(victim)
+    assert store.describe("birds").versions == (1, 2)  # nothing was committed either
+
+
+def test_links_inside_tmp_are_removed_without_touching_their_targets(
+    store: LocalStore, tmp_path: Path
+) -> None:
+    put(store)
+    victim = _victim(tmp_path)
+    (store.root / "tmp" / "dir-link").symlink_to(victim, target_is_directory=True)
+    (store.root / "tmp" / "file-link").symlink_to(victim / "keep.txt")
+    put(store)
+    assert nofollow.list_dir(store.root, "tmp") == []
+    assert _victim_intact(victim)
+
+
+def test_a_symlinked_version_file_is_not_read(store: LocalStore, tmp_path: Path) -> None:
+    put(store, activate=True)
+    outside = tmp_path / "outside.json"
+    manifest = store.root / "domains" / "birds" / "v1" / "manifest.json"
+    outside.write_bytes(manifest.read_bytes())
+    manifest.unlink()
+    manifest.symlink_to(outside)
+    with pytest.raises(StoreSymlink):
+        store.get("birds")
+    assert [p.field for p in store.verify()] == ["domains/birds/v1"]
+
+
+def test_the_root_itself_may_be_a_symlink(tmp_path: Path) -> None:
+    (tmp_path / "volume").mkdir()
+    (tmp_path / "mounted").symlink_to(tmp_path / "volume", target_is_directory=True)
+    store = LocalStore(tmp_path / "mounted")
+    put(store, activate=True)
+    store.delete_domain("birds")
+    put(store, activate=True)
+    assert LocalStore(tmp_path / "mounted").get("birds").version == 2
+    assert (tmp_path / "volume" / "index.json").is_file()
+    assert store.verify() == []

@@ -93,3 +93,24 @@ def test_activate_request_must_name_one_thing(client: TestClient) -> None:
     assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
     r = client.put("/v1/domains/birds/active", json={"version": 9}, headers=auth())
     assert r.status_code == 404 and r.json()["error"]["code"] == "version_not_found"
+
+
+def test_an_upload_into_a_store_with_a_symlinked_tmp_is_refused_and_deletes_nothing(
+    client: TestClient, world: TinyWorld, store: LocalStore, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "keep.txt").write_text("precious")
+    (victim / "sub" / "deep.txt").write_text("precious too")
+    (store.root / "tmp").rmdir()
+    (store.root / "tmp").symlink_to(victim, target_is_directory=True)
+    art = world.artifacts["birds_v2"]
+    files = {"manifest": ("manifest.json", art.manifest), "tensors": ("adapter.safetensors", art.tensors)}
+    r = client.post("/v1/domains/birds/adapters", files=files, headers=auth())
+    assert r.status_code == 500
+    assert (
+        r.json()["error"]["code"] == "store_symlink"
+        and "tmp is a symbolic link" in r.json()["error"]["message"]
+    )
+    assert (victim / "keep.txt").read_text() == "precious" and (victim / "sub" / "deep.txt").exists()
+    assert client.get("/v1/domains/birds").json()["versions"] == [1]
