@@ -5,10 +5,12 @@
     multidomain store put-backbone BACKBONE_DIR
     multidomain store list | show DOMAIN [--version N] | activate DOMAIN VERSION | rollback DOMAIN
     multidomain store delete DOMAIN [--version N] | verify
+    multidomain store copy SRC DST                               backbone, every version, active/history
 
 ARTIFACT is a bundle (.tar) or a directory with manifest.json + adapter.safetensors; BACKBONE_DIR a
-directory with manifest.json + backbone.safetensors. ``--store`` defaults to ``$MD_STORE_DIR``, else
-``./store``. Glue: this module may import the model library (lazily, so ``list`` stays fast);
+directory with manifest.json + backbone.safetensors. ``--store`` (and SRC, DST) is a directory or
+``s3://bucket/prefix`` (endpoint and credentials from the usual ``AWS_*`` settings); it defaults to
+``$MD_STORE_URL``, else ``$MD_STORE_DIR``, else ``./store``. Glue: this module may import the model library (lazily, so ``list`` stays fast);
 ``adapters_store`` itself never does.
 """
 
@@ -26,19 +28,21 @@ from adapters_store import (
     BACKBONE_TENSORS_NAME,
     DOMAIN_TENSORS_NAME,
     MANIFEST_NAME,
+    AdapterStore,
     ArtifactInvalid,
     DomainManifest,
     DomainSpec,
     Limits,
-    LocalStore,
     Problem,
     StoreError,
     ValidatedArtifact,
     ValidatedBackbone,
+    open_store,
     unpack_bundle,
     validate_backbone_artifact,
     validate_domain_artifact,
 )
+from adapters_store.copy import copy_store
 from adapters_store.safetensors_check import looks_like_pickle
 
 EXIT_OK, EXIT_INVALID = 0, 1
@@ -54,8 +58,8 @@ class _Refused(Exception):
         self.problems = problems
 
 
-def default_store_dir() -> Path:
-    return Path(os.environ.get("MD_STORE_DIR") or "store")
+def default_store_location() -> str:
+    return os.environ.get("MD_STORE_URL") or os.environ.get("MD_STORE_DIR") or "store"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -64,7 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     commands = group.add_subparsers(dest="store_command", required=True)
     with_store = argparse.ArgumentParser(add_help=False)
     with_store.add_argument(
-        "--store", type=Path, default=None, help="store directory (default: $MD_STORE_DIR, else ./store)"
+        "--store",
+        default=None,
+        help="store directory or s3://bucket/prefix (default: $MD_STORE_URL, else $MD_STORE_DIR, else ./store)",
     )
 
     p = commands.add_parser("validate", help="check a domain artifact against a backbone artifact")
@@ -119,9 +125,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     p.set_defaults(func=cmd_verify)
 
+    p = commands.add_parser(
+        "copy", help="copy a store (backbone, every version, active versions and rollback history)"
+    )
+    p.add_argument("source", help="directory or s3://bucket/prefix")
+    p.add_argument("destination", help="directory or s3://bucket/prefix (its domains must be new to it)")
+    p.set_defaults(func=cmd_copy)
 
-def _store(args: argparse.Namespace) -> LocalStore:
-    return LocalStore(args.store if args.store is not None else default_store_dir())
+
+def _store(args: argparse.Namespace) -> AdapterStore:
+    return open_store(args.store if args.store is not None else default_store_location())
 
 
 def _guarded(command: Callable[[argparse.Namespace, TextIO], int]) -> Callable[[argparse.Namespace], int]:
@@ -258,16 +271,15 @@ def cmd_put_backbone(args: argparse.Namespace, out: TextIO) -> int:
 @_guarded
 def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
     store = _store(args)
-    domains = store.list_domains()
-    if not domains:
-        print(f"no domains in {store.root}", file=out)
+    infos = store.describe_all()
+    if not infos:
+        print(f"no domains in {store!r}", file=out)
         return EXIT_OK
-    width = max(len("DOMAIN"), *(len(d) for d in domains))
+    width = max(len("DOMAIN"), *(len(i.domain) for i in infos))
     print(f"{'DOMAIN':<{width}}  ACTIVE  VERSIONS", file=out)
-    for domain in domains:
-        info = store.describe(domain)
+    for info in infos:
         active = "-" if info.active is None else f"v{info.active}"
-        print(f"{domain:<{width}}  {active:<6}  {' '.join(f'v{v}' for v in info.versions)}", file=out)
+        print(f"{info.domain:<{width}}  {active:<6}  {' '.join(f'v{v}' for v in info.versions)}", file=out)
     return EXIT_OK
 
 
@@ -283,7 +295,7 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
     version = args.version if args.version is not None else info.active
     if version is not None:
         stored = store.get(args.domain, version)
-        print(f"manifest of v{version} ({stored.tensor_path}):", file=out)
+        print(f"manifest of v{version}:", file=out)
         print(json.dumps(stored.manifest.model_dump(mode="json"), indent=2), file=out)
     return EXIT_OK
 
@@ -320,6 +332,18 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
     if problems:
         raise _Refused(problems)
     print("store is consistent", file=out)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_copy(args: argparse.Namespace, out: TextIO) -> int:
+    source, destination = open_store(args.source), open_store(args.destination)
+    report = copy_store(source, destination)
+    print(
+        f"copied {report.domains} domain(s), {report.versions} version(s), {report.bytes} bytes "
+        f"from {source!r} to {destination!r}",
+        file=out,
+    )
     return EXIT_OK
 
 

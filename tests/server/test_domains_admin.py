@@ -114,3 +114,55 @@ def test_an_upload_into_a_store_with_a_symlinked_tmp_is_refused_and_deletes_noth
     )
     assert (victim / "keep.txt").read_text() == "precious" and (victim / "sub" / "deep.txt").exists()
     assert client.get("/v1/domains/birds").json()["versions"] == [1]
+
+
+def _upload_status(client: TestClient, world: TinyWorld, name: str, domain: str) -> tuple[int, dict]:
+    art = world.artifacts[name]
+    files = {"manifest": ("manifest.json", art.manifest), "tensors": ("adapter.safetensors", art.tensors)}
+    r = client.post(f"/v1/domains/{domain}/adapters", files=files, headers=auth())
+    return r.status_code, r.json()
+
+
+def test_quotas_refuse_uploads_with_409_naming_the_limit(world: TinyWorld, tmp_path: Path) -> None:
+    store = make_store(world, tmp_path / "s", domains=("birds", "digits"))
+    settings = settings_for(store, max_versions_per_domain=1, max_domains=2)
+    with TestClient(create_app(settings)) as client:
+        status, body = _upload_status(client, world, "birds_v2", "birds")
+        assert status == 409, body
+        assert body["error"]["code"] == "quota_exceeded"
+        assert (body["error"]["limit"], body["error"]["value"]) == ("max_versions_per_domain", 1)
+        assert "max_versions_per_domain=1" in body["error"]["message"]
+        status, body = _upload_status(client, world, "textures", "textures")
+        assert status == 409 and body["error"]["limit"] == "max_domains"
+        assert client.get("/v1/domains/birds").json()["versions"] == [1]
+        assert [d["domain"] for d in client.get("/v1/domains").json()["domains"]] == ["birds", "digits"]
+        # Room made, the same upload goes through.
+        assert client.delete("/v1/domains/digits", headers=auth()).status_code == 200
+        assert _upload_status(client, world, "textures", "textures")[0] == 201
+
+
+def test_store_bytes_quota_from_the_settings(world: TinyWorld, tmp_path: Path) -> None:
+    store = make_store(world, tmp_path / "s", domains=("birds",))
+    with TestClient(create_app(settings_for(store, max_store_bytes=1))) as client:
+        status, body = _upload_status(client, world, "birds_v2", "birds")
+        assert status == 409 and (body["error"]["limit"], body["error"]["value"]) == ("max_store_bytes", 1)
+
+
+class _CountingStore(LocalStore):
+    """A real LocalStore that counts how often it reads its index."""
+
+    index_reads = 0
+
+    def _read_index(self):  # type: ignore[no-untyped-def]
+        type(self).index_reads += 1
+        return super()._read_index()
+
+
+def test_listing_domains_reads_the_index_once(world: TinyWorld, tmp_path: Path) -> None:
+    root = make_store(world, tmp_path / "s").root
+    store = _CountingStore(root)
+    with TestClient(create_app(settings_for(store), store=store)) as client:
+        _CountingStore.index_reads = 0
+        listing = client.get("/v1/domains").json()["domains"]
+        assert len(listing) == 3 and _CountingStore.index_reads == 1
+        assert {d["domain"]: d["versions"] for d in listing} == {"birds": [1], "digits": [1], "textures": [1]}
