@@ -41,6 +41,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -293,6 +294,29 @@ class LocalStore(PutByPrimitive):
         writes) are not problems: nothing refers to them and the next writer removes them.
         """
         return [*self._read_index().problems(), *verify_objects(self)]
+
+    def collect_garbage(self, min_age: timedelta = timedelta(hours=1)) -> list[str]:
+        """Delete what interrupted writes left behind (staging files, unlisted version and backbone
+        directories) and return their paths below the root. Runs under the write lock, where no writer
+        is mid-put, so the age guard ``S3Store`` needs is not needed here (``min_age`` is ignored)."""
+        del min_age
+        removed: list[str] = []
+        with self._writing() as index:
+            listed = index.object_keys()
+            candidates = [("tmp", name) for name in nofollow.list_dir(self.root, "tmp")]
+            candidates += [("backbones", n) for n in nofollow.list_dir(self.root, "backbones")]
+            for domain in nofollow.list_dir(self.root, "domains"):
+                candidates += [
+                    (f"domains/{domain}", n) for n in nofollow.list_dir(self.root, "domains", domain)
+                ]
+            for kind, name in candidates:
+                if kind == "tmp" or (kind, name) not in listed:
+                    nofollow.remove_tree(self.root, *kind.split("/"), name)
+                    removed.append(f"{kind}/{name}")
+            for domain in nofollow.list_dir(self.root, "domains"):
+                if domain not in index.domains and not nofollow.list_dir(self.root, "domains", domain):
+                    nofollow.remove_tree(self.root, "domains", domain)
+        return removed
 
     # -- internals -----------------------------------------------------------------------------------
     def _fault(self, step: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Protocol, runtime_checkable
 
 from adapters_store.errors import BackboneNotFound, Problem, StoreCorrupt, StoreError
@@ -136,6 +137,11 @@ class AdapterStore(Protocol):
 
     def verify(self) -> list[Problem]:
         """Every problem with the index and the objects it lists (empty: consistent)."""
+        ...
+
+    def collect_garbage(self, min_age: timedelta = timedelta(hours=1)) -> list[str]:
+        """Delete objects no index lists that interrupted writers left behind (on S3 only those older
+        than ``min_age``, so a put still on its way to the index swap keeps its objects); return them."""
         ...
 
 

@@ -6,6 +6,7 @@
     multidomain store list | show DOMAIN [--version N] | activate DOMAIN VERSION | rollback DOMAIN
     multidomain store delete DOMAIN [--version N] | verify
     multidomain store copy SRC DST                               backbone, every version, active/history
+    multidomain store gc [--min-age-hours H]                     remove what interrupted uploads left
 
 ARTIFACT is a bundle (.tar) or a directory with manifest.json + adapter.safetensors; BACKBONE_DIR a
 directory with manifest.json + backbone.safetensors. ``--store`` (and SRC, DST) is a directory or
@@ -21,6 +22,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -124,6 +126,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "verify", parents=[with_store], help="check every stored file against its checksum"
     )
     p.set_defaults(func=cmd_verify)
+
+    p = commands.add_parser(
+        "gc", parents=[with_store], help="delete what interrupted uploads left behind (never listed objects)"
+    )
+    p.add_argument(
+        "--min-age-hours",
+        type=float,
+        default=1.0,
+        help="S3: only objects at least this old (a live upload may not have listed its own yet)",
+    )
+    p.set_defaults(func=cmd_gc)
 
     p = commands.add_parser(
         "copy", help="copy a store (backbone, every version, active versions and rollback history)"
@@ -332,6 +345,15 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
     if problems:
         raise _Refused(problems)
     print("store is consistent", file=out)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
+    removed = _store(args).collect_garbage(timedelta(hours=args.min_age_hours))
+    for path in removed:
+        print(f"removed {path}", file=out)
+    print(f"{len(removed)} unlisted object(s) removed", file=out)
     return EXIT_OK
 
 

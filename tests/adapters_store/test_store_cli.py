@@ -66,6 +66,11 @@ def test_activate_rollback_delete(populated: Path, capsys: pytest.CaptureFixture
     assert run(capsys, "delete", "cars", "--store", str(populated))[0] == 0
     assert store.list_domains() == ["birds"]
     assert run(capsys, "verify", "--store", str(populated))[0] == 0
+    (populated / "tmp" / "stale").write_bytes(b"left by a killed upload")
+    assert run(capsys, "gc", "--store", str(populated)) == (
+        0,
+        "removed tmp/stale\n1 unlisted object(s) removed\n",
+    )
 
 
 def test_errors_exit_1_with_a_message(populated: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -88,6 +93,7 @@ def test_commands_work_on_an_s3_store_and_copy_moves_a_store_both_ways(
     assert run(capsys, "activate", "birds", "2", "--store", url)[0] == 0
     assert run(capsys, "delete", "cars", "--store", url)[0] == 0
     assert run(capsys, "verify", "--store", url) == (0, "store is consistent\n")
+    assert run(capsys, "gc", "--store", url) == (0, "0 unlisted object(s) removed\n")
     code, out = run(capsys, "copy", url, str(tmp_path / "back"))
     assert code == 0 and "copied 1 domain(s), 2 version(s)" in out
     back = LocalStore(tmp_path / "back").describe("birds")
