@@ -161,9 +161,14 @@ class StoreIndex(BaseModel):
                 f"{domain} was trained on backbone {fingerprint[:16]}..., "
                 f"the store's backbone is {self.backbone.fingerprint[:16]}..."
             )
+        entry = self.domains.get(domain)
+        if entry is not None:
+            for number, listed in entry.versions.items():
+                if listed.key == record.key:
+                    # Re-applied after a write whose answer was lost but which did land: already listed.
+                    return number
         if only_if_new and (domain in self.next_version or domain in self.domains):
             return None
-        entry = self.domains.get(domain)
         self._check_quotas(quotas, domain, entry, record.bytes)
         if entry is None:
             entry = self.domains[domain] = DomainEntry()

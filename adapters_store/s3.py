@@ -30,7 +30,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -47,6 +47,7 @@ from adapters_store.errors import (
     Problem,
     StoreBusy,
     StoreCorrupt,
+    StoreError,
     StoreUnavailable,
     VersionNotFound,
 )
@@ -223,10 +224,10 @@ class S3Store(PutByPrimitive):
         try:
             result = self._update(add)
         except BaseException:
-            self._delete_objects([f"{base}/{name}" for name in files])
+            self._discard_unless_listed(f"domains/{domain}", record.key, files)
             raise
         if isinstance(result, _Unchanged):  # another writer made the domain's first version meanwhile
-            self._delete_objects([f"{base}/{name}" for name in files])
+            self._discard_unless_listed(f"domains/{domain}", record.key, files)
             return None
         return result
 
@@ -264,32 +265,30 @@ class S3Store(PutByPrimitive):
                 return UNCHANGED  # another replica bootstrapped the same backbone meanwhile
             return index.set_backbone(record, self.quotas)
 
-        base = f"backbones/{record.key}"
-        self._upload(base, files)
+        self._upload(f"backbones/{record.key}", files)
         try:
             old = self._update(replace)
         except BaseException:
-            self._delete_objects([f"{base}/{name}" for name in files])
+            self._discard_unless_listed("backbones", record.key, files)
             raise
         if isinstance(old, _Unchanged):
-            self._delete_objects([f"{base}/{name}" for name in files])
+            self._discard_unless_listed("backbones", record.key, files)
         elif isinstance(old, BackboneRecord):
             self._delete_objects([f"backbones/{old.key}/{name}" for name in files])
 
     def restore_domain(self, info: DomainInfo, read: ReadVersion) -> None:
         self._read_index()[0].ensure_never_existed(info.domain)
         records: dict[int, VersionRecord] = {}
-        uploaded: list[str] = []
+        names = (DOMAIN_TENSORS_NAME, MANIFEST_NAME)
         try:
             for version in info.versions:
                 files = restored_objects(info.domain, version, *read(version))
                 records[version] = VersionRecord(key=uuid.uuid4().hex, bytes=sum(map(len, files.values())))
-                base = f"domains/{info.domain}/{records[version].key}"
-                uploaded += [f"{base}/{name}" for name in files]
-                self._upload(base, files)
+                self._upload(f"domains/{info.domain}/{records[version].key}", files)
             self._update(lambda index: index.restore_domain(info, records, self.quotas))
         except BaseException:
-            self._delete_objects(uploaded)
+            for record in records.values():
+                self._discard_unless_listed(f"domains/{info.domain}", record.key, names)
             raise
 
     # -- checking and maintenance --------------------------------------------------------------------
@@ -394,6 +393,16 @@ class S3Store(PutByPrimitive):
             self._fault("index-written")
             return result
         raise StoreBusy(f"{self.url}: the index changed under {self._commit_attempts} attempts in a row")
+
+    def _discard_unless_listed(self, kind: str, key: str, names: Iterable[str]) -> None:
+        """Delete a failed write's objects, unless the index lists them after all (a write whose answer
+        was lost may have landed); when even that cannot be read, leave them to ``collect_garbage``."""
+        try:
+            listed = (kind, key) in self._read_index()[0].object_keys()
+        except StoreError:
+            return
+        if not listed:
+            self._delete_objects([f"{kind}/{key}/{name}" for name in names])
 
     def _delete_version_objects(self, domain: str, records: list[VersionRecord]) -> None:
         names = (MANIFEST_NAME, DOMAIN_TENSORS_NAME)

@@ -398,3 +398,28 @@ def test_collect_garbage_removes_what_no_index_lists_and_nothing_else(any_store:
     assert any_store.collect_garbage(min_age=timedelta(0)) == []
     assert any_store.verify() == [] and any_store.get("birds").read_tensor_bytes()
     assert any_store.get_backbone().read_tensor_bytes()
+
+
+def test_a_put_whose_index_write_landed_keeps_its_objects_even_if_the_answer_is_lost(s3_env: object) -> None:
+    url = s3_url()
+
+    def lose_the_answer(step: str) -> None:
+        if step == "index-written":
+            raise ConnectionError("the index PUT landed, its response did not arrive")
+
+    with pytest.raises(ConnectionError):
+        S3Store.from_url(url, fault_hook=lose_the_answer).put(validated(make_domain_artifact(domain="birds")))
+    store = S3Store.from_url(url)
+    assert store.describe("birds").versions == (1,)
+    assert store.get("birds", 1).read_tensor_bytes(verify=True)  # its objects were not discarded
+    assert store.verify() == []
+
+
+def test_re_applying_a_put_that_already_landed_lists_it_once() -> None:
+    from adapters_store.index import StoreIndex, VersionRecord
+
+    index, record = StoreIndex(), VersionRecord(key="k1", bytes=10)
+    kwargs = {"fingerprint": "f" * 64, "activate": True, "quotas": StoreQuotas()}
+    assert index.add_version("birds", record, **kwargs) == 1  # type: ignore[arg-type]
+    assert index.add_version("birds", record, **kwargs) == 1  # type: ignore[arg-type]
+    assert list(index.domains["birds"].versions) == [1] and index.next_version["birds"] == 2
