@@ -167,7 +167,8 @@ def run_put_killed_after(
     chunk_bytes: int = 1 << 20,
     timeout: float = 120.0,
 ) -> PutOutcome:
-    """Like ``run_put`` but SIGKILL ``delay`` seconds after the child took the store's lock.
+    """Like ``run_put`` but SIGKILL ``delay`` seconds after the child's first write step (``LocalStore``:
+    it took the lock; ``S3Store``: it begins uploading).
 
     For the benchmark: the kill lands wherever the child happens to be (inside a write, an fsync, a
     rename), not only at hook points. ``killed_at`` is the last step the child reported.
@@ -179,7 +180,7 @@ def run_put_killed_after(
             if not sel.select(timeout):
                 raise TimeoutError(f"crash child gave no sign of life for {timeout}s")
             first = proc.stdout.readline().decode().strip()
-            if first != "STEP locked":
+            if not first.startswith("STEP "):
                 proc.wait()
                 err = proc.stderr.read().decode() if proc.stderr else ""
                 raise RuntimeError(f"crash child failed (rc={proc.returncode}): {first!r} {err[-2000:]}")

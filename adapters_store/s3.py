@@ -64,7 +64,8 @@ from adapters_store.validation import ValidatedArtifact, ValidatedBackbone
 
 T = TypeVar("T")
 FaultHook = Callable[[str], None]
-"""Called at each step of a write (``write:<object>``, ``staged``, ``index-read``, ``index-written``);
+"""Called at each step of a write (``begin`` of a put, ``write:<object>``, ``staged``, ``index-read``,
+``index-written``);
 the crash tests kill the writer there. None in production."""
 
 INDEX_NAME = "index.json"
@@ -219,6 +220,7 @@ class S3Store(PutByPrimitive):
         # Refuse (quota, backbone, already bootstrapped) before uploading anything, on the index as it is.
         if add(self._read_index()[0]) is UNCHANGED:
             return None
+        self._fault("begin")
         base = f"domains/{domain}/{record.key}"
         self._upload(base, files)
         try:
