@@ -4,7 +4,10 @@ Knows a domain spec only as data (tensor name -> (shape, dtype)); never imports 
 
     validated = validate_domain_artifact(manifest_bytes, tensor_bytes, spec_for=..., fingerprint=...)
     version = store.put(validated, activate=True)
-    stored = store.get("cifar100")          # active version: manifest + tensor_path
+    stored = store.get("cifar100")          # active version: manifest + read_tensor_bytes()
+
+``open_store("store")`` is a ``LocalStore`` (a directory), ``open_store("s3://bucket/prefix")`` an
+``S3Store``; both implement ``AdapterStore`` with the same guarantees.
 """
 
 from adapters_store.bundle import pack_bundle, unpack_bundle
@@ -18,8 +21,12 @@ from adapters_store.errors import (
     StoreConflict,
     StoreCorrupt,
     StoreError,
+    StoreQuotaExceeded,
+    StoreSymlink,
+    StoreUnavailable,
     VersionNotFound,
 )
+from adapters_store.index import DomainVersions, StoreQuotas
 from adapters_store.limits import Limits
 from adapters_store.local import LocalStore
 from adapters_store.manifest import (
@@ -38,7 +45,8 @@ from adapters_store.manifest import (
     parse_backbone_manifest,
     parse_domain_manifest,
 )
-from adapters_store.store import AdapterStore, DomainVersions, StoredBackbone, StoredDomain
+from adapters_store.open import open_store
+from adapters_store.store import AdapterStore, StoredBackbone, StoredDomain
 from adapters_store.validation import (
     DomainSpec,
     SpecFor,
@@ -75,6 +83,10 @@ __all__ = [
     "StoreConflict",
     "StoreCorrupt",
     "StoreError",
+    "StoreQuotaExceeded",
+    "StoreQuotas",
+    "StoreSymlink",
+    "StoreUnavailable",
     "StoredBackbone",
     "StoredDomain",
     "ValidatedArtifact",
@@ -82,6 +94,7 @@ __all__ = [
     "VersionNotFound",
     "is_safe_domain_name",
     "manifest_to_json",
+    "open_store",
     "pack_bundle",
     "parse_backbone_manifest",
     "parse_domain_manifest",

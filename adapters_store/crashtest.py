@@ -1,8 +1,9 @@
-"""Kill a ``LocalStore.put`` at a chosen step, in a real subprocess (for tests and bench/store_crash.py).
+"""Kill a store's ``put`` at a chosen step, in a real subprocess (for tests and bench/store_crash.py).
 
-The child (``python -m adapters_store.crashtest``) puts a bundle with a fault hook that counts the
-store's write steps (``LocalStore`` calls it after every chunk written, every fsync-and-rename stage,
-and each phase of the index swap). At step ``kill_at`` it reports ``PAUSED <n> <step>`` on stdout
+The child (``python -m adapters_store.crashtest``) puts a bundle into a store (a directory or an
+``s3://`` URL) with a fault hook that counts the store's write steps (``LocalStore`` calls it after
+every chunk written, every fsync-and-rename stage and each phase of the index swap; ``S3Store`` after
+each object uploaded and around the conditional index write). At step ``kill_at`` it reports ``PAUSED <n> <step>`` on stdout
 and blocks reading stdin; the parent then SIGKILLs it. The kill therefore lands at a known point,
 deterministically, without sleeps. ``kill_at=0`` runs the put to the end and lists every step.
 
@@ -25,9 +26,11 @@ from pathlib import Path
 
 from adapters_store.bundle import unpack_bundle
 from adapters_store.errors import DomainNotFound, StoreError
+from adapters_store.index import DomainVersions
 from adapters_store.local import LocalStore
+from adapters_store.open import is_s3_url
 from adapters_store.safetensors_check import check_safetensors
-from adapters_store.store import DomainVersions
+from adapters_store.store import AdapterStore
 from adapters_store.validation import DomainSpec, sha256_hex, validate_domain_artifact
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
@@ -48,7 +51,7 @@ class PutOutcome:
 
 def _child(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("root", type=Path)
+    parser.add_argument("location", help="store directory or s3://bucket/prefix")
     parser.add_argument("bundle", type=Path)
     parser.add_argument("kill_at", type=int)
     parser.add_argument("--activate", action="store_true")
@@ -75,7 +78,13 @@ def _child(argv: list[str]) -> None:
             sys.stdin.read()  # the parent kills us here; EOF means it went away instead
             os._exit(3)
 
-    store = LocalStore(args.root, fault_hook=hook, chunk_bytes=args.chunk_bytes)
+    store: AdapterStore
+    if is_s3_url(args.location):
+        from adapters_store.s3 import S3Store
+
+        store = S3Store.from_url(args.location, fault_hook=hook)
+    else:
+        store = LocalStore(args.location, fault_hook=hook, chunk_bytes=args.chunk_bytes)
     version = store.put(artifact, activate=args.activate)
     print(f"DONE {version}", flush=True)
 
@@ -88,7 +97,7 @@ def _manifest_fingerprint(manifest_bytes: bytes) -> str:
 
 @contextmanager
 def _spawn_put(
-    root: Path, bundle: Path, kill_at: int, activate: bool, chunk_bytes: int
+    root: Path | str, bundle: Path, kill_at: int, activate: bool, chunk_bytes: int
 ) -> Iterator[subprocess.Popen[bytes]]:
     """The put child (this module run as a script), killed and its pipes closed on the way out."""
     cmd = [sys.executable, "-m", "adapters_store.crashtest", str(root), str(bundle), str(kill_at)]
@@ -112,7 +121,7 @@ def _spawn_put(
 
 
 def run_put(
-    root: Path,
+    root: Path | str,
     bundle: Path,
     kill_at: int,
     *,
@@ -150,7 +159,7 @@ def run_put(
 
 
 def run_put_killed_after(
-    root: Path,
+    root: Path | str,
     bundle: Path,
     delay: float,
     *,
@@ -158,7 +167,8 @@ def run_put_killed_after(
     chunk_bytes: int = 1 << 20,
     timeout: float = 120.0,
 ) -> PutOutcome:
-    """Like ``run_put`` but SIGKILL ``delay`` seconds after the child took the store's lock.
+    """Like ``run_put`` but SIGKILL ``delay`` seconds after the child's first write step (``LocalStore``:
+    it took the lock; ``S3Store``: it begins uploading).
 
     For the benchmark: the kill lands wherever the child happens to be (inside a write, an fsync, a
     rename), not only at hook points. ``killed_at`` is the last step the child reported.
@@ -170,7 +180,7 @@ def run_put_killed_after(
             if not sel.select(timeout):
                 raise TimeoutError(f"crash child gave no sign of life for {timeout}s")
             first = proc.stdout.readline().decode().strip()
-            if first != "STEP locked":
+            if not first.startswith("STEP "):
                 proc.wait()
                 err = proc.stderr.read().decode() if proc.stderr else ""
                 raise RuntimeError(f"crash child failed (rc={proc.returncode}): {first!r} {err[-2000:]}")
@@ -186,7 +196,7 @@ def run_put_killed_after(
 
 
 def check_store(
-    store: LocalStore,
+    store: AdapterStore,
     domain: str,
     *,
     before: DomainVersions | None,

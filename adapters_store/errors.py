@@ -7,7 +7,10 @@ validator can produce is one of these types (never a bare ValueError or OSError)
 - ``DomainNotFound`` / ``VersionNotFound`` / ``BackboneNotFound`` -> 404.
 - ``StoreConflict``    -> 409: the request contradicts the store's state (delete the active version...).
 - ``StoreBusy``        -> 503: another writer held the store's lock for longer than the timeout.
+- ``StoreUnavailable`` -> 503: the store's backend (an S3 endpoint) could not be reached or refused.
 - ``StoreCorrupt``     -> 500: the store's own files do not parse; an operator must look.
+- ``StoreQuotaExceeded`` -> 409: the write would pass a quota (domains, versions per domain, bytes).
+- ``StoreSymlink``     -> 500: a symbolic link inside the store's tree; refused, never followed.
 """
 
 from __future__ import annotations
@@ -75,5 +78,24 @@ class StoreBusy(StoreError):
     """The store's write lock was not obtained within the timeout; retrying later may succeed."""
 
 
+class StoreUnavailable(StoreError):
+    """The store's backend (an S3 endpoint) failed or could not be reached; retrying later may succeed."""
+
+
 class StoreCorrupt(StoreError):
     """The store's own index or files do not parse: never caused by a client, an operator must look."""
+
+
+class StoreSymlink(StoreError):
+    """A path below the store's root is a symbolic link, which the store never made: it refuses to read,
+    write or delete through it (the link could point anywhere). An operator must replace or remove it."""
+
+
+class StoreQuotaExceeded(StoreError):
+    """A write would take the store past one of its quotas (``StoreQuotas``); deleting something first
+    lets the same write succeed. ``limit`` names the quota, ``value`` is its configured maximum."""
+
+    def __init__(self, limit: str, value: int, message: str) -> None:
+        self.limit = limit
+        self.value = value
+        super().__init__(message)

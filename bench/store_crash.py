@@ -1,4 +1,4 @@
-"""SIGKILL a LocalStore writer in the middle of puts and check that the store survives.
+"""SIGKILL a store writer in the middle of puts and check that the store survives (either backend).
 
 Each trial puts a ~3 MB domain artifact from a child process and kills it with SIGKILL:
 
@@ -9,25 +9,32 @@ Each trial puts a ~3 MB domain artifact from a child process and kills it with S
 - ``--mode timed``: after a random delay drawn over a put's duration, wherever the child happens to
   be (inside a write, an fsync, a rename).
 
-After every kill: ``LocalStore.verify()`` (every listed version loads and matches its checksum), the
-put either landed entirely or not at all, the active version is the expected one and loads. The next
-trial's put then has to get the dead writer's lock. Last line: a one-line JSON summary.
+After every kill: ``verify()`` (every listed version loads and matches its checksum), the put either
+landed entirely or not at all, the active version is the expected one and loads. The next trial's put
+then has to get the dead writer's lock (``LocalStore``) or win the conditional index write
+(``S3Store``). ``--backend s3`` runs against a real SeaweedFS started on loopback for the run
+(``adapters_store.seaweedfs``) and finally collects the dead writers' unlisted objects. Last line: a
+one-line JSON summary.
 
-    .venv/bin/python -m bench.store_crash [--trials 100] [--mode hook|timed] [--size-mb 3]
+    .venv/bin/python -m bench.store_crash [--trials 100] [--mode hook|timed] [--size-mb 3] [--backend local|s3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
-from adapters_store import LocalStore, StoreError, sha256_hex
+from adapters_store import AdapterStore, LocalStore, StoreError, sha256_hex
 from adapters_store.crashtest import check_store, run_put, run_put_killed_after
 from adapters_store.testing import make_domain_artifact, validated
 
@@ -51,6 +58,21 @@ def pick_step(steps: tuple[str, ...], rng: random.Random) -> int:
     return rng.choice([i for i, step in enumerate(steps, start=1) if step == kind])
 
 
+@contextmanager
+def backend(name: str, tmp: Path, chunk: int) -> Iterator[Callable[[str], tuple[str, AdapterStore]]]:
+    """``open_at(name) -> (location, store)`` for a fresh store of the chosen backend."""
+    if name == "local":
+        yield lambda sub: (str(tmp / sub), LocalStore(tmp / sub, chunk_bytes=chunk))
+        return
+    from adapters_store.s3 import S3Store
+    from adapters_store.seaweedfs import seaweedfs
+
+    with seaweedfs(tmp / "seaweedfs") as server:
+        server.create_bucket("crash")
+        os.environ.update(server.env)  # the put children inherit the endpoint and credentials
+        yield lambda sub: (f"s3://crash/{sub}", S3Store.from_url(f"s3://crash/{sub}"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=100)
@@ -58,11 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=float, default=3.0)
     parser.add_argument("--chunk-kib", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", choices=["local", "s3"], default="local")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     chunk = args.chunk_kib * 1024
 
-    with tempfile.TemporaryDirectory(prefix="store_crash_") as tmp_dir:
+    with (
+        tempfile.TemporaryDirectory(prefix="store_crash_") as tmp_dir,
+        backend(args.backend, Path(tmp_dir), chunk) as open_at,
+    ):
         tmp = Path(tmp_dir)
         spec = make_spec(args.size_mb)
         files = [
@@ -76,15 +102,16 @@ def main(argv: list[str] | None = None) -> int:
         sha_of_file = [sha256_hex(f.tensor_bytes) for f in files]
 
         # Calibrate: the steps of one put (hook mode) and how long one takes (timed mode).
-        calib = run_put(tmp / "calibration", bundles[0], 0, activate=True, chunk_bytes=chunk)
+        calib = run_put(open_at("calibration")[0], bundles[0], 0, activate=True, chunk_bytes=chunk)
         steps = calib.steps
         first = validated(files[0], spec=spec)
+        timing = open_at("timing")[1]
+        timing.put(first, activate=True)  # the first put also makes directories / a client: not timed
         started = time.perf_counter()
-        LocalStore(tmp / "timing", chunk_bytes=chunk).put(first, activate=True)
+        timing.put(first, activate=True)
         put_seconds = time.perf_counter() - started
 
-        root = tmp / "store"
-        store = LocalStore(root, chunk_bytes=chunk)
+        root, store = open_at("store")
         store.put(first, activate=True)
         sha_of = {1: sha_of_file[0]}
         next_version = 2
@@ -105,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             kill_steps[outcome.killed_at or "completed"] += 1
 
-            reader = LocalStore(root)  # a fresh reader, as a server replica would be
+            reader = open_at("store")[1]  # a fresh reader, as a server replica would be
             problems = check_store(
                 reader,
                 DOMAIN,
@@ -145,9 +172,11 @@ def main(argv: list[str] | None = None) -> int:
 
         # The store still takes writes after 100 dead writers, and verifies clean.
         final_version = store.put(first, activate=True)
+        orphans = store.collect_garbage(min_age=timedelta(0))  # no writer is alive now
         final_ok = store.verify() == [] and store.get(DOMAIN).version == final_version
         summary = {
             "bench": "store_crash",
+            "backend": args.backend,
             "mode": args.mode,
             "trials": args.trials,
             "corrupt_stores": corrupt,
@@ -155,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             "puts_landed": landed,
             "puts_discarded": args.trials - landed,
             "store_usable_after": final_ok,
+            "orphans_collected": len(orphans),
             "steps_per_put": len(steps),
             "kills_by_step": dict(sorted(kill_steps.items())),
             "artifact_mb": round(len(files[0].tensor_bytes) / 2**20, 2),

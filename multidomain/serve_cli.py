@@ -1,9 +1,10 @@
 """`multidomain serve`: run the API under uvicorn on the app factory.
 
 Settings come from the environment (prefix `MD_`, see `server.settings.Settings`); `--host`, `--port` and
-`--store` override them. On a store without a backbone, the first-run import (`multidomain.bootstrap`:
-MobileNetV2 with ImageNet weights, domain `imagenet`) runs first unless `--no-bootstrap` is given. The
-server package itself knows nothing of this command: it lives with the other commands.
+`--store` (a directory or `s3://bucket/prefix`) override them. On a store without a backbone, the first-run
+import (`multidomain.bootstrap`: MobileNetV2 with ImageNet weights, domain `imagenet`) runs first unless
+`--no-bootstrap` is given. The server package itself knows nothing of this command: it lives with the other
+commands.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from adapters_store.local import LocalStore
+from adapters_store.open import is_s3_url, open_store
 from multidomain.bootstrap import bootstrap_store, has_backbone
 from server.settings import Settings
 
@@ -26,7 +27,10 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--host", help="bind address (default $MD_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default $MD_PORT or 8000)")
-    p.add_argument("--store", type=Path, help="store directory (default $MD_STORE_DIR or ./store)")
+    p.add_argument(
+        "--store",
+        help="store directory or s3://bucket/prefix (default $MD_STORE_URL, else $MD_STORE_DIR, else ./store)",
+    )
     p.add_argument(
         "--no-bootstrap", action="store_true", help="do not import MobileNetV2 into an empty store"
     )
@@ -35,11 +39,11 @@ def register(subparsers: Any) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    overrides = {
-        k: v
-        for k, v in (("host", args.host), ("port", args.port), ("store_dir", args.store))
-        if v is not None
-    }
+    overrides: dict[str, Any] = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if args.store is not None:
+        overrides.update(
+            {"store_url": args.store} if is_s3_url(args.store) else {"store_dir": Path(args.store)}
+        )
     return Settings(**overrides)
 
 
@@ -50,6 +54,8 @@ def serve_environment(settings: Settings, base: dict[str, str] | None = None) ->
     env.update(
         {"MD_HOST": settings.host, "MD_PORT": str(settings.port), "MD_STORE_DIR": str(settings.store_dir)}
     )
+    if settings.store_url:
+        env["MD_STORE_URL"] = settings.store_url
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
@@ -64,8 +70,10 @@ def uvicorn_command(settings: Settings, log_level: str) -> list[str]:
 def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args)
-    if not args.no_bootstrap and not has_backbone(LocalStore(settings.store_dir)):
-        bootstrap_store(settings.store_dir)
+    if not args.no_bootstrap:
+        store = open_store(settings.store_location, quotas=settings.store_quotas())
+        if not has_backbone(store):
+            bootstrap_store(store)
     # A fresh interpreter, not uvicorn.run here: this process may have loaded torch (the first-run import),
     # and torch's OpenMP runtime reads OMP_WAIT_POLICY only when it loads.
     command = uvicorn_command(settings, args.log_level)

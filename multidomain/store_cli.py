@@ -5,11 +5,15 @@
     multidomain store put-backbone BACKBONE_DIR
     multidomain store list | show DOMAIN [--version N] | activate DOMAIN VERSION | rollback DOMAIN
     multidomain store delete DOMAIN [--version N] | verify
+    multidomain store copy SRC DST                               backbone, every version, active/history
+    multidomain store gc [--min-age-hours H]                     remove what interrupted uploads left
 
 ARTIFACT is a bundle (.tar) or a directory with manifest.json + adapter.safetensors; BACKBONE_DIR a
-directory with manifest.json + backbone.safetensors. ``--store`` defaults to ``$MD_STORE_DIR``, else
-``./store``. Validation against a backbone goes through ``model_artifacts`` (imported lazily, so
-``list`` stays fast and loads no torch); ``adapters_store`` itself never knows the model.
+directory with manifest.json + backbone.safetensors. ``--store`` (and SRC, DST) is a directory or
+``s3://bucket/prefix`` (endpoint and credentials from the usual ``AWS_*`` settings); it defaults to
+``$MD_STORE_URL``, else ``$MD_STORE_DIR``, else ``./store``. Validation against a backbone goes through
+``model_artifacts`` (imported lazily, so ``list`` stays fast and loads no torch); ``adapters_store`` itself
+never knows the model.
 """
 
 from __future__ import annotations
@@ -19,20 +23,23 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import TextIO
 
 from adapters_store import (
+    AdapterStore,
     ArtifactInvalid,
     DomainManifest,
     DomainSpec,
-    LocalStore,
     Problem,
     StoreError,
     ValidatedArtifact,
     ValidatedBackbone,
+    open_store,
     validate_domain_artifact,
 )
+from adapters_store.copy import copy_store
 from adapters_store.files import read_backbone_dir, read_domain_files
 
 EXIT_OK, EXIT_INVALID = 0, 1
@@ -46,8 +53,8 @@ class _Refused(Exception):
         self.problems = problems
 
 
-def default_store_dir() -> Path:
-    return Path(os.environ.get("MD_STORE_DIR") or "store")
+def default_store_location() -> str:
+    return os.environ.get("MD_STORE_URL") or os.environ.get("MD_STORE_DIR") or "store"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -56,7 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     commands = group.add_subparsers(dest="store_command", required=True)
     with_store = argparse.ArgumentParser(add_help=False)
     with_store.add_argument(
-        "--store", type=Path, default=None, help="store directory (default: $MD_STORE_DIR, else ./store)"
+        "--store",
+        default=None,
+        help="store directory or s3://bucket/prefix (default: $MD_STORE_URL, else $MD_STORE_DIR, else ./store)",
     )
 
     p = commands.add_parser("validate", help="check a domain artifact against a backbone artifact")
@@ -111,9 +120,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     p.set_defaults(func=cmd_verify)
 
+    p = commands.add_parser(
+        "gc", parents=[with_store], help="delete what interrupted uploads left behind (never listed objects)"
+    )
+    p.add_argument(
+        "--min-age-hours",
+        type=float,
+        default=1.0,
+        help="S3: only objects at least this old (a live upload may not have listed its own yet)",
+    )
+    p.set_defaults(func=cmd_gc)
 
-def _store(args: argparse.Namespace) -> LocalStore:
-    return LocalStore(args.store if args.store is not None else default_store_dir())
+    p = commands.add_parser(
+        "copy", help="copy a store (backbone, every version, active versions and rollback history)"
+    )
+    p.add_argument("source", help="directory or s3://bucket/prefix")
+    p.add_argument("destination", help="directory or s3://bucket/prefix (its domains must be new to it)")
+    p.set_defaults(func=cmd_copy)
+
+
+def _store(args: argparse.Namespace) -> AdapterStore:
+    return open_store(args.store if args.store is not None else default_store_location())
 
 
 def _guarded(command: Callable[[argparse.Namespace, TextIO], int]) -> Callable[[argparse.Namespace], int]:
@@ -197,16 +224,15 @@ def cmd_put_backbone(args: argparse.Namespace, out: TextIO) -> int:
 @_guarded
 def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
     store = _store(args)
-    domains = store.list_domains()
-    if not domains:
-        print(f"no domains in {store.root}", file=out)
+    infos = store.describe_all()
+    if not infos:
+        print(f"no domains in {store!r}", file=out)
         return EXIT_OK
-    width = max(len("DOMAIN"), *(len(d) for d in domains))
+    width = max(len("DOMAIN"), *(len(i.domain) for i in infos))
     print(f"{'DOMAIN':<{width}}  ACTIVE  VERSIONS", file=out)
-    for domain in domains:
-        info = store.describe(domain)
+    for info in infos:
         active = "-" if info.active is None else f"v{info.active}"
-        print(f"{domain:<{width}}  {active:<6}  {' '.join(f'v{v}' for v in info.versions)}", file=out)
+        print(f"{info.domain:<{width}}  {active:<6}  {' '.join(f'v{v}' for v in info.versions)}", file=out)
     return EXIT_OK
 
 
@@ -222,7 +248,7 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
     version = args.version if args.version is not None else info.active
     if version is not None:
         stored = store.get(args.domain, version)
-        print(f"manifest of v{version} ({stored.tensor_path}):", file=out)
+        print(f"manifest of v{version}:", file=out)
         print(json.dumps(stored.manifest.model_dump(mode="json"), indent=2), file=out)
     return EXIT_OK
 
@@ -259,6 +285,27 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
     if problems:
         raise _Refused(problems)
     print("store is consistent", file=out)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
+    removed = _store(args).collect_garbage(timedelta(hours=args.min_age_hours))
+    for path in removed:
+        print(f"removed {path}", file=out)
+    print(f"{len(removed)} unlisted object(s) removed", file=out)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_copy(args: argparse.Namespace, out: TextIO) -> int:
+    source, destination = open_store(args.source), open_store(args.destination)
+    report = copy_store(source, destination)
+    print(
+        f"copied {report.domains} domain(s), {report.versions} version(s), {report.bytes} bytes "
+        f"from {source!r} to {destination!r}",
+        file=out,
+    )
     return EXIT_OK
 
 

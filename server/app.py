@@ -22,7 +22,8 @@ from server.settings import Settings
 
 
 def create_app(settings: Settings | None = None, *, store: AdapterStore | None = None) -> FastAPI:
-    """A new app with its own metrics registry. `store` overrides `settings.store_dir` (tests)."""
+    """A new app with its own metrics registry. `store` overrides the settings' store location and quotas
+    (tests)."""
     settings = settings or Settings()
     metrics = Metrics()
 

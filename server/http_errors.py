@@ -22,6 +22,9 @@ from adapters_store.errors import (
     StoreBusy,
     StoreConflict,
     StoreCorrupt,
+    StoreQuotaExceeded,
+    StoreSymlink,
+    StoreUnavailable,
     VersionNotFound,
 )
 from domain_format.preprocess import CorruptImage, ImageRejected, TooManyPixels, UnsupportedImage
@@ -36,8 +39,14 @@ _STORE_STATUS: list[tuple[type[AdapterStoreError], int, str]] = [
     (VersionNotFound, 404, "version_not_found"),
     (BackboneNotFound, 503, "no_backbone"),
     (StoreConflict, 409, "conflict"),
+    # 409, not 413 (the request itself is not too large) nor 507 (a 5xx blames the server): the write
+    # conflicts with what the store holds now, and succeeds once the client deletes something.
+    (StoreQuotaExceeded, 409, "quota_exceeded"),
     (StoreBusy, 503, "store_busy"),
+    (StoreUnavailable, 503, "store_unavailable"),
     (StoreCorrupt, 500, "store_corrupt"),
+    # The operator's volume holds a link the store refuses to follow: not the client's fault.
+    (StoreSymlink, 500, "store_symlink"),
 ]
 
 # Images the decoder refuses: (status, code).
@@ -81,9 +90,11 @@ def _store_error(_: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, ArtifactInvalid):
         problems = [{"field": p.field, "message": p.message, "code": p.code} for p in exc.problems]
         return error_response(422, code, "the artifact was refused", problems=problems)
-    if status == 500:
+    if isinstance(exc, StoreQuotaExceeded):
+        return error_response(status, code, str(exc), limit=exc.limit, value=exc.value)
+    if status >= 500:
         log.error("store failure: %s", exc)
-    headers = {"Retry-After": "1"} if isinstance(exc, StoreBusy) else None
+    headers = {"Retry-After": "1"} if isinstance(exc, StoreBusy | StoreUnavailable) else None
     return error_response(status, code, str(exc), headers)
 
 

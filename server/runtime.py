@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from adapters_store.local import LocalStore
+from adapters_store.open import open_store
 from adapters_store.store import AdapterStore
 from server.batcher import Batcher
 from server.engine import Engine, EngineConfig
@@ -51,7 +51,11 @@ class Runtime:
             torch.set_num_threads(settings.torch_threads)
         # PIL's limit is process-wide; the decoder also checks the setting itself, exactly, from the header.
         Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
-        store = store if store is not None else LocalStore(settings.store_dir)
+        store = (
+            store
+            if store is not None
+            else open_store(settings.store_location, quotas=settings.store_quotas())
+        )
         engine = Engine(store, engine_config(settings), events=metrics)
         if settings.warmup:
             engine.warm_up()

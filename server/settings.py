@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adapters_store.index import StoreQuotas
 from adapters_store.limits import MiB
 from domain_format.preprocess import DEFAULT_MAX_PIXELS
 
@@ -18,7 +19,16 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MD_", extra="ignore")
 
     store_dir: Path = Path("./store")
-    """The local store (backbone + domain artifacts)."""
+    """The local store (backbone + domain artifacts), used unless `store_url` is set."""
+    store_url: str | None = Field(default=None, pattern=r"^s3://[^/]{3,}(/.*)?$")
+    """A shared S3 store, `s3://bucket/prefix`, for replicas on several hosts; endpoint and credentials
+    come from the usual AWS settings (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...). Unset: `store_dir`."""
+    max_domains: int | None = Field(default=None, ge=1)
+    """Most domains the store may hold; an upload of a new domain beyond it gets 409 quota_exceeded."""
+    max_versions_per_domain: int | None = Field(default=None, ge=1)
+    """Most stored versions of one domain; beyond it an upload gets 409 (delete an old version first)."""
+    max_store_bytes: int | None = Field(default=None, ge=1)
+    """Most bytes the store may hold (every listed version's manifest and tensors, and the backbone)."""
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
 
@@ -71,6 +81,14 @@ class Settings(BaseSettings):
     """Bearer token for adapter upload, activation and deletion; None refuses every admin call."""
     inference_token: SecretStr | None = None
     """Bearer token required for classification; None (default) leaves inference open."""
+
+    @property
+    def store_location(self) -> str | Path:
+        """What `adapters_store.open_store` opens: `store_url` when set, else `store_dir`."""
+        return self.store_url if self.store_url else self.store_dir
+
+    def store_quotas(self) -> StoreQuotas:
+        return StoreQuotas(self.max_domains, self.max_versions_per_domain, self.max_store_bytes)
 
     @field_validator("admin_token", "inference_token", mode="after")
     @classmethod

@@ -65,18 +65,18 @@ async def _in_pool(runtime: Runtime, fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(runtime.pool, fn, *args)
 
 
-def _summary(runtime: Runtime, domain: str) -> DomainSummary:
-    info = runtime.store.describe(domain)
-    return DomainSummary(
-        domain=domain,
-        versions=list(info.versions),
-        active=info.active,
-        resident=runtime.engine.is_resident(domain),
-    )
-
-
 def _list(runtime: Runtime) -> DomainList:
-    return DomainList(domains=[_summary(runtime, d) for d in runtime.store.list_domains()])
+    # One index read for every domain (describe per domain reparsed the index once each).
+    summaries = [
+        DomainSummary(
+            domain=info.domain,
+            versions=list(info.versions),
+            active=info.active,
+            resident=runtime.engine.is_resident(info.domain),
+        )
+        for info in runtime.store.describe_all()
+    ]
+    return DomainList(domains=summaries)
 
 
 def _detail(runtime: Runtime, domain: str) -> DomainDetail:

@@ -10,6 +10,7 @@ import pytest
 from adapters_store import LocalStore, manifest_to_json
 from adapters_store.testing import ArtifactFiles, make_domain_artifact, validated
 from multidomain.store_cli import main
+from tests.conftest import s3_url
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -65,6 +66,11 @@ def test_activate_rollback_delete(populated: Path, capsys: pytest.CaptureFixture
     assert run(capsys, "delete", "cars", "--store", str(populated))[0] == 0
     assert store.list_domains() == ["birds"]
     assert run(capsys, "verify", "--store", str(populated))[0] == 0
+    (populated / "tmp" / "stale").write_bytes(b"left by a killed upload")
+    assert run(capsys, "gc", "--store", str(populated)) == (
+        0,
+        "removed tmp/stale\n1 unlisted object(s) removed\n",
+    )
 
 
 def test_errors_exit_1_with_a_message(populated: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -74,6 +80,37 @@ def test_errors_exit_1_with_a_message(populated: Path, capsys: pytest.CaptureFix
     assert code == 1 and "VersionNotFound" in out
     code, out = run(capsys, "rollback", "cars", "--store", str(populated))
     assert code == 1 and "StoreConflict" in out
+
+
+def test_commands_work_on_an_s3_store_and_copy_moves_a_store_both_ways(
+    populated: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], s3_env: object
+) -> None:
+    url = s3_url()
+    code, out = run(capsys, "copy", str(populated), url)
+    assert code == 0 and "copied 2 domain(s), 3 version(s)" in out, out
+    code, out = run(capsys, "list", "--store", url)
+    assert code == 0 and out.splitlines()[1].split() == ["birds", "v1", "v1", "v2"]
+    assert run(capsys, "activate", "birds", "2", "--store", url)[0] == 0
+    assert run(capsys, "delete", "cars", "--store", url)[0] == 0
+    assert run(capsys, "verify", "--store", url) == (0, "store is consistent\n")
+    assert run(capsys, "gc", "--store", url) == (0, "0 unlisted object(s) removed\n")
+    code, out = run(capsys, "copy", url, str(tmp_path / "back"))
+    assert code == 0 and "copied 1 domain(s), 2 version(s)" in out
+    back = LocalStore(tmp_path / "back").describe("birds")
+    assert (back.versions, back.active, back.previous) == ((1, 2), 2, (1,))
+    code, out = run(capsys, "copy", url, str(tmp_path / "back"))  # its domains exist there now
+    assert code == 1 and "StoreConflict" in out
+
+
+def test_s3_store_from_the_environment(
+    populated: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, s3_env: object
+) -> None:
+    url = s3_url()
+    assert run(capsys, "copy", str(populated), url)[0] == 0
+    monkeypatch.setenv("MD_STORE_DIR", str(populated.parent / "elsewhere"))
+    monkeypatch.setenv("MD_STORE_URL", url)  # wins over MD_STORE_DIR
+    code, out = run(capsys, "list")
+    assert code == 0 and "cars" in out
 
 
 def test_empty_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

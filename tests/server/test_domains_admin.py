@@ -93,3 +93,76 @@ def test_activate_request_must_name_one_thing(client: TestClient) -> None:
     assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
     r = client.put("/v1/domains/birds/active", json={"version": 9}, headers=auth())
     assert r.status_code == 404 and r.json()["error"]["code"] == "version_not_found"
+
+
+def test_an_upload_into_a_store_with_a_symlinked_tmp_is_refused_and_deletes_nothing(
+    client: TestClient, world: TinyWorld, store: LocalStore, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "keep.txt").write_text("precious")
+    (victim / "sub" / "deep.txt").write_text("precious too")
+    (store.root / "tmp").rmdir()
+    (store.root / "tmp").symlink_to(victim, target_is_directory=True)
+    art = world.artifacts["birds_v2"]
+    files = {"manifest": ("manifest.json", art.manifest), "tensors": ("adapter.safetensors", art.tensors)}
+    r = client.post("/v1/domains/birds/adapters", files=files, headers=auth())
+    assert r.status_code == 500
+    assert (
+        r.json()["error"]["code"] == "store_symlink"
+        and "tmp is a symbolic link" in r.json()["error"]["message"]
+    )
+    assert (victim / "keep.txt").read_text() == "precious" and (victim / "sub" / "deep.txt").exists()
+    assert client.get("/v1/domains/birds").json()["versions"] == [1]
+
+
+def _upload_status(client: TestClient, world: TinyWorld, name: str, domain: str) -> tuple[int, dict]:
+    art = world.artifacts[name]
+    files = {"manifest": ("manifest.json", art.manifest), "tensors": ("adapter.safetensors", art.tensors)}
+    r = client.post(f"/v1/domains/{domain}/adapters", files=files, headers=auth())
+    return r.status_code, r.json()
+
+
+def test_quotas_refuse_uploads_with_409_naming_the_limit(world: TinyWorld, tmp_path: Path) -> None:
+    store = make_store(world, tmp_path / "s", domains=("birds", "digits"))
+    settings = settings_for(store, max_versions_per_domain=1, max_domains=2)
+    with TestClient(create_app(settings)) as client:
+        status, body = _upload_status(client, world, "birds_v2", "birds")
+        assert status == 409, body
+        assert body["error"]["code"] == "quota_exceeded"
+        assert (body["error"]["limit"], body["error"]["value"]) == ("max_versions_per_domain", 1)
+        assert "max_versions_per_domain=1" in body["error"]["message"]
+        status, body = _upload_status(client, world, "textures", "textures")
+        assert status == 409 and body["error"]["limit"] == "max_domains"
+        assert client.get("/v1/domains/birds").json()["versions"] == [1]
+        assert [d["domain"] for d in client.get("/v1/domains").json()["domains"]] == ["birds", "digits"]
+        # Room made, the same upload goes through.
+        assert client.delete("/v1/domains/digits", headers=auth()).status_code == 200
+        assert _upload_status(client, world, "textures", "textures")[0] == 201
+
+
+def test_store_bytes_quota_from_the_settings(world: TinyWorld, tmp_path: Path) -> None:
+    store = make_store(world, tmp_path / "s", domains=("birds",))
+    with TestClient(create_app(settings_for(store, max_store_bytes=1))) as client:
+        status, body = _upload_status(client, world, "birds_v2", "birds")
+        assert status == 409 and (body["error"]["limit"], body["error"]["value"]) == ("max_store_bytes", 1)
+
+
+class _CountingStore(LocalStore):
+    """A real LocalStore that counts how often it reads its index."""
+
+    index_reads = 0
+
+    def _read_index(self):  # type: ignore[no-untyped-def]
+        type(self).index_reads += 1
+        return super()._read_index()
+
+
+def test_listing_domains_reads_the_index_once(world: TinyWorld, tmp_path: Path) -> None:
+    root = make_store(world, tmp_path / "s").root
+    store = _CountingStore(root)
+    with TestClient(create_app(settings_for(store), store=store)) as client:
+        _CountingStore.index_reads = 0
+        listing = client.get("/v1/domains").json()["domains"]
+        assert len(listing) == 3 and _CountingStore.index_reads == 1
+        assert {d["domain"]: d["versions"] for d in listing} == {"birds": [1], "digits": [1], "textures": [1]}

@@ -65,3 +65,25 @@ def test_fresh_store_serves_imagenet_and_finds_the_cat(
         assert r.json()["version"] == 1
         assert top["label"] == "Egyptian cat" and top["index"] == 285
         assert 0.5 < top["probability"] < 0.95
+
+
+def test_replicas_bootstrapping_one_empty_s3_store_at_once_make_one_imagenet_version(s3_env: object) -> None:
+    import threading
+
+    from adapters_store import open_store
+    from tests.conftest import s3_url
+
+    url = s3_url()
+    results: list[bool] = []
+    threads = [threading.Thread(target=lambda: results.append(bootstrap_store(url))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2
+    store = open_store(url)
+    info = store.describe("imagenet")
+    assert (info.versions, info.active) == ((1,), 1)
+    assert store.get_backbone().manifest.name == "mobilenet_v2"
+    assert bootstrap_store(url) is False
+    assert store.verify() == []
