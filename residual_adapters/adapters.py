@@ -15,6 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+AdapterShape = tuple[str, int, int, int | None]
+"""(mode "parallel"|"series", c_out, c_in, rank or None for a full matrix)."""
+
+BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
+"""The tensors of one BN, as a domain spec names them (`<unit>.bn.<tensor>`)."""
+
 
 class AdapterMatrix(nn.Module):
     """A 1x1 adapter matrix [c_out, c_in]: full (`weight`) or low-rank (`u` [c_out, r] @ `v` [r, c_in])."""
@@ -46,7 +52,7 @@ class DomainUnitParams(nn.Module):
         base_bn: nn.BatchNorm2d,
         *,
         domain_bn: bool,
-        adapter: tuple[str, int, int, int | None] | None,
+        adapter: AdapterShape | None,
     ) -> None:
         super().__init__()
         self.bn: nn.BatchNorm2d | None = None

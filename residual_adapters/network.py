@@ -1,12 +1,16 @@
 """`MultiDomainNet`: one frozen backbone, many domains.
 
 The architecture (`body`) is an ordinary module whose conv+BN pairs are `DomainUnit`s and whose classifier
-is a `DomainHead`; which parameters a forward uses is set through the shared `ForwardContext`:
+is a `DomainHead`. Each forward method makes one immutable plan (see `plan`) and runs the body under it:
 
-- `forward_domain(x, name)`: one domain's trainable modules (training, reference);
-- `forward(x, domain_index)`: the adapter bank, every row its own slot (mixed batches);
-- `forward_merged(x, slot)`: one slot's folded weights, at the plain backbone's cost;
-- `forward_base(x)`: the plain backbone, base BN and its own classifier if it was imported with one.
+- `forward_domain(x, name)`: one domain's trainable modules (training, reference)      DomainPlan;
+- `forward(x, domain_index)`: the adapter bank, every row its own slot (mixed batches)   MixedPlan;
+- `forward_slot(x, slot)`: one bank slot, unmerged                                      SlotPlan;
+- `forward_merged(x, slot)`: one slot's folded weights, at the plain backbone's cost      MergedPlan;
+- `forward_base(x)`: the plain backbone, base BN and its own classifier if it was imported with one  BasePlan.
+
+Forwards may run on several threads at once. Changing the network (domains, bank loads, merges) may not
+run concurrently with forwards that use what it changes; the server's engine serialises those.
 """
 
 from __future__ import annotations
@@ -14,14 +18,27 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from residual_adapters.adapters import BN_TENSORS, AdapterShape
+from residual_adapters.bank import HeadBank, UnitBank
 from residual_adapters.config import AdapterConfig, pointwise_rank, select_units
-from residual_adapters.context import ForwardContext
-from residual_adapters.units import BN_TENSORS, AdapterShape, DomainHead, DomainUnit
+from residual_adapters.plan import (
+    BasePlan,
+    DomainPlan,
+    MergedConv,
+    MergedPlan,
+    MixedPlan,
+    MixedStrategy,
+    Segment,
+    SlotPlan,
+    running,
+)
+from residual_adapters.units import DomainHead, DomainUnit
 
 TensorSpec = tuple[tuple[int, ...], str]
 """(shape, dtype) of one domain tensor: the domain spec is data, so the store can check it without torch.nn."""
@@ -38,10 +55,9 @@ class DomainMismatch(ValueError):
 
 
 class MultiDomainNet(nn.Module):
-    def __init__(self, body: nn.Module, ctx: ForwardContext, architecture: dict[str, Any]) -> None:
+    def __init__(self, body: nn.Module, architecture: dict[str, Any]) -> None:
         super().__init__()
         self.body = body
-        self.ctx = ctx
         self.architecture = architecture
         """{"name": registry name, "kwargs": structural arguments}: enough to rebuild the body."""
         self.units: list[DomainUnit] = []
@@ -57,10 +73,12 @@ class MultiDomainNet(nn.Module):
         self.head = heads[0]
         self.domains: dict[str, DomainInfo] = {}
         self.slots: list[DomainInfo | None] = []
-        self.mixed_strategy: Literal["auto", "segments", "gather"] = "auto"
-        """How mixed batches apply adapters: per-domain GEMMs over slot-sorted rows (segments, best on
+        self.mixed_strategy: Literal["auto"] | MixedStrategy = "auto"
+        """How bank forwards apply adapters: per-domain GEMMs over slot-sorted rows (segments, best on
         CPU), or a per-row gather + one batched GEMM per layer (gather, fewer kernel launches on GPU).
         auto picks segments on CPU and gather elsewhere."""
+        self._merged: dict[int, MappingProxyType[nn.Module, MergedConv]] = {}
+        """slot -> every unit's folded weights; each entry complete before it is published (see merge)."""
 
     # -- shared weights -----------------------------------------------------------------------------
     def shared_state_dict(self) -> dict[str, Tensor]:
@@ -211,11 +229,11 @@ class MultiDomainNet(nn.Module):
     # -- forward paths ------------------------------------------------------------------------------
     def forward_domain(self, x: Tensor, name: str) -> Tensor:
         self._require(name)
-        with self.ctx.use(mode="domain", domain=name):
+        with running(DomainPlan(name)):
             return self.body(x)  # type: ignore[no-any-return]
 
     def forward_base(self, x: Tensor) -> Tensor:
-        with self.ctx.use(mode="base"):
+        with running(BasePlan()):
             return self.body(x)  # type: ignore[no-any-return]
 
     @torch.no_grad()
@@ -232,49 +250,41 @@ class MultiDomainNet(nn.Module):
         segments, start = [], 0
         for slot, count in zip(slots.tolist(), counts.tolist(), strict=True):  # one host sync per batch
             self._slot(slot)
-            segments.append((slot, start, start + count))
+            segments.append(Segment(slot, start, start + count))
             start += count
         if len(segments) == 1:
-            return self._pad(self.forward_slot(x, segments[0][0]))
-        series = any(self.slots[s].config.kind == "series" for s, _, _ in segments)  # type: ignore[union-attr]
-        gather = self._gather(x)
-        with self.ctx.use(
-            mode="mixed",
-            slot_index=sorted_index,
-            slot=None,
-            segments=tuple(segments),
-            series=series,
-            gather=gather,
-        ):
+            return self._pad(self.forward_slot(x, segments[0].slot))
+        series = any(self.slots[s.slot].config.kind == "series" for s in segments)  # type: ignore[union-attr]
+        plan = MixedPlan(sorted_index, tuple(segments), series=series, strategy=self._strategy(x))
+        with running(plan):
             logits = self.body(x[order])
         out = torch.empty_like(logits)
         out[order] = logits
         return out
 
-    def _gather(self, x: Tensor) -> bool:
+    def _strategy(self, x: Tensor) -> MixedStrategy:
         if self.mixed_strategy == "auto":
-            return x.device.type != "cpu"
-        return self.mixed_strategy == "gather"
+            return "segments" if x.device.type == "cpu" else "gather"
+        return self.mixed_strategy
 
     def _pad(self, logits: Tensor) -> Tensor:
-        k_max = self.head.bank_weight.shape[1]
+        k_max = self._head_bank().max_classes
         return torch.nn.functional.pad(logits, (0, k_max - logits.shape[1]), value=float("-inf"))
 
     @torch.no_grad()
     def forward_slot(self, x: Tensor, slot: int) -> Tensor:
         """A single-domain batch through the bank, unmerged (inference only) -> [B, K]."""
-        info = self._slot(slot)
-        segments = ((slot, 0, x.shape[0]),)
-        series = info.config.kind == "series"
-        with self.ctx.use(mode="mixed", slot=slot, segments=segments, series=series, gather=self._gather(x)):
+        series = self._slot(slot).config.kind == "series"
+        with running(SlotPlan(slot, series=series, strategy=self._strategy(x))):
             return self.body(x)  # type: ignore[no-any-return]
 
     def forward_merged(self, x: Tensor, slot: int) -> Tensor:
         """A single-domain batch through the slot's merged weights (see `merge`)."""
         self._slot(slot)
-        if slot not in self.units[0].merged:
-            self.merge(slot)
-        with self.ctx.use(mode="merged", slot=slot):
+        weights = self._merged.get(slot)
+        if weights is None:
+            weights = self._merge(slot)
+        with running(MergedPlan(slot, weights)):
             return self.body(x)  # type: ignore[no-any-return]
 
     # -- adapter bank -------------------------------------------------------------------------------
@@ -289,8 +299,14 @@ class MultiDomainNet(nn.Module):
                 rank = pointwise_rank(c_out, c_in, pointwise_budget) if unit.pointwise else None
                 shape = ("parallel", c_out, c_in, rank)
             unit.enable_bank(slots, shape, pointwise_budget)
-        self.head.enable_bank(slots, self.units[0].bank_scale)
+        self.head.enable_bank(slots, self.units[0].base_bn.weight)
         self.slots = [None] * slots
+        self._merged.clear()
+
+    def _head_bank(self) -> HeadBank:
+        if self.head.bank is None:
+            raise KeyError("the adapter bank is not enabled (enable_bank first)")
+        return self.head.bank
 
     def _slot(self, slot: int) -> DomainInfo:
         if not 0 <= slot < len(self.slots) or self.slots[slot] is None:
@@ -305,6 +321,7 @@ class MultiDomainNet(nn.Module):
         num_classes = int(tensors["head.bias"].shape[0]) if "head.bias" in tensors else 0
         check_tensors(self.domain_spec(config, num_classes), tensors)
         self.slots[slot] = None  # a failure half-way leaves the slot empty, never half-loaded
+        self.unmerge(slot)
         for unit in self.units:
             prefix = f"{unit.name}."
             own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -327,15 +344,35 @@ class MultiDomainNet(nn.Module):
             mapping[name] = slot
         return mapping
 
-    @torch.no_grad()
     def merge(self, slot: int) -> None:
+        """Fold slot's adapters into each conv's centre tap and its BN into weight and bias (kept until
+        `unmerge`, a new `bank_load` into the slot, or `enable_bank`)."""
         self._slot(slot)
-        for unit in self.units:
-            unit.merge(slot)
+        self._merge(slot)
+
+    @torch.no_grad()
+    def _merge(self, slot: int) -> MappingProxyType[nn.Module, MergedConv]:
+        weights = MappingProxyType({unit: unit.merge(slot) for unit in self.units})
+        self._merged[slot] = weights  # published whole: a concurrent forward sees all units or none
+        return weights
 
     def unmerge(self, slot: int) -> None:
-        for unit in self.units:
-            unit.merged.pop(slot, None)
+        self._merged.pop(slot, None)
+
+    # -- memory -------------------------------------------------------------------------------------
+    def bank_bytes(self) -> int:
+        """Bytes held by the adapter bank (all slots, empty or not)."""
+        banks = [m for m in self.modules() if isinstance(m, UnitBank | HeadBank)]
+        return sum(t.numel() * t.element_size() for bank in banks for t in bank.buffers())
+
+    def merged_bytes(self) -> int:
+        """Bytes held by merged (folded) weights."""
+        return sum(
+            t.numel() * t.element_size()
+            for weights in list(self._merged.values())
+            for pair in weights.values()
+            for t in pair
+        )
 
     # -- parameter counting -------------------------------------------------------------------------
     def domain_parameter_counts(self, config: AdapterConfig, num_classes: int) -> dict[str, int]:

@@ -146,7 +146,7 @@ class Engine:
         self.net.enable_bank(self.config.bank_slots)
 
         self._net_lock = threading.Lock()
-        """Held for every forward and bank change: one network runs one forward at a time."""
+        """Held for every forward and bank change, so a slot never changes under a forward that reads it."""
         self._state_lock = threading.Lock()
         """Guards the dictionaries below (short critical sections only)."""
         self._resident: OrderedDict[DomainKey, _Slot] = OrderedDict()  # LRU order: oldest first
@@ -415,20 +415,11 @@ class Engine:
     # -- memory -----------------------------------------------------------------------------------
     def bank_bytes(self) -> int:
         """Bytes held by the adapter bank (all slots, empty or not)."""
-        total = 0
-        for module in [*self.net.units, self.net.head]:
-            for name, buf in module.named_buffers(recurse=False):
-                if name.startswith("bank_"):
-                    total += buf.numel() * buf.element_size()
-        return total
+        return self.net.bank_bytes()
 
     def merged_bytes(self) -> int:
         """Bytes held by merged (folded) weights: bounded by `merged_cache` domains."""
-        total = 0
-        for unit in self.net.units:
-            for w, b in unit.merged.values():
-                total += w.numel() * w.element_size() + b.numel() * b.element_size()
-        return total
+        return self.net.merged_bytes()
 
     def device_memory_bytes(self) -> int:
         if self.device.type == "cuda":

@@ -14,22 +14,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from residual_adapters.backbones import register_backbone
-from residual_adapters.context import ForwardContext
 from residual_adapters.network import MultiDomainNet
 from residual_adapters.units import DomainHead, DomainUnit
 
 
-def _unit(c_in: int, c_out: int, stride: int, ctx: ForwardContext) -> DomainUnit:
+def _unit(c_in: int, c_out: int, stride: int) -> DomainUnit:
     conv = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    return DomainUnit(conv, nn.BatchNorm2d(c_out), ctx)
+    return DomainUnit(conv, nn.BatchNorm2d(c_out))
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int, ctx: ForwardContext) -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()
-        self.conv1 = _unit(c_in, c_out, stride, ctx)
-        self.conv2 = _unit(c_out, c_out, 1, ctx)
+        self.conv1 = _unit(c_in, c_out, stride)
+        self.conv2 = _unit(c_out, c_out, 1)
         self.stride = stride
         self.pad = c_out - c_in
 
@@ -44,19 +43,19 @@ class BasicBlock(nn.Module):
 
 
 class ResNet26(nn.Module):
-    def __init__(self, width: float, ctx: ForwardContext) -> None:
+    def __init__(self, width: float) -> None:
         super().__init__()
         base = max(1, round(32 * width))
-        self.stem = _unit(3, base, 1, ctx)
+        self.stem = _unit(3, base, 1)
         stages = []
         c_in = base
         for c_out in (2 * base, 4 * base, 8 * base):
-            blocks = [BasicBlock(c_in, c_out, 2, ctx)] + [BasicBlock(c_out, c_out, 1, ctx) for _ in range(3)]
+            blocks = [BasicBlock(c_in, c_out, 2)] + [BasicBlock(c_out, c_out, 1) for _ in range(3)]
             stages.append(nn.Sequential(*blocks))
             c_in = c_out
         self.stages = nn.Sequential(*stages)
-        self.end_bn = DomainUnit(None, nn.BatchNorm2d(c_in), ctx)
-        self.head = DomainHead(c_in, ctx)
+        self.end_bn = DomainUnit(None, nn.BatchNorm2d(c_in))
+        self.head = DomainHead(c_in)
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.relu(self.end_bn(self.stages(self.stem(x))))
@@ -69,5 +68,4 @@ def resnet26(
 ) -> MultiDomainNet:
     if weights is not None:
         raise ValueError("resnet26 has no torchvision weights: load a backbone artifact instead")
-    ctx = ForwardContext()
-    return MultiDomainNet(ResNet26(width, ctx), ctx, {"name": "resnet26", "kwargs": {"width": width}})
+    return MultiDomainNet(ResNet26(width), {"name": "resnet26", "kwargs": {"width": width}})

@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from residual_adapters.backbones import register_backbone
 from residual_adapters.config import AdapterConfig
-from residual_adapters.context import ForwardContext
 from residual_adapters.network import MultiDomainNet
 from residual_adapters.units import DomainHead, DomainUnit
 
@@ -38,7 +37,7 @@ def _load_state_dict(weights: Weights) -> Mapping[str, Tensor] | None:
     return torch.load(weights, map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
 
 
-def wrap_conv_bn_pairs(model: nn.Module, ctx: ForwardContext) -> None:
+def wrap_conv_bn_pairs(model: nn.Module) -> None:
     """Replace each conv and the BN that directly follows it by one DomainUnit (+ an Identity)."""
     for _, parent in list(model.named_modules()):
         children = dict(parent.named_children())
@@ -50,7 +49,7 @@ def wrap_conv_bn_pairs(model: nn.Module, ctx: ForwardContext) -> None:
         for conv_name, bn_name in pairs:
             conv, bn = children.get(conv_name), children.get(bn_name)
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(parent, conv_name, DomainUnit(conv, bn, ctx))
+                setattr(parent, conv_name, DomainUnit(conv, bn))
                 setattr(parent, bn_name, nn.Identity())
 
 
@@ -65,14 +64,13 @@ def _import(
     state = _load_state_dict(weights)
     if state is not None:
         model.load_state_dict(state)
-    ctx = ForwardContext()
-    wrap_conv_bn_pairs(model, ctx)
+    wrap_conv_bn_pairs(model)
     parent = model
     for part in classifier_path[:-1]:
         parent = getattr(parent, part)
     classifier: nn.Linear = getattr(parent, classifier_path[-1])
-    setattr(parent, classifier_path[-1], DomainHead(classifier.in_features, ctx, base=classifier))
-    net = MultiDomainNet(model, ctx, {"name": name, "kwargs": {}})
+    setattr(parent, classifier_path[-1], DomainHead(classifier.in_features, base=classifier))
+    net = MultiDomainNet(model, {"name": name, "kwargs": {}})
     if state is not None and classifier_domain is not None:
         net.load_domain(
             classifier_domain,
