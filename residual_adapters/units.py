@@ -194,11 +194,6 @@ class DomainUnit(nn.Module):
             raise ForwardPlanError(f"unit {self.name} has no adapter bank (MultiDomainNet.enable_bank first)")
         return self.bank
 
-    @property
-    def bank_scale(self) -> Tensor:
-        """The bank's folded BN scale, [slots, C] (its dtype and device are the bank's)."""
-        return self._require_bank().scale
-
     def bank_load(self, slot: int, tensors: dict[str, Tensor], adapter: AdapterShape | None) -> None:
         """Copy one domain's tensors (names relative to this unit) into `slot`, folding its BN."""
         self._require_bank().load(slot, tensors, adapter, self.base_bn)
