@@ -41,13 +41,14 @@ def add_adapter(y: Tensor, x: Tensor, matrices: SlotMatrices, plan: BankPlan) ->
             index = torch.full((b,), plan.slot, device=x.device)
         else:
             index = plan.slot_index
-        _add_gathered(y_rows, x_rows, matrices, index)
+        _add_gathered(x_rows, y_rows, matrices, index)
         return
     segments = (Segment(plan.slot, 0, b),) if isinstance(plan, SlotPlan) else plan.segments
-    _add_segments(y_rows.view(b * h * w, y.shape[1]), x_rows.view(b * h * w, c_in), matrices, segments, h * w)
+    x_flat, y_flat = x_rows.view(b * h * w, c_in), y_rows.view(b * h * w, y.shape[1])
+    _add_segments(x_flat, y_flat, matrices, segments, h * w)
 
 
-def _add_gathered(y_rows: Tensor, x_rows: Tensor, matrices: SlotMatrices, index: Tensor) -> None:
+def _add_gathered(x_rows: Tensor, y_rows: Tensor, matrices: SlotMatrices, index: Tensor) -> None:
     if matrices.rank is None:
         y_rows.baddbmm_(x_rows, matrices.buffer("weight")[index].transpose(1, 2))
     else:
@@ -56,7 +57,7 @@ def _add_gathered(y_rows: Tensor, x_rows: Tensor, matrices: SlotMatrices, index:
 
 
 def _add_segments(
-    y_flat: Tensor, x_flat: Tensor, matrices: SlotMatrices, segments: tuple[Segment, ...], rows: int
+    x_flat: Tensor, y_flat: Tensor, matrices: SlotMatrices, segments: tuple[Segment, ...], rows: int
 ) -> None:
     for slot, start, end in segments:
         seg_x, seg_y = x_flat[start * rows : end * rows], y_flat[start * rows : end * rows]
