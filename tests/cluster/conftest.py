@@ -8,7 +8,6 @@ so a change made through one replica is seen by the next request to any other: n
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import httpx
@@ -21,8 +20,6 @@ from tests.server.conftest import ADMIN, TOL, TinyWorld, encode, image, make_sto
 
 # `world` is re-exported (pytest finds the fixture through this module); the rest for the tests.
 __all__ = ["ADMIN", "TOL", "encode", "image", "world"]
-
-pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
 
 
 @pytest.fixture(scope="package")
