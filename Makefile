@@ -56,9 +56,10 @@ serve: install
 	$(BIN)/multidomain serve
 
 # Three replicas on one store behind HAProxy, all on 127.0.0.1, in the foreground (Ctrl-C stops them all):
-# http://127.0.0.1:8080 and https://127.0.0.1:8443 (self-signed), replicas on 8001-8003.
+# http://127.0.0.1:8080 and https://127.0.0.1:8443 (self-signed), replicas on 8001-8003; other ports with
+# e.g. CLUSTER_ARGS='--port 18080 --replica-ports 18001 18002 18003' (python deploy/cluster.py --help).
 cluster: install
-	$(BIN)/python deploy/cluster.py --store $${MD_STORE_DIR:-./store}
+	$(BIN)/python deploy/cluster.py --store $${MD_STORE_DIR:-./store} $(CLUSTER_ARGS)
 
 bench: install
 	$(BIN)/python -m bench.engine --quick
