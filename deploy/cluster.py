@@ -339,7 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stats_port=args.stats_port,
     )
     cluster = Cluster(config)
-    # SIGTERM stops the cluster the way Ctrl-C does.
+    # Ctrl-C and SIGTERM stop the cluster; set explicitly, as a shell's background job inherits SIGINT ignored.
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         print(f"starting 3 replicas on ports {cluster.replica_ports} (logs in {work_dir}) ...", flush=True)
