@@ -28,6 +28,7 @@ import random
 import sys
 import tempfile
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,36 @@ def check_answers(
     }
 
 
+def lru_model(args: argparse.Namespace, policy: str, batch: int = 8, lookups: int = 200_000) -> float:
+    """The miss rate an LRU bank of `bank_slots` would have under the same mix, simulated: domains on a
+    random even partition (`affine`, no spill-over) or dealt round robin (`any`), one lookup per distinct
+    domain per batch of `batch` images (about what each replica batches here). What the bank allows, to
+    read the measured ratio against."""
+    rng = random.Random(0)
+    weights = zipf_weights(args.domains, args.zipf)
+    owner = [rng.randrange(REPLICAS) for _ in range(args.domains)]
+    banks: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(REPLICAS)]
+    pending: list[list[int]] = [[] for _ in range(REPLICAS)]
+    hits = misses = 0
+    for n, domain in enumerate(rng.choices(range(args.domains), weights, k=lookups)):
+        replica = owner[domain] if policy == "affine" else n % REPLICAS
+        pending[replica].append(domain)
+        if len(pending[replica]) < batch:
+            continue
+        bank = banks[replica]
+        for d in set(pending[replica]):
+            hit = d in bank
+            bank[d] = None
+            bank.move_to_end(d)
+            if len(bank) > args.bank_slots:
+                bank.popitem(last=False)
+            if n > lookups // 3:  # after a warm-up
+                hits += hit
+                misses += not hit
+        pending[replica] = []
+    return misses / (hits + misses)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -272,6 +303,7 @@ def main() -> None:
         "answers_checked": sum(sum(r["answers"].values()) for r in results.values()),
         "wrong_answers": bad,
         "lost_answers": lost,
+        "lru_model_miss_rate_ratio": round(lru_model(args, "affine") / lru_model(args, "any"), 3),
         "ok": miss_ratio <= 1 / 3 and throughput_ratio >= 1.0 and bad == 0 and lost == 0,
     }
     print(json.dumps(summary))
