@@ -124,7 +124,7 @@ class ClusterConfig:
     """HAProxy backend for inference: "affine" (consistent hash on the domain) or "any" (round robin)."""
     balance_factor: int = 150
     replica_env: dict[str, str] = field(default_factory=dict)
-    """Extra MD_* settings for every replica (bank slots, tokens, ...)."""
+    """MD_* settings for every replica (bank slots, tokens, ...), over those of this process's environment."""
     bootstrap: bool = True
     """Let a replica import MobileNetV2 into an empty store (the first-run default of `multidomain serve`)."""
 
@@ -166,7 +166,9 @@ class Cluster:
 
     # -- processes ----------------------------------------------------------------------------------
     def replica_environment(self, index: int) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MD_")}
+        """This process's environment (MD_* settings such as MD_ADMIN_TOKEN reach every replica), with the
+        replica's own address and the shared store, then `replica_env`."""
+        env = dict(os.environ)
         env.update(
             {
                 "MD_HOST": self.config.host,
