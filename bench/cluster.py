@@ -11,8 +11,8 @@ Every answer of every phase is checked against an offline recomputation with the
 bench/chaos.py does): its version must be the stored one, its probabilities those of that version.
 The last line is one JSON summary.
 
-    python bench/cluster.py                       # about 5 minutes on 2 CPU cores
-    python bench/cluster.py --warmup 10 --measure 20 --after-kill 10
+    python -m bench.cluster                       # about 5 minutes on 2 CPU cores
+    python -m bench.cluster --warmup 10 --measure 20 --after-kill 10
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import random
-import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -37,12 +36,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters_store import LocalStore, manifest_to_json
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from chaos import CLASSES, Answer, Record, recompute
-from serve_load import build_store, pct, png_images, zipf_weights
-
+from bench.chaos import CLASSES, Answer, Record, recompute
+from bench.harness import build_store, pct, png_images, zipf_weights
 from deploy.cluster import REPLICAS, Cluster, ClusterConfig
 
 
@@ -129,7 +124,7 @@ class BankCounts:
 
 async def run_policy(policy: str, store_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     config = ClusterConfig(
-        store_dir=store_dir,
+        store=store_dir,
         work_dir=work / policy,
         inference_backend=policy,
         balance_factor=args.balance_factor,
@@ -247,6 +242,11 @@ def lru_model(args: argparse.Namespace, policy: str, batch: int = 8, lookups: in
     return misses / (hits + misses)
 
 
+def ratio(a: float, b: float) -> float:
+    """a / b; NaN where b is 0 (no misses at all: fewer domains than slots)."""
+    return float(a) / float(b) if b else float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -279,8 +279,8 @@ def main() -> None:
             results[policy] = result
             print(json.dumps(result), flush=True)
     affine, rr = results["affine"], results["any"]
-    miss_ratio = float(affine["miss_rate"]) / float(rr["miss_rate"])
-    throughput_ratio = float(affine["images_per_s"]) / float(rr["images_per_s"])
+    miss_ratio = ratio(affine["miss_rate"], rr["miss_rate"])
+    throughput_ratio = ratio(affine["images_per_s"], rr["images_per_s"])
     bad = sum(int(r[k]) for r in results.values() for k in ("wrong_version", "wrong_probabilities"))
     lost = sum(sum(r["lost"].values()) for r in results.values())
     summary = {
@@ -303,7 +303,7 @@ def main() -> None:
         "answers_checked": sum(sum(r["answers"].values()) for r in results.values()),
         "wrong_answers": bad,
         "lost_answers": lost,
-        "lru_model_miss_rate_ratio": round(lru_model(args, "affine") / lru_model(args, "any"), 3),
+        "lru_model_miss_rate_ratio": round(ratio(lru_model(args, "affine"), lru_model(args, "any")), 3),
         "ok": miss_ratio <= 1 / 3 and throughput_ratio >= 1.0 and bad == 0 and lost == 0,
     }
     print(json.dumps(summary))

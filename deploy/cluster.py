@@ -1,7 +1,7 @@
 """A multidomain cluster on one machine, without Docker: N replicas and HAProxy as loopback processes.
 
 The same shape as `docker-compose.cluster.yml`: every replica runs `multidomain serve` on its own port over
-one shared store (a local directory here; the replicas notice each other's changes through its revision),
+one shared store (S3, or a local directory; the replicas notice each other's changes through its revision),
 and HAProxy (`deploy/haproxy/haproxy.cfg`) routes each domain to one replica by consistent hashing with
 bounded load, terminating TLS with a self-signed certificate made at start-up.
 
@@ -109,8 +109,10 @@ class GroupProcess:
 
 @dataclass
 class ClusterConfig:
-    store_dir: Path
-    """The store every replica shares."""
+    store: str | Path
+    """The store every replica shares: s3://bucket/prefix (endpoint and keys from the AWS_* settings in
+    this process's environment or `replica_env`), or a directory (several processes on one host are safe
+    on it)."""
     work_dir: Path
     """Certificate and process logs."""
     host: str = "127.0.0.1"
@@ -173,11 +175,16 @@ class Cluster:
             {
                 "MD_HOST": self.config.host,
                 "MD_PORT": str(self.replica_ports[index]),
-                "MD_STORE_DIR": str(self.config.store_dir),
                 "OMP_WAIT_POLICY": "PASSIVE",
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             }
         )
+        store = str(self.config.store)
+        if store.startswith("s3://"):
+            env["MD_STORE_URL"] = store
+        else:
+            env.pop("MD_STORE_URL", None)
+            env["MD_STORE_DIR"] = str(Path(store).resolve())
         env.update(self.config.replica_env)
         return env
 
@@ -321,7 +328,11 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--store", type=Path, default=Path(os.environ.get("MD_STORE_DIR", "./store")))
+    parser.add_argument(
+        "--store",
+        default=os.environ.get("MD_STORE_URL") or os.environ.get("MD_STORE_DIR") or "./store",
+        help="store directory or s3://bucket/prefix (default $MD_STORE_URL, else $MD_STORE_DIR, else ./store)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--replica-ports", type=int, nargs=REPLICAS, default=[8001, 8002, 8003])
     parser.add_argument("--port", type=int, default=8080, help="balancer HTTP port")
@@ -332,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="md-cluster-"))
     config = ClusterConfig(
-        store_dir=args.store.resolve(),
+        store=args.store,
         work_dir=work_dir,
         host=args.host,
         replica_ports=args.replica_ports,

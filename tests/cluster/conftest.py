@@ -1,5 +1,6 @@
-"""Fixtures: three real `multidomain serve` replicas on one shared store behind a real HAProxy, every process
-on 127.0.0.1 and stopped by its PID (`deploy/cluster.py`, the launcher `make cluster` uses).
+"""Fixtures: three real `multidomain serve` replicas on one shared S3 store (the session's SeaweedFS) behind a
+real HAProxy, every process on 127.0.0.1 and stopped by its PID (`deploy/cluster.py`, the launcher `make
+cluster` uses).
 
 The store holds the server tests' tiny resnet26 world (width 0.125, 24 px) with domains digits and
 textures; tests upload more. Replicas poll the store's revision on every request (`MD_REVISION_POLL_S=0`),
@@ -14,8 +15,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from adapters_store import DomainManifest, manifest_to_json
+from adapters_store import DomainManifest, manifest_to_json, open_store
+from adapters_store.copy import copy_store
+from adapters_store.seaweedfs import SeaweedFS
 from deploy.cluster import Cluster, ClusterConfig
+from tests.conftest import s3_url
 from tests.server.conftest import ADMIN, TOL, TinyWorld, encode, image, make_store, world
 
 # `world` is re-exported (pytest finds the fixture through this module); the rest for the tests.
@@ -23,25 +27,33 @@ __all__ = ["ADMIN", "TOL", "encode", "image", "world"]
 
 
 @pytest.fixture(scope="package")
-def cluster(world: TinyWorld, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(
+    world: TinyWorld, seaweed: SeaweedFS, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("cluster")
-    make_store(world, root / "store", domains=("digits", "textures"))
-    config = ClusterConfig(
-        store_dir=root / "store",
-        work_dir=root / "run",
-        bootstrap=False,
-        replica_env={
-            "MD_ADMIN_TOKEN": ADMIN,
-            "MD_REVISION_POLL_S": "0",
-            "MD_BANK_SLOTS": "4",
-            "MD_MAX_WAIT_MS": "2",
-            "MD_DEVICE": "cpu",
-            "MD_TORCH_THREADS": "1",
-            "MD_DECODE_THREADS": "1",
-        },
-    )
-    with Cluster(config) as running:
-        yield running
+    url = s3_url("cluster")
+    with pytest.MonkeyPatch.context() as env:
+        # The S3 settings in this process too: the tests read the store the replicas write.
+        for name, value in seaweed.env.items():
+            env.setenv(name, value)
+        copy_store(make_store(world, root / "seed", domains=("digits", "textures")), open_store(url))
+        config = ClusterConfig(
+            store=url,
+            work_dir=root / "run",
+            bootstrap=False,
+            replica_env={
+                **seaweed.env,
+                "MD_ADMIN_TOKEN": ADMIN,
+                "MD_REVISION_POLL_S": "0",
+                "MD_BANK_SLOTS": "4",
+                "MD_MAX_WAIT_MS": "2",
+                "MD_DEVICE": "cpu",
+                "MD_TORCH_THREADS": "1",
+                "MD_DECODE_THREADS": "1",
+            },
+        )
+        with Cluster(config) as running:
+            yield running
 
 
 def renamed(manifest: bytes, domain: str) -> bytes:

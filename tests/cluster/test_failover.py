@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from adapters_store import LocalStore
+from adapters_store import open_store
 from deploy.cluster import Cluster
 from tests.cluster.conftest import answer_problem, classify, encode, expected, image, renamed, upload
 from tests.server.conftest import TinyWorld
@@ -143,7 +143,7 @@ def test_sigkill_one_replica_under_load(cluster: Cluster, world: TinyWorld) -> N
     # may fail only if it was in flight when the replica died (it is then stored whole or not at all).
     in_flight = [f for f in load.upload_failures if f[0] <= load.down_at and f[1] >= load.kill_at]
     assert in_flight == load.upload_failures and len(in_flight) <= 1, load.upload_failures
-    store = LocalStore(cluster.config.store_dir)
+    store = open_store(cluster.config.store)
     assert store.verify() == []
     stored = store.describe("egrets").versions
     assert set(load.uploads) <= set(stored) and len(stored) <= len(load.uploads) + len(in_flight)

@@ -128,7 +128,7 @@ def test_compose_cluster_has_s3_three_replicas_and_the_balancer() -> None:
 def test_loopback_launcher_sets_what_the_haproxy_configuration_requires(tmp_path: Path) -> None:
     from deploy.cluster import Cluster, ClusterConfig
 
-    cluster = Cluster(ClusterConfig(store_dir=tmp_path / "store", work_dir=tmp_path))
+    cluster = Cluster(ClusterConfig(store=tmp_path / "store", work_dir=tmp_path))
     cluster.certificate = tmp_path / "lb.pem"
     env = cluster.haproxy_environment()
     assert _required_haproxy_variables() <= set(env)

@@ -8,7 +8,7 @@ import threading
 
 import httpx
 
-from adapters_store import LocalStore
+from adapters_store import open_store
 from deploy.cluster import REPLICAS, Cluster
 from tests.cluster.conftest import (
     ADMIN,
@@ -97,7 +97,7 @@ def test_two_replicas_uploading_one_domain_at_once_make_two_intact_versions(
     versions = [r.json()["version"] for r in responses if r is not None]
     assert sorted(versions) == [1, 2]  # distinct numbers, neither overwrote the other
 
-    store = LocalStore(cluster.config.store_dir)
+    store = open_store(cluster.config.store)
     assert store.verify() == []
     for version, art, reference in zip(versions, artifacts, references, strict=True):
         assert store.get("owls", version).read_tensor_bytes(verify=True) == art.tensors
