@@ -149,11 +149,12 @@ async def run_policy(policy: str, store_dir: Path, work: Path, args: argparse.Na
             for w in range(args.clients)
         ]
         await asyncio.sleep(args.warmup)  # a benchmark may run for a set time; tests never do
-        before = [BankCounts.read(cluster.replica_url(i)) for i in range(REPLICAS)]
+        # Read off the event loop: blocking it would stall every client's connection meanwhile.
+        before = [await asyncio.to_thread(BankCounts.read, cluster.replica_url(i)) for i in range(REPLICAS)]
         run.phase, started = "measure", time.perf_counter()
         await asyncio.sleep(args.measure)
         run.phases["measure"].seconds = time.perf_counter() - started
-        after = [BankCounts.read(cluster.replica_url(i)) for i in range(REPLICAS)]
+        after = [await asyncio.to_thread(BankCounts.read, cluster.replica_url(i)) for i in range(REPLICAS)]
         run.phase, started = "fault", time.perf_counter()
         cluster.kill_replica(args.kill)
         await asyncio.sleep(args.after_kill)
