@@ -11,6 +11,8 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from adapters_store.bundle import unpack_bundle
@@ -180,6 +182,17 @@ async def upload_adapter(
     return UploadResponse(domain=domain, version=version, active=do_activate)
 
 
+async def _activate_request(request: Request) -> ActivateRequest:
+    # Read here, not as a body parameter: FastAPI parses a declared body before it runs the route's
+    # dependencies, so a malformed body without a token would get 422 instead of 401 (auth must come first).
+    try:
+        return ActivateRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in exc.errors(include_url=False)]
+        ) from None
+
+
 def _activate(runtime: Runtime, domain: str, body: ActivateRequest) -> int:
     if body.rollback:
         version = runtime.store.rollback(domain)
@@ -196,11 +209,18 @@ def _activate(runtime: Runtime, domain: str, body: ActivateRequest) -> int:
     response_model=ActiveResponse,
     responses=error_responses(400, 409),
     dependencies=[Depends(require_admin)],
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": ActivateRequest.model_json_schema()}},
+        }
+    },
 )
-async def set_active(runtime: RuntimeDep, domain: str, body: ActivateRequest) -> ActiveResponse:
+async def set_active(request: Request, runtime: RuntimeDep, domain: str) -> ActiveResponse:
     """Switch the served version (`{"version": n}`) or roll back (`{"rollback": true}`).
 
     New requests use it at once; requests already queued finish on the version they started with."""
+    body = await _activate_request(request)
     if (body.version is None) == (not body.rollback):
         raise BadRequest('give exactly one of {"version": n} or {"rollback": true}')
     version = await _in_pool(runtime, _activate, runtime, domain, body)
