@@ -54,19 +54,36 @@ def _check_domain_name(name: str) -> str:
     return name
 
 
+# Line (Zl, U+2028) and paragraph (Zp, U+2029) separators break a log line or a CSV row as a newline
+# does; C* are control, format (bidi overrides), private-use and unassigned characters.
+_REFUSED_LABEL_CATEGORIES = ("C", "Zl", "Zp")
+
+
 def _check_label(label: str) -> str:
     if not label.strip():
         raise ValueError("label is empty or blank")
     # Control characters in a label end up in logs and responses; nothing legitimate needs them.
-    if any(unicodedata.category(ch).startswith("C") for ch in label):
-        raise ValueError("label contains control or unassigned characters")
+    bad = sorted(
+        {f"U+{ord(ch):04X}" for ch in label if unicodedata.category(ch).startswith(_REFUSED_LABEL_CATEGORIES)}
+    )
+    if bad:
+        raise ValueError(f"label contains control, separator or unassigned characters: {', '.join(bad[:5])}")
     return label
 
 
+def _label_key(label: str) -> str:
+    """What two labels must not share: NFC normal form, surrounding whitespace trimmed. "café" typed
+    precomposed and decomposed, or "cat" and "cat ", look the same to a reader of the response."""
+    return unicodedata.normalize("NFC", label).strip()
+
+
 def _check_unique(labels: list[str]) -> list[str]:
-    dups = sorted(label for label, count in Counter(labels).items() if count > 1)
+    by_key = Counter(_label_key(label) for label in labels)
+    dups = sorted(key for key, count in by_key.items() if count > 1)
     if dups:
-        raise ValueError(f"labels must be unique; duplicated: {dups[:10]}")
+        raise ValueError(
+            f"labels must be unique (compared in NFC form, surrounding whitespace trimmed); duplicated: {dups[:10]}"
+        )
     return labels
 
 

@@ -100,12 +100,25 @@ def test_safe_domain_names_accepted(name: str) -> None:
         (["a", "  "], "manifest.labels[1]"),
         (["a", "b\x07"], "manifest.labels[1]"),
         (["a", 3], "manifest.labels[1]"),
+        (["a", "line\u2028break"], "manifest.labels[1]"),  # line separator (Zl)
+        (["a", "para\u2029break"], "manifest.labels[1]"),  # paragraph separator (Zp)
+        (["a", "b\u0085c"], "manifest.labels[1]"),  # NEL, a C1 control
+        (["a", "caf\u00e9", "cafe\u0301"], "manifest.labels"),  # equal in NFC (precomposed, decomposed)
+        (["cat", "cat "], "manifest.labels"),  # equal once trimmed
+        (["\u00a0cat", "cat"], "manifest.labels"),  # a no-break space trims too
     ],
 )
 def test_bad_labels_refused(labels: list[Any], field: str) -> None:
     d = _manifest_dict()
     d["labels"] = labels
     assert (field, "schema") in _problems(d)
+
+
+def test_labels_that_only_look_alike_to_a_machine_are_kept() -> None:
+    # Case and inner spaces are visible to a reader: distinct labels, accepted.
+    d = _manifest_dict()
+    d["labels"] = ["Cat", "cat", "sea lion", "sealion", "caf\u00e9"]
+    assert parse_domain_manifest(json.dumps(d).encode()).labels == d["labels"]
 
 
 def test_unknown_field_refused() -> None:
