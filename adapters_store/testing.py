@@ -79,7 +79,9 @@ def make_tensors(
     for name, (shape, spec_dtype) in spec.items():
         want = dtype if spec_dtype in ("float32", "float16") else spec_dtype
         if np.issubdtype(np.dtype(want), np.floating):
-            out[name] = rng.standard_normal(shape).astype(want)
+            values = rng.standard_normal(shape)
+            # A variance is never negative: validation refuses one that is.
+            out[name] = (np.abs(values) if name.endswith("running_var") else values).astype(want)
         else:
             out[name] = np.zeros(shape, dtype=want)
     return out

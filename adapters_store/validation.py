@@ -106,6 +106,7 @@ def validate_domain_artifact(
 
     if manifest is not None:
         problems.extend(_check_labels(manifest.labels, limits))
+        problems.extend(_check_input_size(manifest, limits))
         if manifest.backbone_fingerprint != fingerprint:
             msg = (
                 f"adapter was trained on backbone {manifest.backbone_fingerprint[:16]}..., "
@@ -119,6 +120,8 @@ def validate_domain_artifact(
             problems.extend(_compare_to_spec(header, spec, manifest.dtype))
 
     tensors = _load_checked(tensor_bytes, header, problems)
+    if tensors is not None:
+        problems.extend(_check_domain_values(tensors, limits))
     if problems:
         raise ArtifactInvalid(problems)
     assert manifest is not None and tensors is not None  # no problems means both parsed
@@ -192,6 +195,46 @@ def _check_labels(labels: list[str], limits: Limits) -> list[Problem]:
     if long:
         msg = f"labels at {long[:10]} are longer than {limits.max_label_length} characters"
         problems.append(Problem("manifest.labels", msg, "labels"))
+    return problems
+
+
+def _check_input_size(manifest: DomainManifest, limits: Limits) -> list[Problem]:
+    # Preprocessing cost grows with the square of these (input_size 2048 cost one 156-byte PNG 4 s and
+    # +975 MB), and nothing larger than what the backbone was built for serves it better.
+    pre = manifest.preprocessing
+    problems = []
+    if pre.input_size > limits.max_input_size:
+        msg = f"{pre.input_size} exceeds this server's limit of {limits.max_input_size}"
+        problems.append(Problem("manifest.preprocessing.input_size", msg, "input_size"))
+    if pre.resize > 2 * limits.max_input_size:  # crops in use keep 1.125 (72/64) to 1.14 (256/224) of it
+        msg = (
+            f"{pre.resize} exceeds this server's limit of {2 * limits.max_input_size} (twice its input size)"
+        )
+        problems.append(Problem("manifest.preprocessing.resize", msg, "input_size"))
+    return problems
+
+
+def _check_domain_values(tensors: Mapping[str, np.ndarray], limits: Limits) -> list[Problem]:
+    """Values a trained domain never has and that break a forward though finite (see ``Limits.max_abs_value``).
+
+    Non-finite values are ``_load_checked``'s; this runs on the finite remainder, so their counts do not
+    overlap. A negative BN running_var makes running_var + eps negative or tiny: NaN or a huge scale."""
+    problems = []
+    bound = limits.max_abs_value
+    for name, array in tensors.items():
+        if not np.issubdtype(array.dtype, np.floating) or array.size == 0:
+            continue
+        values = array.astype(np.float32, copy=False)
+        with np.errstate(invalid="ignore"):
+            huge = int(np.count_nonzero((np.abs(values) > bound) & np.isfinite(values)))
+        if huge:
+            msg = f"{huge} values have magnitude above {bound:g} (no trained network has them)"
+            problems.append(Problem(f"tensors[{name}]", msg, "magnitude"))
+        if name.endswith(".running_var"):
+            negative = int(np.count_nonzero(values < 0))
+            if negative:
+                msg = f"{negative} negative variances (a variance is >= 0)"
+                problems.append(Problem(f"tensors[{name}]", msg, "magnitude"))
     return problems
 
 

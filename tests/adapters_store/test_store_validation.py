@@ -80,6 +80,67 @@ def test_inf_tensor_fp16() -> None:
     assert refused(files) == [("tensors[head.bias]", "nonfinite")]
 
 
+@pytest.mark.parametrize("value", [3e38, -3e38, 1.0001e4])
+def test_finite_but_huge_head_weight(value: float) -> None:
+    # ±3e38 is finite in float32 and was accepted: every logit became inf, classify answered nulls.
+    bad = make_tensors(SPEC)["head.weight"].copy()
+    bad[1, 2] = value
+    assert refused(with_tensors(head__weight=bad)) == [("tensors[head.weight]", "magnitude")]
+
+
+def test_magnitude_bound_is_inclusive_and_applies_to_every_tensor() -> None:
+    tensors = make_tensors(SPEC)
+    at_bound = tensors["layers.1.adapter.weight"].copy()
+    at_bound.flat[0] = -1e4
+    assert validate(with_tensors(layers__1__adapter__weight=at_bound)).tensors  # the bound itself passes
+    big_mean = tensors["layers.0.bn.running_mean"].copy()
+    big_mean[0] = 2e4
+    files = with_tensors(layers__0__bn__running_mean=big_mean)
+    assert refused(files) == [("tensors[layers.0.bn.running_mean]", "magnitude")]
+    assert validate(files, limits=Limits(max_abs_value=1e5)).tensors  # the bound is a limit
+
+
+def test_huge_fp16_value_is_refused() -> None:
+    tensors = make_tensors(SPEC, dtype="float16")
+    tensors["head.bias"][0] = 6e4  # finite in float16 (max 65504)
+    files = make_domain_artifact(labels=LABELS, dtype="float16", tensors=tensors)
+    assert refused(files) == [("tensors[head.bias]", "magnitude")]
+
+
+def test_negative_running_var() -> None:
+    var = make_tensors(SPEC)["layers.1.bn.running_var"].copy()
+    var[0] = -1e-3
+    assert refused(with_tensors(layers__1__bn__running_var=var)) == [
+        ("tensors[layers.1.bn.running_var]", "magnitude")
+    ]
+    var[0] = 0.0  # a dead channel's variance: real (ImageNet MobileNetV2 has 5.6e-45), eps keeps it finite
+    assert validate(with_tensors(layers__1__bn__running_var=var)).tensors
+
+
+def test_nonfinite_values_are_not_also_counted_as_huge() -> None:
+    bad = make_tensors(SPEC)["head.weight"].copy()
+    bad[0, 0] = np.inf
+    assert refused(with_tensors(head__weight=bad)) == [("tensors[head.weight]", "nonfinite")]
+
+
+def test_input_size_and_resize_limits() -> None:
+    pre = make_domain_artifact(labels=LABELS).manifest.preprocessing
+    files = make_domain_artifact(
+        labels=LABELS, preprocessing=pre.model_copy(update={"input_size": 64, "resize": 72})
+    )
+    assert validate(files, limits=Limits(max_input_size=64)).manifest.preprocessing.input_size == 64
+    assert refused(files, limits=Limits(max_input_size=63)) == [
+        ("manifest.preprocessing.input_size", "input_size")
+    ]
+    assert refused(files, limits=Limits(max_input_size=35)) == [
+        ("manifest.preprocessing.input_size", "input_size"),
+        ("manifest.preprocessing.resize", "input_size"),
+    ]
+    assert refused(files, limits=Limits(max_input_size=36)) == [
+        ("manifest.preprocessing.input_size", "input_size")
+    ]
+
+
 def test_shape_off_by_one() -> None:
     bad = np.zeros((3, 9), np.float32)  # spec: (3, 8)
     assert refused(with_tensors(head__weight=bad)) == [("tensors[head.weight]", "shape")]
