@@ -73,6 +73,8 @@ class MultiDomainNet(nn.Module):
         self.head = heads[0]
         self.domains: dict[str, DomainInfo] = {}
         self.slots: list[DomainInfo | None] = []
+        self.bank_budget: float | None = None
+        """The bank's pointwise budget (`enable_bank`): the largest 1x1 adapter rank each slot stores."""
         self.mixed_strategy: Literal["auto"] | MixedStrategy = "auto"
         """How bank forwards apply adapters: per-domain GEMMs over slot-sorted rows (segments, best on
         CPU), or a per-row gather + one batched GEMM per layer (gather, fewer kernel launches on GPU).
@@ -143,8 +145,38 @@ class MultiDomainNet(nn.Module):
     def _selected(self, config: AdapterConfig) -> set[str]:
         return select_units(config.allocation, self.adaptable_units())
 
+    def check_ranks(self, config: AdapterConfig) -> None:
+        """Raise ValueError for adapter ranks this network cannot hold: `unit_ranks` naming a unit that takes
+        no adapter or above min(C_out, C_in) (a full matrix is smaller), and, once a bank is enabled,
+        any 1x1 adapter above the rank the bank stores for that conv (`bank_load` would refuse it)."""
+        adaptable = {u.name: u for u in self.units if u.adaptable}
+        unknown = sorted(set(config.unit_ranks) - set(adaptable))
+        if unknown:
+            raise ValueError(f"unit_ranks names units that take no adapter: {unknown[:10]}")
+        for unit in self.units:
+            shape = self.unit_adapter(unit, config)
+            if shape is None:
+                continue
+            _, c_out, c_in, rank = shape
+            if rank is None:  # a full matrix: the bank stores any
+                continue
+            if unit.name in config.unit_ranks and rank > min(c_out, c_in):
+                raise ValueError(
+                    f"unit_ranks[{unit.name!r}] = {rank} exceeds min(C_out, C_in) = {min(c_out, c_in)}"
+                )
+            if self.bank_budget is not None and unit.pointwise:
+                bank_rank = pointwise_rank(c_out, c_in, self.bank_budget)
+                if rank > bank_rank:
+                    raise ValueError(
+                        f"unit {unit.name}: a 1x1 adapter of rank {rank} does not fit this server's bank, "
+                        f"which stores rank {bank_rank} there (its pointwise_budget is {self.bank_budget:g}; "
+                        f"this domain's is {config.pointwise_budget:g})"
+                    )
+
     def domain_spec(self, config: AdapterConfig, num_classes: int) -> dict[str, TensorSpec]:
-        """Exact names, shapes and dtypes of every tensor of a domain with this config."""
+        """Exact names, shapes and dtypes of every tensor of a domain with this config; ValueError for
+        ranks the network (or its bank, once enabled) cannot hold (`check_ranks`)."""
+        self.check_ranks(config)
         spec: dict[str, TensorSpec] = {}
         for unit in self.units:
             if config.has_domain_bn:
@@ -299,6 +331,7 @@ class MultiDomainNet(nn.Module):
                 rank = pointwise_rank(c_out, c_in, pointwise_budget) if unit.pointwise else None
                 shape = ("parallel", c_out, c_in, rank)
             unit.enable_bank(slots, shape, pointwise_budget)
+        self.bank_budget = pointwise_budget
         self.head.enable_bank(slots, self.units[0].base_bn.weight)
         self.slots = [None] * slots
         self._merged.clear()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from residual_adapters import AdapterConfig, DomainMismatch, create_backbone
-from residual_adapters.config import select_units
+from residual_adapters.config import pointwise_rank, select_units
 from tests.numerics import difference_bound, relative_error
 from tests.residual_adapters.conftest import randomise_domain
 
@@ -171,3 +171,39 @@ def test_mobilenet_pointwise_adapters_are_budgeted() -> None:
     spec = net.domain_spec(AdapterConfig(), 10)
     depthwise = [u.name for u in net.units if u.conv is not None and u.conv.groups > 1]
     assert depthwise and not any(k.startswith(f"{d}.adapter") for d in depthwise for k in spec)
+
+
+def test_a_spec_the_bank_cannot_hold_is_refused_and_every_accepted_one_loads() -> None:
+    net = create_backbone("mobilenet_v2").eval()
+    wide = AdapterConfig(pointwise_budget=1.0)
+    assert net.domain_spec(wide, 4)  # without a bank (training) any budget is a layout
+    net.add_domain("wide", wide, 4)
+    net.enable_bank(1)  # the engine's bank: pointwise budget 0.1
+    with pytest.raises(ValueError, match="does not fit this server's bank"):
+        net.domain_spec(wide, 4)
+    with pytest.raises(ValueError, match="does not fit this server's bank"):  # and before any copy
+        net.bank_load(0, wide, dict(net.domain_state("wide")))
+    assert net.slots[0] is None
+    for i, budget in enumerate((0.02, 0.1)):  # up to the bank's budget: the spec builds and it loads
+        config = AdapterConfig(pointwise_budget=budget)
+        net.domain_spec(config, 4)
+        net.add_domain(f"b{i}", config, 4)
+        net.bank_load(0, config, dict(net.domain_state(f"b{i}")))
+
+
+def test_unit_ranks_are_checked_against_the_units_and_the_bank() -> None:
+    net = create_backbone("mobilenet_v2").eval()
+    net.enable_bank(1)
+    pointwise = next(u for u in net.units if u.adaptable and u.pointwise)
+    square = next(u for u in net.units if u.adaptable and not u.pointwise)
+    assert pointwise.conv is not None and square.conv is not None
+    c_out, c_in = pointwise.conv.out_channels, pointwise.conv.in_channels
+    bank_rank = pointwise_rank(c_out, c_in, 0.1)
+    net.domain_spec(AdapterConfig(unit_ranks={pointwise.name: bank_rank}), 4)
+    with pytest.raises(ValueError, match="does not fit this server's bank"):
+        net.domain_spec(AdapterConfig(unit_ranks={pointwise.name: bank_rank + 1}), 4)
+    full = min(square.conv.out_channels, square.conv.in_channels)
+    with pytest.raises(ValueError, match=r"exceeds min\(C_out, C_in\)"):
+        net.domain_spec(AdapterConfig(unit_ranks={square.name: full + 1}), 4)
+    with pytest.raises(ValueError, match="take no adapter"):
+        net.domain_spec(AdapterConfig(unit_ranks={"no.such.unit": 1}), 4)
