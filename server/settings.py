@@ -9,7 +9,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters_store.index import StoreQuotas
-from adapters_store.limits import MiB
+from adapters_store.limits import Limits, MiB
 from domain_format.preprocess import DEFAULT_MAX_PIXELS
 
 
@@ -75,6 +75,17 @@ class Settings(BaseSettings):
     """Decompression-bomb guard: images with more pixels are refused."""
     max_images_per_request: int = Field(default=64, ge=1)
     max_top_k: int = Field(default=100, ge=1)
+    max_classes: int = Field(default=1000, ge=1)
+    """Most classes (labels) of an uploaded domain; more gets 422. Every bank slot is as wide as the
+    widest resident head, so one wide head costs bank_slots x (features + 1) x 4 bytes per class for
+    every slot: 82 KB a class on MobileNetV2 (1280 features) at 16 slots, 16 KB on ResNet-26 (256). The
+    default fits ImageNet-1k, the largest Decathlon domain (about 82 MB of bank on MobileNetV2); a
+    10,000-class head cost +691 MB and slowed every other domain's batches 2x."""
+    max_input_size: int = Field(default=512, ge=1)
+    """Largest `preprocessing.input_size` of an uploaded domain (its `resize` may be at most twice it);
+    more gets 422. Set it to what the backbone was built for: ResNet-26 is trained at 64, MobileNetV2 at
+    224. Preprocessing memory and time grow with its square (2048 cost one 156-byte PNG 4 s and
+    +975 MB); the default, 512, is 16 times less and leaves room for upscaled MobileNetV2 domains."""
 
     # -- auth -------------------------------------------------------------------------------------
     admin_token: SecretStr | None = None
@@ -86,6 +97,10 @@ class Settings(BaseSettings):
     def store_location(self) -> str | Path:
         """What `adapters_store.open_store` opens: `store_url` when set, else `store_dir`."""
         return self.store_url if self.store_url else self.store_dir
+
+    def artifact_limits(self) -> Limits:
+        """What an uploaded domain artifact is validated against (the rest are the store's own defaults)."""
+        return Limits(max_labels=self.max_classes, max_input_size=self.max_input_size)
 
     def store_quotas(self) -> StoreQuotas:
         return StoreQuotas(self.max_domains, self.max_versions_per_domain, self.max_store_bytes)

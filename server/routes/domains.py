@@ -148,7 +148,12 @@ def _validate_and_put(
 ) -> int:
     engine = runtime.engine
     validated = validate_domain_artifact(
-        manifest, tensors, spec_for=engine.domain_spec, fingerprint=engine.fingerprint, filename=filename
+        manifest,
+        tensors,
+        spec_for=engine.domain_spec,
+        fingerprint=engine.fingerprint,
+        limits=runtime.settings.artifact_limits(),
+        filename=filename,
     )
     if validated.manifest.domain != domain:
         msg = f"the manifest is for domain {validated.manifest.domain!r}, uploaded to {domain!r}"

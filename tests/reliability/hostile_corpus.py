@@ -465,6 +465,63 @@ def upload_cases(valid: ValidArtifact, marker: Path) -> list[UploadCase]:
         valid.manifest_bytes(adapter={**valid.manifest["adapter"], "kind": "os.system"}),
     )
 
+    # Finite values no trained network has, and layouts the server could store but never serve.
+    huge_head = valid.tensors[head].copy()
+    huge_head[0, :] = 3e38  # finite in float32: was stored, then classify answered 200 with null
+    refused_tensors("st_head_weight_finite_huge", safetensors.numpy.save({**valid.tensors, head: huge_head}))
+    var_name = next(n for n in valid.tensors if n.endswith(".bn.running_var"))
+    negative_var = valid.tensors[var_name].copy()
+    negative_var[0] = -1.0
+    refused_tensors(
+        "st_negative_running_var", safetensors.numpy.save({**valid.tensors, var_name: negative_var})
+    )
+    adapted = next(n for n in valid.tensors if n.endswith(".adapter.weight")).removesuffix(".adapter.weight")
+    adapter = valid.manifest["adapter"]
+    refused_manifest(
+        "adapter_unit_ranks_huge",
+        valid.manifest_bytes(adapter={**adapter, "unit_ranks": {adapted: 10**9}}),
+        message_has="unit_ranks",
+    )
+    refused_manifest(
+        "adapter_unit_ranks_unknown_unit",
+        valid.manifest_bytes(adapter={**adapter, "unit_ranks": {"evil.unit": 1}}),
+        message_has="unit_ranks",
+    )
+    refused_manifest(
+        "manifest_input_size_above_server_limit",  # 2048 cost one 156-byte PNG 4 s and +975 MB
+        valid.manifest_bytes(preprocessing={**pre, "input_size": 2048, "resize": 2048}),
+        message_has="input_size",
+    )
+    wide = 1001  # the server's default max_classes is 1000; the head really has 1001 rows
+    cols = valid.tensors[head].shape[1]
+    wide_tensors = {
+        **valid.tensors,
+        head: np.zeros((wide, cols), np.float32),
+        "head.bias": np.zeros(wide, np.float32),
+    }
+    wide_bytes = safetensors.numpy.save(wide_tensors)
+    cases.append(
+        UploadCase(
+            "labels_above_max_classes",
+            422,
+            "invalid_artifact",
+            parts=_multipart_parts(
+                valid.manifest_bytes(labels=[f"c{i}" for i in range(wide)], sha256=sha256_hex(wide_bytes)),
+                wide_bytes,
+            ),
+            message_has="limit",
+        )
+    )
+    labels = valid.manifest["labels"]
+    for name, label in (("line_separator", "a\u2028b"), ("paragraph_separator", "a\u2029b")):
+        refused_manifest(f"label_{name}", valid.manifest_bytes(labels=[label, *labels[1:]]))
+    refused_manifest(  # "café" precomposed and decomposed: one label to a reader
+        "labels_equal_in_nfc", valid.manifest_bytes(labels=["caf\u00e9", "cafe\u0301", *labels[2:]])
+    )
+    refused_manifest(
+        "labels_equal_once_trimmed", valid.manifest_bytes(labels=[labels[0], f" {labels[0]} ", *labels[2:]])
+    )
+
     # Transport: auth, content types, multipart abuse.
     good_parts = _multipart_parts(good_manifest, good_tensors)
     thousand = tuple(Part(f"f{i}", b"x", f"f{i}.bin") for i in range(1000))

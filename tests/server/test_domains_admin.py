@@ -166,6 +166,21 @@ def test_quotas_refuse_uploads_with_409_naming_the_limit(world: TinyWorld, tmp_p
         assert _upload_status(client, world, "textures", "textures")[0] == 201
 
 
+def test_class_and_input_size_limits_come_from_the_settings(world: TinyWorld, tmp_path: Path) -> None:
+    # birds_v2 has 3 classes and input_size 24 (resize 28): one below each limit is refused with 422
+    # naming the field, at the limit it is stored.
+    store = make_store(world, tmp_path / "s", domains=("birds",))
+    for overrides, field in (({"max_classes": 2}, "manifest.labels"), ({"max_input_size": 23}, "input_size")):
+        with TestClient(create_app(settings_for(store, **overrides))) as client:
+            status, body = _upload_status(client, world, "birds_v2", "birds")
+            assert status == 422, body
+            assert body["error"]["code"] == "invalid_artifact"
+            assert any(field in p["field"] for p in body["error"]["problems"]), body
+            assert client.get("/v1/domains/birds").json()["versions"] == [1]
+    with TestClient(create_app(settings_for(store, max_classes=3, max_input_size=24))) as client:
+        assert _upload_status(client, world, "birds_v2", "birds")[0] == 201
+
+
 def test_store_bytes_quota_from_the_settings(world: TinyWorld, tmp_path: Path) -> None:
     store = make_store(world, tmp_path / "s", domains=("birds",))
     with TestClient(create_app(settings_for(store, max_store_bytes=1))) as client:
