@@ -147,7 +147,8 @@ class MultiDomainNet(nn.Module):
 
     def check_ranks(self, config: AdapterConfig) -> None:
         """Raise ValueError for adapter ranks this network cannot hold: `unit_ranks` naming a unit that takes
-        no adapter or above min(C_out, C_in) (a full matrix is smaller), and, once a bank is enabled,
+        no adapter or above max(C_out, C_in) (SVD compression's shared basis spans C_out: it may pass
+        min(C_out, C_in), never both dimensions), and, once a bank is enabled,
         any 1x1 adapter above the rank the bank stores for that conv (`bank_load` would refuse it)."""
         adaptable = {u.name: u for u in self.units if u.adaptable}
         unknown = sorted(set(config.unit_ranks) - set(adaptable))
@@ -160,9 +161,9 @@ class MultiDomainNet(nn.Module):
             _, c_out, c_in, rank = shape
             if rank is None:  # a full matrix: the bank stores any
                 continue
-            if unit.name in config.unit_ranks and rank > min(c_out, c_in):
+            if unit.name in config.unit_ranks and rank > max(c_out, c_in):
                 raise ValueError(
-                    f"unit_ranks[{unit.name!r}] = {rank} exceeds min(C_out, C_in) = {min(c_out, c_in)}"
+                    f"unit_ranks[{unit.name!r}] = {rank} exceeds max(C_out, C_in) = {max(c_out, c_in)}"
                 )
             if self.bank_budget is not None and unit.pointwise:
                 bank_rank = pointwise_rank(c_out, c_in, self.bank_budget)
