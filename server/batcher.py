@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torch import Tensor
 
 from server.engine import DomainKey, Engine, Prediction
 from server.errors import QueueFull
@@ -41,7 +41,8 @@ class BatchEvents:
 @dataclass
 class _Item:
     key: DomainKey
-    image: Tensor
+    image: np.ndarray
+    """uint8 [S, S, 3]: possibly a view into a front end's shared-memory slab, read only when batched."""
     top_k: int
     future: Future[Prediction]
     enqueued: float
@@ -98,8 +99,10 @@ class Batcher:
             return len(self._queue)
 
     # -- submitting -------------------------------------------------------------------------------
-    def submit(self, key: DomainKey, images: Sequence[Tensor], top_k: int = 5) -> list[Future[Prediction]]:
-        """Queue preprocessed images [3, S, S] of one domain version; all or none are accepted."""
+    def submit(
+        self, key: DomainKey, images: Sequence[np.ndarray] | np.ndarray, top_k: int = 5
+    ) -> list[Future[Prediction]]:
+        """Queue uint8 crops [S, S, C] of one domain version (`domain_format.preprocess.prepare`); all or none."""
         now = time.monotonic()
         items = [_Item(key, img, top_k, Future(), now) for img in images]
         with self._cond:
@@ -121,7 +124,9 @@ class Batcher:
         batches = len(self._queue) / max(1, self.max_batch_size)
         return max(1, int(batches * self.last_batch_seconds + 0.999))
 
-    async def classify(self, key: DomainKey, images: Sequence[Tensor], top_k: int = 5) -> list[Prediction]:
+    async def classify(
+        self, key: DomainKey, images: Sequence[np.ndarray] | np.ndarray, top_k: int = 5
+    ) -> list[Prediction]:
         futures = self.submit(key, images, top_k)
         return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
 
@@ -173,9 +178,8 @@ class Batcher:
 
     def _run_batch(self, batch: list[_Item]) -> None:
         try:
-            preds = self.engine.infer(
-                [i.key for i in batch], torch.stack([i.image for i in batch]), [i.top_k for i in batch]
-            )
+            pixels = torch.from_numpy(np.stack([i.image for i in batch]))  # the one copy out of the slabs
+            preds = self.engine.infer_pixels([i.key for i in batch], pixels, [i.top_k for i in batch])
         except Exception as exc:
             keys = {i.key for i in batch}
             if len(keys) > 1:  # isolate the failing domain: the others still get answers

@@ -1,4 +1,4 @@
-"""FastAPI dependencies: the app's runtime and the token checks.
+"""FastAPI dependencies: the front end's state and the token checks.
 
 All `async def`: FastAPI runs plain `def` dependencies in its thread pool, a thread hop per dependency
 per request for what is a dictionary lookup and a string comparison.
@@ -12,22 +12,22 @@ from fastapi import Depends, Request
 
 from server.auth import check_token
 from server.errors import NotReady
-from server.runtime import Runtime
+from server.frontend import FrontEnd
 
 
-async def get_runtime(request: Request) -> Runtime:
-    runtime: Runtime | None = getattr(request.app.state, "runtime", None)
-    if runtime is None:
+async def get_frontend(request: Request) -> FrontEnd:
+    frontend: FrontEnd | None = getattr(request.app.state, "frontend", None)
+    if frontend is None:
         raise NotReady("the server is starting: the backbone is not loaded yet")
-    return runtime
+    return frontend
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+FrontEndDep = Annotated[FrontEnd, Depends(get_frontend)]
 
 
-async def require_admin(request: Request, runtime: RuntimeDep) -> None:
-    check_token(request, runtime.settings.admin_token, what="admin", required=True)
+async def require_admin(request: Request, frontend: FrontEndDep) -> None:
+    check_token(request, frontend.settings.admin_token, what="admin", required=True)
 
 
-async def require_inference(request: Request, runtime: RuntimeDep) -> None:
-    check_token(request, runtime.settings.inference_token, what="inference", required=False)
+async def require_inference(request: Request, frontend: FrontEndDep) -> None:
+    check_token(request, frontend.settings.inference_token, what="inference", required=False)

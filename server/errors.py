@@ -59,6 +59,12 @@ class NotReady(ServerError):
     status, code = 503, "not_ready"
 
 
+class EngineUnavailable(ServerError):
+    """The engine process is down (restarting) or draining: the request was not served; retry."""
+
+    status, code = 503, "engine_unavailable"
+
+
 class EngineError(Exception):
     """Base class of the engine's own failures (no HTTP meaning of their own)."""
 

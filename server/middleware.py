@@ -14,7 +14,7 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import BodyTooLarge
-from server.metrics import Metrics
+from server.http_metrics import HttpMetrics
 
 
 class BodySizeLimit:
@@ -68,7 +68,7 @@ async def _refuse(send: Send, limit: int, declared: int) -> None:
 
 
 class RequestMetrics:
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
         self.app = app
         self.metrics = metrics
 

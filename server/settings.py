@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +33,21 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
 
+    # -- processes --------------------------------------------------------------------------------
+    workers: int | None = Field(default=None, ge=1, le=256)
+    """Front-end processes (HTTP, decoding) under `multidomain serve`; None: half the cores, 1 to 8."""
+    devices: str | None = None
+    """Engines, one process per device, comma-separated (e.g. `cuda:0,cuda:1`, or `cpu,cpu` for tests);
+    None: one engine on `device`."""
+    slab_bytes: int = Field(default=16 * MiB, ge=MiB)
+    """Each front end's shared-memory slab for pixels in flight: K of them must fit /dev/shm (Docker's
+    default is 64 MiB; the compose file raises it)."""
+    engine_endpoints: str | None = None
+    """Set by the supervisor for its front ends: the engines' ZeroMQ addresses, comma-separated. Unset:
+    `create_app` runs an engine in its own process."""
+    engine_timeout_s: float = Field(default=120.0, gt=0)
+    """A front end answers 503 when an engine has not answered a request in this time."""
+
     # -- device -----------------------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda when available, else cpu."""
@@ -53,6 +69,8 @@ class Settings(BaseSettings):
     """Input side used by the warm-up forward when no domain is stored."""
     revision_poll_s: float = Field(default=0.5, ge=0.0)
     """How often the store's revision is checked for changes made by other processes."""
+    micro_batch: int = Field(default=0, ge=0)
+    """Largest batch one forward runs (bigger ones are split); 0: measured per input size at warm-up."""
 
     # -- batching ---------------------------------------------------------------------------------
     max_batch_size: int = Field(default=32, ge=1)
@@ -110,3 +128,13 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
         # MD_ADMIN_TOKEN= (empty) in a compose file means "no token", never "the empty token".
         return None if value is None or not value.get_secret_value().strip() else value
+
+    def frontends(self) -> int:
+        """How many front-end processes serve (the per-process share of the global limits uses it)."""
+        return self.workers or max(1, min(8, (os.cpu_count() or 2) // 2))
+
+    def device_list(self) -> list[str]:
+        """One entry per engine process."""
+        if self.devices:
+            return [d.strip() for d in self.devices.split(",") if d.strip()]
+        return [self.device]

@@ -1,8 +1,9 @@
 """Classification: `POST /v1/classify` (domain in `X-Domain`) and `POST /v1/domains/{domain}/classify`.
 
 The body is one raw image (image/jpeg, image/png, image/webp), multipart with one or more image files, or
-JSON with base64 images. Domain lookup, decoding and preprocessing run in the thread pool; inference
-goes through the batcher. Every image of one request uses the same domain version, named in the answer.
+JSON with base64 images. The engine resolves the domain's active version; decoding and cropping to
+uint8 run in this front end's thread pool, into shared memory; inference
+goes to the engine serving the domain. Every image of one request uses the same domain version, named in the answer.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
-from torch import Tensor
 
-from domain_format.preprocess import ACCEPTED_MEDIA_TYPES
-from server.deps import RuntimeDep, require_inference
-from server.engine import DomainKey
+from adapters_store.manifest import Preprocessing
+from domain_format.preprocess import ACCEPTED_MEDIA_TYPES, prepare
+from server.deps import FrontEndDep, require_inference
+from server.engine_client import PixelLease
 from server.errors import BadRequest, MissingDomain, QueueFull, UnsupportedMediaType
-from server.preprocess import preprocess
-from server.runtime import Runtime
+from server.frontend import FrontEnd
 from server.schemas import ClassifyJSON, ClassifyResponse, ImageResult, LabelScoreOut, Timing, error_responses
 
 router = APIRouter(
@@ -83,33 +83,33 @@ async def _read_images(request: Request, max_images: int) -> tuple[list[bytes], 
     )
 
 
-def _prepare(runtime: Runtime, domain: str, images: list[bytes]) -> tuple[DomainKey, list[Tensor]]:
-    """Resolve the active version, decode and preprocess (runs in the thread pool)."""
-    key = runtime.engine.resolve(domain)
-    runtime.engine.prefetch(key)  # a cold domain is read here, in parallel with the worker's batches
-    pre = runtime.engine.manifest(key).preprocessing
-    max_pixels = runtime.settings.max_image_pixels
-    return key, [preprocess(data, pre, max_pixels=max_pixels) for data in images]
+def _decode_into(frontend: FrontEnd, pre: Preprocessing, images: list[bytes], lease: PixelLease) -> None:
+    """Decode and crop each image to uint8 straight into the request's pixel lease (in the thread pool)."""
+    max_pixels, spec = frontend.settings.max_image_pixels, pre.image_spec()
+    for row, data in enumerate(images):
+        # [S, S, 1] for grayscale domains: broadcast into the lease's 3 channels (normalise would
+        # replicate it to three anyway, with the same values)
+        lease.array[row] = prepare(data, spec, max_pixels=max_pixels)
 
 
 async def _classify(
-    request: Request, runtime: Runtime, domain: str | None, top_k: int | None
+    request: Request, frontend: FrontEnd, domain: str | None, top_k: int | None
 ) -> ClassifyResponse:
     if not domain:
         raise MissingDomain("name the domain in the X-Domain header (or use /v1/domains/{domain}/classify)")
-    limit = runtime.settings.max_requests_in_flight
-    if runtime.requests_in_flight >= limit:
-        raise QueueFull(f"{runtime.requests_in_flight} requests are already in flight (limit {limit})")
-    runtime.requests_in_flight += 1
+    limit = frontend.max_requests_in_flight
+    if frontend.requests_in_flight >= limit:
+        raise QueueFull(f"{frontend.requests_in_flight} requests are already in flight here (limit {limit})")
+    frontend.requests_in_flight += 1
     try:
-        return await _admitted(request, runtime, domain, top_k)
+        return await _admitted(request, frontend, domain, top_k)
     finally:
-        runtime.requests_in_flight -= 1
+        frontend.requests_in_flight -= 1
 
 
-async def _admitted(request: Request, runtime: Runtime, domain: str, top_k: int | None) -> ClassifyResponse:
+async def _admitted(request: Request, frontend: FrontEnd, domain: str, top_k: int | None) -> ClassifyResponse:
     start = time.perf_counter()
-    settings = runtime.settings
+    settings = frontend.settings
     images, json_top_k = await _read_images(request, settings.max_images_per_request)
     if len(images) > settings.max_images_per_request:
         raise BadRequest(
@@ -118,34 +118,39 @@ async def _admitted(request: Request, runtime: Runtime, domain: str, top_k: int 
     k = json_top_k or top_k or 5
     if k > settings.max_top_k:
         raise BadRequest(f"top_k {k} exceeds the limit of {settings.max_top_k}")
+    resolved = await frontend.engines.resolve(
+        domain
+    )  # the active version: every image of the request uses it
+    request.state.metrics_domain = domain  # only existing domains become metric labels
     # Admission before decoding: images being decoded count against the queue limit, so requests beyond
     # it are refused at once instead of waiting behind everyone's decoding (the decode pool is unbounded).
-    batcher = runtime.batcher
-    queued, preparing = batcher.depth, runtime.images_preparing
-    if queued + preparing + len(images) > batcher.max_queue:
+    queued, preparing, max_queue = resolved["queued"], frontend.images_preparing, resolved["max_queue"]
+    if queued + preparing + len(images) > max_queue:
         raise QueueFull(
-            f"the inference queue is full ({queued} queued, {preparing} being decoded, limit {batcher.max_queue})",
-            retry_after=batcher.retry_after(),
+            f"the inference queue is full ({queued} queued, {preparing} being decoded, limit {max_queue})",
+            retry_after=resolved["retry_after"],
         )
-    runtime.images_preparing += len(images)
+    pre = Preprocessing.model_validate(resolved["preprocessing"])
+    lease = frontend.engines.lease(len(images), pre.input_size)
     try:
-        loop = asyncio.get_running_loop()
-        key, tensors = await loop.run_in_executor(runtime.pool, _prepare, runtime, domain, images)
+        frontend.images_preparing += len(images)
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(frontend.pool, _decode_into, frontend, pre, images, lease)
+        finally:
+            frontend.images_preparing -= len(images)
+        prepared = time.perf_counter()
+        results = await frontend.engines.classify(domain, resolved["version"], lease, k)
     finally:
-        runtime.images_preparing -= len(images)
-    request.state.metrics_domain = key.domain  # only existing domains become metric labels
-    prepared = time.perf_counter()
-    predictions = await batcher.classify(key, tensors, k)  # queues before its first await: no gap
+        lease.release()  # only after the engine's answer: it reads the pixels in place
     done = time.perf_counter()
-    runtime.metrics.images.labels(key.domain).inc(len(predictions))
+    frontend.metrics.images.labels(domain).inc(len(results))
     return ClassifyResponse(
-        domain=key.domain,
-        version=key.version,
+        domain=domain,
+        version=resolved["version"],
         results=[
-            ImageResult(
-                top_k=[LabelScoreOut(label=s.label, index=s.index, probability=s.probability) for s in p.top]
-            )
-            for p in predictions
+            ImageResult(top_k=[LabelScoreOut(index=i, label=label, probability=p) for i, label, p in result])
+            for result in results
         ],
         timing=Timing(
             total_ms=(done - start) * 1e3,
@@ -161,17 +166,17 @@ TopK = Annotated[int | None, Query(ge=1, description="How many classes to return
 @router.post("/classify", response_model=ClassifyResponse, openapi_extra=_BODY_DOC)
 async def classify(
     request: Request,
-    runtime: RuntimeDep,
+    frontend: FrontEndDep,
     top_k: TopK = None,
     x_domain: Annotated[str | None, Header(description="The domain to classify in")] = None,
 ) -> ClassifyResponse:
     """Classify images in the domain named by the X-Domain header."""
-    return await _classify(request, runtime, x_domain, top_k)
+    return await _classify(request, frontend, x_domain, top_k)
 
 
 @router.post("/domains/{domain}/classify", response_model=ClassifyResponse, openapi_extra=_BODY_DOC)
 async def classify_in(
-    request: Request, runtime: RuntimeDep, domain: str, top_k: TopK = None
+    request: Request, frontend: FrontEndDep, domain: str, top_k: TopK = None
 ) -> ClassifyResponse:
     """Classify images in the domain named in the path."""
-    return await _classify(request, runtime, domain, top_k)
+    return await _classify(request, frontend, domain, top_k)

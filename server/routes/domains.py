@@ -1,14 +1,13 @@
 """Domains: list and describe (open), upload / activate / delete (admin token).
 
-Uploads are validated against the running backbone (its spec and fingerprint) before anything is
-stored; each creates a new immutable version. Store calls run in the thread pool (they take a file lock).
+Every operation is the engine's (it owns the store and the model): uploads are validated against the
+running backbone and trial-loaded there before anything is stored, each a new immutable version; the
+front end streams the body within its limit and answers with the engine's verdict.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,11 +15,8 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from adapters_store.bundle import unpack_bundle
-from adapters_store.errors import ArtifactInvalid, Problem, VersionNotFound
-from adapters_store.validation import validate_domain_artifact
-from server.deps import RuntimeDep, require_admin, require_inference
+from server.deps import FrontEndDep, require_admin, require_inference
 from server.errors import BadRequest, UnsupportedMediaType
-from server.runtime import Runtime
 from server.schemas import (
     ActivateRequest,
     ActiveResponse,
@@ -33,7 +29,6 @@ from server.schemas import (
 )
 
 router = APIRouter(prefix="/v1/domains", tags=["domains"], responses=error_responses(401, 403, 404, 422, 503))
-T = TypeVar("T")
 
 _UPLOAD_DOC: dict[str, Any] = {
     "requestBody": {
@@ -63,55 +58,17 @@ _UPLOAD_DOC: dict[str, Any] = {
 }
 
 
-async def _in_pool(runtime: Runtime, fn: Callable[..., T], *args: Any) -> T:
-    return await asyncio.get_running_loop().run_in_executor(runtime.pool, fn, *args)
-
-
-def _list(runtime: Runtime) -> DomainList:
-    # One index read for every domain (describe per domain reparsed the index once each).
-    summaries = [
-        DomainSummary(
-            domain=info.domain,
-            versions=list(info.versions),
-            active=info.active,
-            resident=runtime.engine.is_resident(info.domain),
-        )
-        for info in runtime.store.describe_all()
-    ]
-    return DomainList(domains=summaries)
-
-
-def _detail(runtime: Runtime, domain: str) -> DomainDetail:
-    info = runtime.store.describe(domain)
-    shown = info.active if info.active is not None else (info.versions[-1] if info.versions else None)
-    manifest = None
-    if shown is not None:
-        try:
-            manifest = runtime.store.get(domain, shown).manifest.model_dump(mode="json")
-        except VersionNotFound:  # deleted between the two reads
-            manifest = None
-    resident_versions = sorted(k.version for k in runtime.engine.resident() if k.domain == domain)
-    return DomainDetail(
-        domain=domain,
-        versions=list(info.versions),
-        active=info.active,
-        previous=list(info.previous),
-        resident=bool(resident_versions),
-        resident_versions=resident_versions,
-        manifest=manifest,
-    )
-
-
 @router.get("", response_model=DomainList, dependencies=[Depends(require_inference)])
-async def list_domains(runtime: RuntimeDep) -> DomainList:
-    """Every stored domain: versions, the active one, and whether it is resident in the bank."""
-    return await _in_pool(runtime, _list, runtime)
+async def list_domains(frontend: FrontEndDep) -> DomainList:
+    """Every stored domain: versions, the active one, and whether it is resident in a bank."""
+    return DomainList(domains=[DomainSummary(**d) for d in await frontend.engines.listing()])
 
 
 @router.get("/{domain}", response_model=DomainDetail, dependencies=[Depends(require_inference)])
-async def describe_domain(runtime: RuntimeDep, domain: str) -> DomainDetail:
+async def describe_domain(frontend: FrontEndDep, domain: str) -> DomainDetail:
     """One domain: its versions, the active one, the active manifest and residency."""
-    return await _in_pool(runtime, _detail, runtime, domain)
+    detail = await frontend.engines.describe(domain)
+    return DomainDetail(**detail, resident=bool(detail["resident_versions"]))
 
 
 async def _upload_parts(request: Request) -> tuple[bytes, bytes, str | None, bool | None]:
@@ -143,26 +100,6 @@ async def _upload_parts(request: Request) -> tuple[bytes, bytes, str | None, boo
     return manifest, await tensor_part.read(), tensor_part.filename, activate
 
 
-def _validate_and_put(
-    runtime: Runtime, domain: str, manifest: bytes, tensors: bytes, filename: str | None, activate: bool
-) -> int:
-    engine = runtime.engine
-    validated = validate_domain_artifact(
-        manifest,
-        tensors,
-        spec_for=engine.domain_spec,
-        fingerprint=engine.fingerprint,
-        limits=runtime.settings.artifact_limits(),
-        filename=filename,
-    )
-    if validated.manifest.domain != domain:
-        msg = f"the manifest is for domain {validated.manifest.domain!r}, uploaded to {domain!r}"
-        raise ArtifactInvalid([Problem("manifest.domain", msg, "domain")])
-    version = runtime.store.put(validated, activate=activate)
-    engine.notice_store_change()
-    return version
-
-
 @router.post(
     "/{domain}/adapters",
     response_model=UploadResponse,
@@ -173,7 +110,7 @@ def _validate_and_put(
 )
 async def upload_adapter(
     request: Request,
-    runtime: RuntimeDep,
+    frontend: FrontEndDep,
     domain: str,
     activate: Annotated[bool | None, Query(description="Make the new version the active one")] = None,
 ) -> UploadResponse:
@@ -181,9 +118,8 @@ async def upload_adapter(
     or a raw application/x-tar body). Refused with 422 and every reason when it does not fit the backbone."""
     manifest, tensors, filename, activate_field = await _upload_parts(request)
     do_activate = bool(activate if activate is not None else activate_field)
-    version = await _in_pool(
-        runtime, _validate_and_put, runtime, domain, manifest, tensors, filename, do_activate
-    )
+    # Validated and trial-loaded by the engine (it alone has the model) before anything is stored.
+    version = await frontend.engines.upload(domain, manifest, tensors, filename, do_activate)
     return UploadResponse(domain=domain, version=version, active=do_activate)
 
 
@@ -198,17 +134,6 @@ async def _activate_request(request: Request) -> ActivateRequest:
         ) from None
 
 
-def _activate(runtime: Runtime, domain: str, body: ActivateRequest) -> int:
-    if body.rollback:
-        version = runtime.store.rollback(domain)
-    else:
-        assert body.version is not None
-        runtime.store.activate(domain, body.version)
-        version = body.version
-    runtime.engine.notice_store_change()
-    return version
-
-
 @router.put(
     "/{domain}/active",
     response_model=ActiveResponse,
@@ -221,24 +146,15 @@ def _activate(runtime: Runtime, domain: str, body: ActivateRequest) -> int:
         }
     },
 )
-async def set_active(request: Request, runtime: RuntimeDep, domain: str) -> ActiveResponse:
+async def set_active(request: Request, frontend: FrontEndDep, domain: str) -> ActiveResponse:
     """Switch the served version (`{"version": n}`) or roll back (`{"rollback": true}`).
 
     New requests use it at once; requests already queued finish on the version they started with."""
     body = await _activate_request(request)
     if (body.version is None) == (not body.rollback):
         raise BadRequest('give exactly one of {"version": n} or {"rollback": true}')
-    version = await _in_pool(runtime, _activate, runtime, domain, body)
+    version = await frontend.engines.activate(domain, None if body.rollback else body.version)
     return ActiveResponse(domain=domain, active=version)
-
-
-def _delete(runtime: Runtime, domain: str, version: int | None) -> None:
-    if version is None:
-        runtime.store.delete_domain(domain)
-    else:
-        runtime.store.delete_version(domain, version)
-    runtime.engine.notice_store_change()
-    runtime.engine.evict(domain, version)
 
 
 @router.delete(
@@ -247,9 +163,9 @@ def _delete(runtime: Runtime, domain: str, version: int | None) -> None:
     responses=error_responses(409),
     dependencies=[Depends(require_admin)],
 )
-async def delete_version(runtime: RuntimeDep, domain: str, version: int) -> DeleteResponse:
+async def delete_version(frontend: FrontEndDep, domain: str, version: int) -> DeleteResponse:
     """Delete one version (not the active one: 409)."""
-    await _in_pool(runtime, _delete, runtime, domain, version)
+    await frontend.engines.delete(domain, version)
     return DeleteResponse(domain=domain, deleted=[version])
 
 
@@ -259,7 +175,7 @@ async def delete_version(runtime: RuntimeDep, domain: str, version: int) -> Dele
     responses=error_responses(409),
     dependencies=[Depends(require_admin)],
 )
-async def delete_domain(runtime: RuntimeDep, domain: str) -> DeleteResponse:
+async def delete_domain(frontend: FrontEndDep, domain: str) -> DeleteResponse:
     """Delete a domain and every version of it."""
-    await _in_pool(runtime, _delete, runtime, domain, None)
+    await frontend.engines.delete(domain, None)
     return DeleteResponse(domain=domain, deleted="all")

@@ -7,6 +7,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.errors import NotReady
+from server.frontend import FrontEnd
 from server.schemas import Health, Ready, error_responses
 
 router = APIRouter(tags=["health"])
@@ -20,25 +21,23 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Ready, responses=error_responses(503))
 async def readyz(request: Request) -> Ready:
-    """The backbone is loaded and warm: traffic can be sent."""
-    runtime = getattr(request.app.state, "runtime", None)
-    if runtime is None or not runtime.engine.warm:
-        raise NotReady("the backbone is not loaded and warm yet")
-    engine = runtime.engine
+    """Every engine is connected, its backbone loaded and warm: traffic can be sent."""
+    frontend: FrontEnd | None = getattr(request.app.state, "frontend", None)
+    info = frontend.engines.info() if frontend is not None else None
+    if info is None:
+        raise NotReady("the backbone is not loaded and warm yet (or an engine is restarting)")
     return Ready(
         status="ready",
-        backbone=engine.backbone_name,
-        fingerprint=engine.fingerprint,
-        device=str(engine.device),
-        resident_domains=len(engine.resident()),
+        backbone=info["backbone"],
+        fingerprint=info["fingerprint"],
+        device=info["device"],
+        resident_domains=info["resident_domains"],
     )
 
 
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    """Prometheus text exposition."""
-    runtime = getattr(request.app.state, "runtime", None)
-    registry_owner = request.app.state.metrics
-    engine = runtime.engine if runtime is not None else None
-    depth = runtime.batcher.depth if runtime is not None else 0
-    return Response(registry_owner.render(engine, depth), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus text exposition: this server's front ends (summed) and each engine (label `engine`)."""
+    frontend: FrontEnd | None = getattr(request.app.state, "frontend", None)
+    texts = await frontend.engines.metrics_texts() if frontend is not None else []
+    return Response(request.app.state.metrics.render(texts), media_type=CONTENT_TYPE_LATEST)

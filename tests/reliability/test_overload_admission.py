@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from server.app import create_app
-from server.runtime import Runtime
+from server.frontend import FrontEnd
 from server.serving import ServerThread
 from tests.server.conftest import TinyWorld, encode, image, make_store, settings_for
 
@@ -37,8 +37,8 @@ def held_server(world: TinyWorld, tmp_path: Path) -> Iterator[tuple[ServerThread
     release = threading.Event()
     with ServerThread(app) as server:
         assert httpx.get(f"{server.url}/readyz", timeout=60).status_code == 200  # waits for start-up
-        runtime: Runtime = app.state.runtime
-        holder = runtime.pool.submit(release.wait)  # the only decode thread is now busy
+        frontend: FrontEnd = app.state.frontend
+        holder = frontend.pool.submit(release.wait)  # the only decode thread is now busy
         try:
             yield server, release
         finally:

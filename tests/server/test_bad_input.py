@@ -213,16 +213,16 @@ def test_requests_beyond_the_in_flight_limit_get_429_before_their_body_is_read(s
     import threading
 
     with TestClient(create_app(settings_for(store, max_requests_in_flight=1))) as c:
-        engine = c.app.state.runtime.engine  # type: ignore[attr-defined]
+        engine = c.app.state.frontend.engines.service.engine  # type: ignore[attr-defined]
         entered, release = threading.Event(), threading.Event()
-        infer = engine.infer
+        infer = engine.infer_pixels
 
         def held_infer(*args: object, **kwargs: object) -> object:
             entered.set()
             release.wait()  # keep the first request in flight until the second has been refused
             return infer(*args, **kwargs)
 
-        engine.infer = held_infer
+        engine.infer_pixels = held_infer
         first: list[Response] = []
         h = {**PNG, "X-Domain": "birds"}
         t = threading.Thread(

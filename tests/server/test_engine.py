@@ -11,6 +11,7 @@ import torch
 
 import server.engine
 from adapters_store import LocalStore
+from domain_format.preprocess import prepare
 from model_artifacts import validate_domain
 from server.batcher import Batcher
 from server.engine import DomainKey, Engine, EngineConfig
@@ -149,7 +150,11 @@ def test_batcher_mixes_domains_and_answers_each_request(world: TinyWorld, store:
     )  # type: ignore[arg-type]
     names = ["birds", "digits", "textures"] * 4
     xs = [_x(n, i) for i, n in enumerate(names)]
-    futures = [batcher.submit(engine.resolve(n), [x], top_k=1)[0] for n, x in zip(names, xs, strict=True)]
+    # uint8, as front ends send them (grayscale domains: one channel, batched apart by shape)
+    pixels = [
+        prepare(encode(image(i)), DOMAINS[n][2].image_spec(), max_pixels=10**7) for i, n in enumerate(names)
+    ]
+    futures = [batcher.submit(engine.resolve(n), [p], top_k=1)[0] for n, p in zip(names, pixels, strict=True)]
     batcher.start()  # everything is queued before the worker starts: batches fill up
     try:
         preds = [f.result(timeout=60) for f in futures]

@@ -1,9 +1,14 @@
-"""Prometheus metrics, one `CollectorRegistry` per app (tests create many apps in one process).
+"""The engine's Prometheus metrics: bank, batches, queue, memory and busy time, one registry per engine.
 
-`Metrics` also implements the engine's and batcher's event hooks, so neither imports prometheus.
+`EngineMetrics` implements the engine's and batcher's event hooks, so neither imports prometheus. The
+engine process renders this registry itself and front ends fetch and merge it (`server.http_metrics`),
+so the engine's gauges are exact (no multiprocess arithmetic) and the series of a domain that leaves the
+bank are removed, not left at their last value.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -14,24 +19,10 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-class Metrics(EngineEvents, BatchEvents):
+class EngineMetrics(EngineEvents, BatchEvents):
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "md_requests",
-            "HTTP requests by route, domain and status",
-            ["route", "domain", "status"],
-            registry=r,
-        )
-        self.latency = Histogram(
-            "md_request_latency_seconds",
-            "HTTP request latency by route, domain and status",
-            ["route", "domain", "status"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.images = Counter("md_images", "Images classified by domain", ["domain"], registry=r)
         self.queue_wait_s = Histogram(
             "md_queue_wait_seconds",
             "Time an image waits before its batch runs",
@@ -61,6 +52,17 @@ class Metrics(EngineEvents, BatchEvents):
         )
         self.bank_memory = Gauge("md_bank_memory_bytes", "Bytes held by the adapter bank", registry=r)
         self.merged_memory = Gauge("md_merged_memory_bytes", "Bytes held by merged-weight caches", registry=r)
+        self.domain_resident = Gauge(
+            "md_domain_resident",
+            "1 for each domain version resident in the bank",
+            ["domain", "version"],
+            registry=r,
+        )
+        self.busy_seconds = Counter(
+            "md_engine_busy_seconds",
+            "Seconds the engine spent running batches (busy fraction: its rate)",
+            registry=r,
+        )
 
     # -- engine events ----------------------------------------------------------------------------
     def bank_hit(self, key: DomainKey) -> None:
@@ -72,6 +74,11 @@ class Metrics(EngineEvents, BatchEvents):
     def bank_load(self, key: DomainKey, seconds: float) -> None:
         self.bank_loads.inc()
         self.bank_load_s.observe(seconds)
+        self.domain_resident.labels(key.domain, str(key.version)).set(1)
+
+    def domain_dropped(self, key: DomainKey) -> None:
+        with contextlib.suppress(KeyError):  # never loaded through these metrics
+            self.domain_resident.remove(key.domain, str(key.version))
 
     def bank_evict(self, key: DomainKey) -> None:
         self.bank_evictions.inc()
@@ -84,6 +91,7 @@ class Metrics(EngineEvents, BatchEvents):
         self.batch_size.observe(size)
         self.batch_domains.observe(domains)
         self.batch_seconds.observe(seconds)
+        self.busy_seconds.inc(seconds)
 
     def queue_wait(self, seconds: float) -> None:
         self.queue_wait_s.observe(seconds)
@@ -92,11 +100,6 @@ class Metrics(EngineEvents, BatchEvents):
         self.queue_depth_g.set(images)
 
     # -- exposition -------------------------------------------------------------------------------
-    def observe_request(self, route: str, domain: str, status: int, seconds: float) -> None:
-        labels = (route, domain, str(status))
-        self.requests.labels(*labels).inc()
-        self.latency.labels(*labels).observe(seconds)
-
     def render(self, engine: Engine | None, queue_depth: int) -> bytes:
         self.queue_depth_g.set(queue_depth)
         if engine is not None:

@@ -1,0 +1,193 @@
+"""What an engine offers its front ends, as plain values: the one API behind both transports.
+
+The engine process (`server.engine_process`) answers the channel's messages by calling these methods;
+the in-process transport (`server.engine_client.LocalEngine`) calls them directly. Values in and out are
+the channel's: str, int, float, lists, dicts, bytes, and numpy uint8 pixels for `submit`.
+
+It owns the store, the engine, the batcher and the engine's metrics; uploads are validated against the
+running backbone here (it alone has the model) and trial-loaded (tensors parsed as the bank will load
+them) before anything is stored.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load as load_safetensors  # safetensors only: never pickle
+
+from adapters_store.errors import ArtifactInvalid, Problem, VersionNotFound
+from adapters_store.local import LocalStore
+from adapters_store.manifest import AdapterSettings
+from adapters_store.store import AdapterStore
+from adapters_store.validation import validate_domain_artifact
+from model_artifacts import adapter_config
+from server.batcher import Batcher
+from server.engine import DomainKey, Engine, EngineConfig, Prediction
+from server.engine_metrics import EngineMetrics
+from server.settings import Settings
+
+
+def engine_config(settings: Settings, device: str | None = None) -> EngineConfig:
+    return EngineConfig(
+        device=device or settings.device,  # type: ignore[arg-type]
+        dtype=settings.dtype,
+        channels_last=settings.channels_last,
+        bank_slots=settings.bank_slots,
+        merged_cache=settings.merged_cache,
+        revision_poll_s=settings.revision_poll_s,
+        micro_batch=settings.micro_batch,
+    )
+
+
+def prediction_values(pred: Prediction) -> list[list[Any]]:
+    """One image's answer on the channel: [[index, label, probability], ...] (its key travels once)."""
+    return [[s.index, s.label, s.probability] for s in pred.top]
+
+
+class EngineService:
+    def __init__(
+        self, settings: Settings, store: AdapterStore | None = None, device: str | None = None
+    ) -> None:
+        """Load the backbone, warm up (measuring the micro-batch) and start the batcher: blocking."""
+        if settings.torch_threads is not None:
+            torch.set_num_threads(settings.torch_threads)
+        Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
+        self.settings = settings
+        self.store = store if store is not None else LocalStore(settings.store_dir)
+        self.metrics = EngineMetrics()
+        self.engine = Engine(self.store, engine_config(settings, device), events=self.metrics)
+        if settings.warmup:
+            self.engine.warm_up(largest_batch=settings.max_batch_size)
+        self.engine.warm = True
+        self.batcher = Batcher(
+            self.engine,
+            max_domains_per_batch=settings.bank_slots,  # a batch never needs more slots than the bank has
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+            events=self.metrics,
+        )
+        self.batcher.start()
+
+    # -- serving ----------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        engine = self.engine
+        return {
+            "backbone": engine.backbone_name,
+            "fingerprint": engine.fingerprint,
+            "device": str(engine.device),
+            "warm": engine.warm,
+            "resident_domains": len(engine.resident()),
+            "max_queue": self.batcher.max_queue,
+        }
+
+    def resolve(self, domain: str) -> dict[str, Any]:
+        """The active version and its preprocessing, with the queue's state for admission."""
+        key, manifest = self.engine.resolve_with_manifest(domain)
+        self.engine.prefetch(key)  # a cold domain is read now, in parallel with the worker's batches
+        return {
+            "domain": key.domain,
+            "version": key.version,
+            "preprocessing": manifest.preprocessing.model_dump(mode="json"),
+            "queued": self.batcher.depth,
+            "max_queue": self.batcher.max_queue,
+            "retry_after": self.batcher.retry_after(),
+        }
+
+    def submit(self, domain: str, version: int, pixels: np.ndarray, top_k: int) -> list[Future[Prediction]]:
+        return self.batcher.submit(DomainKey(domain, version), pixels, top_k)
+
+    # -- domains ----------------------------------------------------------------------------------
+    def upload(
+        self, domain: str, manifest: bytes, tensors: bytes, filename: str | None, activate: bool
+    ) -> int:
+        engine = self.engine
+        validated = validate_domain_artifact(
+            manifest,
+            tensors,
+            spec_for=engine.domain_spec,
+            fingerprint=engine.fingerprint,
+            limits=self.settings.artifact_limits(),
+            filename=filename,
+        )
+        if validated.manifest.domain != domain:
+            msg = f"the manifest is for domain {validated.manifest.domain!r}, uploaded to {domain!r}"
+            raise ArtifactInvalid([Problem("manifest.domain", msg, "domain")])
+        self._trial_load(validated.manifest.adapter, tensors)
+        version = self.store.put(validated, activate=activate)
+        engine.notice_store_change()
+        return version
+
+    def _trial_load(self, adapter: AdapterSettings, tensors: bytes) -> None:
+        """Parse the tensors and adapter config exactly as a bank load will (no slot is touched)."""
+        try:
+            adapter_config(adapter)
+            load_safetensors(tensors)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ArtifactInvalid([Problem("tensors", f"the bank cannot load it: {exc}", "load")]) from None
+
+    def activate(self, domain: str, version: int | None) -> int:
+        """Activate `version`, or roll back when it is None."""
+        if version is None:
+            version = self.store.rollback(domain)
+        else:
+            self.store.activate(domain, version)
+        self.engine.notice_store_change()
+        return version
+
+    def delete(self, domain: str, version: int | None) -> None:
+        if version is None:
+            self.store.delete_domain(domain)
+        else:
+            self.store.delete_version(domain, version)
+        self.store_changed(domain, version, evict=True)
+
+    def store_changed(self, domain: str | None, version: int | None, evict: bool) -> None:
+        """Another engine changed the store: forget cached versions (and drop a deleted domain's slots)."""
+        self.engine.notice_store_change()
+        if evict and domain is not None:
+            self.engine.evict(domain, version)
+
+    def listing(self) -> list[dict[str, Any]]:
+        resident = {k.domain for k in self.engine.resident()}
+        out = []
+        for domain in self.store.list_domains():
+            info = self.store.describe(domain)
+            out.append(
+                {
+                    "domain": domain,
+                    "versions": list(info.versions),
+                    "active": info.active,
+                    "resident": domain in resident,
+                }
+            )
+        return out
+
+    def describe(self, domain: str) -> dict[str, Any]:
+        info = self.store.describe(domain)
+        shown = info.active if info.active is not None else (info.versions[-1] if info.versions else None)
+        manifest = None
+        if shown is not None:
+            try:
+                manifest = self.store.get(domain, shown).manifest.model_dump(mode="json")
+            except VersionNotFound:  # deleted between the two reads
+                manifest = None
+        return {
+            "domain": domain,
+            "versions": list(info.versions),
+            "active": info.active,
+            "previous": list(info.previous),
+            "resident_versions": sorted(k.version for k in self.engine.resident() if k.domain == domain),
+            "manifest": manifest,
+        }
+
+    def metrics_text(self) -> bytes:
+        return self.metrics.render(self.engine, self.batcher.depth)
+
+    def close(self) -> None:
+        """Stop the batcher after the queued images are answered (the drain)."""
+        self.batcher.stop()

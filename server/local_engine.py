@@ -1,0 +1,61 @@
+"""The in-process transport: an `EngineService` in this process behind the `EngineClient` methods.
+
+What `create_app` uses without a supervisor (tests, benchmarks that skip processes): the same routes,
+decoding and engine as the multi-process server, with a direct call where the channel would be. Store
+and validation work runs in a thread, as the engine process runs it off its event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from server.engine_client import EngineClient, PixelLease
+from server.engine_service import EngineService, prediction_values
+from server.errors import BadRequest
+from server.protocol import Message
+
+
+class LocalEngine(EngineClient):
+    def __init__(self, service: EngineService) -> None:
+        self.service = service
+        self.count = 1
+        self._ops: dict[str, Callable[..., Any]] = {
+            "resolve": service.resolve,
+            "upload": lambda **f: {"version": service.upload(**f)},
+            "activate": lambda **f: {"version": service.activate(**f)},
+            "delete": service.delete,
+            "store_changed": service.store_changed,
+            "listing": lambda: {"domains": service.listing()},
+            "describe": lambda domain: {"domain": service.describe(domain)},
+            "metrics": lambda: {"text": service.metrics_text()},
+        }
+
+    def ready(self) -> bool:
+        return self.service.engine.warm
+
+    def info(self) -> dict[str, Any] | None:
+        return self.service.info() if self.ready() else None
+
+    async def call(self, engine: int, op: str, **fields: Any) -> Message:
+        if op not in self._ops:
+            raise BadRequest(f"unknown engine operation {op!r}")
+        result = await asyncio.to_thread(self._ops[op], **fields)
+        return {"ok": True, **(result or {})}
+
+    def lease(self, count: int, side: int) -> PixelLease:
+        return PixelLease(np.empty((count, side, side, 3), dtype=np.uint8))
+
+    async def classify(self, domain: str, version: int, lease: PixelLease, top_k: int) -> list[list[Any]]:
+        futures = self.service.submit(domain, version, lease.array, top_k)
+        predictions = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        return [prediction_values(p) for p in predictions]
+
+    async def start(self) -> None:
+        """Nothing to connect: the service runs in this process."""
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.service.close)
