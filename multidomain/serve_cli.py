@@ -1,4 +1,4 @@
-"""`multidomain serve`: run the API under uvicorn on the app factory.
+"""`multidomain serve`: run the server: the supervisor with its front-end and engine processes.
 
 Settings come from the environment (prefix `MD_`, see `server.settings.Settings`); `--host`, `--port` and
 `--store` (a directory or `s3://bucket/prefix`) override them. On a store without a backbone, the first-run
@@ -60,11 +60,9 @@ def serve_environment(settings: Settings, base: dict[str, str] | None = None) ->
     return env
 
 
-def uvicorn_command(settings: Settings, log_level: str) -> list[str]:
-    return [
-        sys.executable, "-m", "uvicorn", "server.app:create_app", "--factory",
-        "--host", settings.host, "--port", str(settings.port), "--log-level", log_level, "--no-access-log",
-    ]  # fmt: skip
+def supervisor_command() -> list[str]:
+    """The supervisor (`server.supervisor`) in a fresh interpreter; it reads MD_* itself."""
+    return [sys.executable, "-m", "server.supervisor"]
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -74,8 +72,11 @@ def serve(args: argparse.Namespace) -> int:
         store = open_store(settings.store_location, quotas=settings.store_quotas())
         if not has_backbone(store):
             bootstrap_store(store)
-    # A fresh interpreter, not uvicorn.run here: this process may have loaded torch (the first-run import),
-    # and torch's OpenMP runtime reads OMP_WAIT_POLICY only when it loads.
-    command = uvicorn_command(settings, args.log_level)
-    os.execve(command[0], command, serve_environment(settings))
+    # A fresh interpreter: this process may have loaded torch (the first-run import); the supervisor and
+    # its front ends never load it, and each engine loads it after OMP_WAIT_POLICY is set (torch's
+    # OpenMP runtime reads it only when it loads).
+    command = supervisor_command()
+    env = serve_environment(settings)
+    env["MD_LOG_LEVEL"] = args.log_level
+    os.execve(command[0], command, env)
     return 0  # not reached: execve replaces this process

@@ -11,11 +11,19 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the server does (only effective before torch loads)
 
 import io
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -144,12 +152,6 @@ def settings_for(store: LocalStore, **overrides: object) -> Settings:
     return Settings(**{**base, **overrides})  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def client(store: LocalStore) -> Iterator[TestClient]:
-    with TestClient(create_app(settings_for(store))) as c:
-        yield c
-
-
 def image(seed: int = 0, size: tuple[int, int] = (40, 32), mode: str = "RGB") -> Image.Image:
     rng = np.random.default_rng(seed)
     channels = 3 if mode == "RGB" else 1
@@ -165,3 +167,124 @@ def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
 
 def auth(token: str = ADMIN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+# -- the multi-process server (supervisor, front ends, engines), one per test module ---------------------
+@dataclass
+class Processes:
+    """A running `server.supervisor` and the `md-event` lines it and its children print."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    store: LocalStore
+    events: queue.Queue[str]
+    seen: list[str]
+
+    def wait_for(self, prefix: str, count: int = 1, timeout: float = 180.0) -> list[str]:
+        """Block until `count` new event lines starting with `prefix` have been printed."""
+        found: list[str] = []
+        deadline = time.monotonic() + timeout
+        while len(found) < count:
+            try:
+                line = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no {prefix!r} event in {timeout} s; seen: {self.seen[-20:]}") from None
+            self.seen.append(line)
+            if line.startswith(prefix):
+                found.append(line)
+        return found
+
+    def pids(self, kind: str) -> dict[int, int]:
+        """index -> pid of the newest process of that kind."""
+        out: dict[int, int] = {}
+        for line in self.seen:
+            if line.startswith(f"md-event started kind={kind} "):
+                fields = dict(f.split("=") for f in line.split()[2:])
+                out[int(fields["index"])] = int(fields["pid"])
+        return out
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)  # by the supervisor's PID: its children go with it
+        return self.proc.wait(timeout=120)
+
+
+def _environment(
+    store: LocalStore, workers: int, devices: str | None, overrides: dict[str, object]
+) -> dict[str, str]:
+    settings = settings_for(store, **overrides)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MD_")}
+    for name, value in settings.model_dump(exclude_none=True).items():
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[f"MD_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    env.update({"MD_PORT": "0", "MD_WORKERS": str(workers), "PYTHONPATH": str(Path(__file__).parents[2])})
+    if devices:
+        env["MD_DEVICES"] = devices
+    return env
+
+
+def start_processes(
+    store: LocalStore, workers: int = 2, devices: str | None = None, **overrides: object
+) -> Processes:
+    """Start the supervisor on a free loopback port; return once every front end reached every engine."""
+    env = _environment(store, workers, devices, overrides)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.supervisor"], env=env, stdout=subprocess.PIPE, text=True, bufsize=1
+    )
+    events: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("md-event "):
+                events.put(line.strip())
+
+    threading.Thread(target=pump, daemon=True).start()
+    running = Processes(proc, "", store, events, [])
+    try:
+        [listening] = running.wait_for("md-event listening")
+        running.url = listening.split("url=")[1]
+        engines = len(devices.split(",")) if devices else 1
+        running.wait_for("md-event frontend-connected", count=workers * engines)
+    except BaseException:
+        proc.kill()
+        raise
+    return running
+
+
+def reset_store(world: TinyWorld, http: httpx.Client, store: LocalStore, domains: tuple[str, ...]) -> None:
+    """Back to a fresh store with `domains` (version 1 each): deleted through the API first, so every
+    engine drops the domains' slots, then rebuilt on disk (versions restart at 1)."""
+    for d in http.get("/v1/domains").json()["domains"]:
+        assert http.delete(f"/v1/domains/{d['domain']}", headers=auth()).status_code == 200
+    shutil.rmtree(store.root)
+    make_store(world, store.root, domains)
+
+
+@pytest.fixture(scope="module")
+def processes(world: TinyWorld, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
+    store = make_store(world, tmp_path_factory.mktemp("processes") / "store")
+    running = start_processes(store)
+    yield running
+    assert running.stop() == 0
+
+
+@pytest.fixture(params=["in_process", "processes"])
+def client(request: pytest.FixtureRequest, world: TinyWorld, store: LocalStore) -> Iterator[httpx.Client]:
+    """The API over the in-process app, and over the multi-process server (store reset per test)."""
+    if request.param == "in_process":
+        with TestClient(create_app(settings_for(store))) as c:
+            c.md_store = store  # type: ignore[attr-defined]
+            yield c
+        return
+    served: Processes = request.getfixturevalue("processes")
+    with httpx.Client(base_url=served.url, timeout=60) as c:
+        reset_store(world, c, served.store, tuple(DOMAINS))
+        c.md_store = served.store  # type: ignore[attr-defined]
+        yield c
+
+
+@pytest.fixture
+def served_store(client: httpx.Client) -> LocalStore:
+    """The store the `client` fixture's server serves from."""
+    return client.md_store  # type: ignore[attr-defined,no-any-return]

@@ -6,6 +6,7 @@ import io
 import zlib
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
@@ -48,11 +49,11 @@ def _bomb() -> bytes:
     return out.getvalue()
 
 
-def test_missing_domain_header(client: TestClient) -> None:
+def test_missing_domain_header(client: httpx.Client) -> None:
     _error(client.post("/v1/classify", content=encode(image()), headers=PNG), 400, "missing_domain")
 
 
-def test_unknown_domain(client: TestClient) -> None:
+def test_unknown_domain(client: httpx.Client) -> None:
     err = _error(
         client.post("/v1/classify", content=encode(image()), headers={**PNG, "X-Domain": "zebras"}),
         404,
@@ -61,25 +62,25 @@ def test_unknown_domain(client: TestClient) -> None:
     assert "zebras" in err["message"]
 
 
-def test_hostile_domain_name_is_just_unknown(client: TestClient) -> None:
+def test_hostile_domain_name_is_just_unknown(client: httpx.Client) -> None:
     r = client.post("/v1/classify", content=encode(image()), headers={**PNG, "X-Domain": "../../etc"})
     _error(r, 404, "domain_not_found")
 
 
-def test_not_an_image(client: TestClient) -> None:
+def test_not_an_image(client: httpx.Client) -> None:
     r = client.post("/v1/classify", content=b"GIF89a not really", headers={**PNG, "X-Domain": "birds"})
     err = _error(r, 415, "unsupported_media_type")
     assert "image/png" in err["accepted"]
 
 
-def test_unsupported_content_type(client: TestClient) -> None:
+def test_unsupported_content_type(client: httpx.Client) -> None:
     r = client.post(
         "/v1/classify", content=b"hello", headers={"Content-Type": "text/plain", "X-Domain": "birds"}
     )
     _error(r, 415, "unsupported_media_type")
 
 
-def test_corrupt_image(client: TestClient) -> None:
+def test_corrupt_image(client: httpx.Client) -> None:
     data = encode(image(size=(64, 64)))
     r = client.post("/v1/classify", content=data[: len(data) // 2], headers={**PNG, "X-Domain": "birds"})
     _error(r, 422, "corrupt_image")
@@ -110,13 +111,13 @@ def test_oversized_body_streamed_without_length(strict: TestClient) -> None:
     _error(r, 413, "body_too_large")
 
 
-def test_bad_base64_and_bad_json(client: TestClient) -> None:
+def test_bad_base64_and_bad_json(client: httpx.Client) -> None:
     h = {"X-Domain": "birds"}
     _error(client.post("/v1/classify", json={"images": ["***"]}, headers=h), 400, "bad_request")
     _error(client.post("/v1/classify", json={"pictures": []}, headers=h), 400, "bad_request")
 
 
-def test_fastapi_own_errors_are_json(client: TestClient) -> None:
+def test_fastapi_own_errors_are_json(client: httpx.Client) -> None:
     _error(client.get("/v1/nothing-here"), 404, "not_found")
     _error(client.delete("/v1/classify"), 405, "method_not_allowed")
     err = _error(
@@ -138,7 +139,7 @@ def test_missing_and_wrong_inference_token(strict: TestClient) -> None:
     assert strict.get("/v1/domains/birds", headers=INFER).status_code == 200
 
 
-def test_missing_and_wrong_admin_token(client: TestClient, world: TinyWorld) -> None:
+def test_missing_and_wrong_admin_token(client: httpx.Client, world: TinyWorld) -> None:
     art = world.artifacts["birds_v2"]
     files = {"manifest": ("manifest.json", art.manifest), "tensors": ("adapter.safetensors", art.tensors)}
     _error(client.post("/v1/domains/birds/adapters", files=files), 401, "unauthorized")
@@ -157,7 +158,7 @@ def test_admin_disabled_without_a_token(store: LocalStore, monkeypatch: pytest.M
         _error(c.delete("/v1/domains/birds", headers=auth()), 403, "forbidden")
 
 
-def test_invalid_upload_lists_the_validator_reasons(client: TestClient, world: TinyWorld) -> None:
+def test_invalid_upload_lists_the_validator_reasons(client: httpx.Client, world: TinyWorld) -> None:
     art = world.artifacts["birds_v2"]
     broken = art.tensors[:-8] + b"\x00" * 8  # same size, different bytes: the checksum no longer matches
     files = {"manifest": ("manifest.json", art.manifest), "tensors": ("adapter.safetensors", broken)}
@@ -187,7 +188,7 @@ def test_queue_full_answers_429_with_retry_after(strict: TestClient) -> None:
     assert int(r.headers["Retry-After"]) >= 1
 
 
-def test_server_still_answers_correctly_after_bad_input(client: TestClient, world: TinyWorld) -> None:
+def test_server_still_answers_correctly_after_bad_input(client: httpx.Client, world: TinyWorld) -> None:
     h = {**PNG, "X-Domain": "birds"}
     for bad in (b"", b"garbage", encode(image())[:40], zlib.compress(b"x" * 1000)):
         assert 400 <= client.post("/v1/classify", content=bad, headers=h).status_code < 500

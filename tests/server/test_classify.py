@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import base64
 
+import httpx
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
 from tests.server.conftest import TOL, TinyWorld, encode, image
 
@@ -16,7 +16,7 @@ def _probs(body: dict) -> dict[int, float]:
 
 
 @pytest.mark.parametrize("domain", ["birds", "digits", "textures"])
-def test_raw_image_matches_the_reference_forward(client: TestClient, world: TinyWorld, domain: str) -> None:
+def test_raw_image_matches_the_reference_forward(client: httpx.Client, world: TinyWorld, domain: str) -> None:
     img = image(1)
     r = client.post(
         "/v1/classify", content=encode(img), headers={"X-Domain": domain, "Content-Type": "image/png"}
@@ -36,7 +36,7 @@ def test_raw_image_matches_the_reference_forward(client: TestClient, world: Tiny
     assert body["timing"]["total_ms"] >= body["timing"]["inference_ms"] >= 0
 
 
-def test_path_multipart_and_json_forms_agree(client: TestClient) -> None:
+def test_path_multipart_and_json_forms_agree(client: httpx.Client) -> None:
     imgs = [encode(image(2)), encode(image(3), "JPEG"), encode(image(4), "WEBP")]
     raw = [
         client.post(
@@ -60,7 +60,7 @@ def test_path_multipart_and_json_forms_agree(client: TestClient) -> None:
             assert _probs(got) == pytest.approx(_probs(want), abs=TOL)
 
 
-def test_top_k_is_capped_by_the_domain_class_count(client: TestClient) -> None:
+def test_top_k_is_capped_by_the_domain_class_count(client: httpx.Client) -> None:
     r = client.post(
         "/v1/domains/birds/classify",
         content=encode(image()),
@@ -73,7 +73,7 @@ def test_top_k_is_capped_by_the_domain_class_count(client: TestClient) -> None:
     assert probs == sorted(probs, reverse=True)
 
 
-def test_grayscale_and_palette_images_are_accepted(client: TestClient) -> None:
+def test_grayscale_and_palette_images_are_accepted(client: httpx.Client) -> None:
     for img in (image(5, mode="L"), image(6).convert("P"), image(7).convert("RGBA")):
         r = client.post(
             "/v1/classify", content=encode(img), headers={"X-Domain": "textures", "Content-Type": "image/png"}
@@ -81,7 +81,7 @@ def test_grayscale_and_palette_images_are_accepted(client: TestClient) -> None:
         assert r.status_code == 200, r.text
 
 
-def test_domains_listing_and_residency(client: TestClient) -> None:
+def test_domains_listing_and_residency(client: httpx.Client) -> None:
     listing = client.get("/v1/domains").json()["domains"]
     assert [d["domain"] for d in listing] == ["birds", "digits", "textures"]
     assert all(d["versions"] == [1] and d["active"] == 1 for d in listing)
@@ -95,11 +95,21 @@ def test_domains_listing_and_residency(client: TestClient) -> None:
     assert client.get("/v1/domains/nope").status_code == 404
 
 
-def test_health_ready_and_metrics(client: TestClient) -> None:
+def _sample(text: str, line_start: str) -> float:
+    """The value of the exposition line that starts with `line_start` (0 when absent)."""
+    return next(
+        (float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start)), 0.0
+    )
+
+
+def test_health_ready_and_metrics(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready" and ready["backbone"] == "resnet26"
     assert ready["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    ok_line = 'md_requests_total{domain="birds",route="/v1/classify",status="200"} '
+    unknown_line = 'md_requests_total{domain="",route="/v1/classify",status="404"} '
+    before = client.get("/metrics").text  # a server shared by a module has counted earlier tests
     for _ in range(2):
         client.post(
             "/v1/classify",
@@ -110,15 +120,16 @@ def test_health_ready_and_metrics(client: TestClient) -> None:
         "/v1/classify", content=encode(image()), headers={"X-Domain": "nope", "Content-Type": "image/png"}
     )
     text = client.get("/metrics").text
-    assert 'md_requests_total{domain="birds",route="/v1/classify",status="200"} 2.0' in text
+    assert _sample(text, ok_line) - _sample(before, ok_line) == 2.0
     # an unknown domain is counted without becoming a label of its own
-    assert 'md_requests_total{domain="",route="/v1/classify",status="404"} 1.0' in text
+    assert _sample(text, unknown_line) - _sample(before, unknown_line) == 1.0
     assert "md_bank_loads_total" in text and "md_batch_size_bucket" in text
     assert "md_resident_domains" in text and "md_device_memory_bytes" in text
     assert "md_queue_wait_seconds_count" in text
+    assert 'md_domain_resident{domain="birds",engine="0",version="1"} 1.0' in text
 
 
-def test_openapi_docs_are_served(client: TestClient) -> None:
+def test_openapi_docs_are_served(client: httpx.Client) -> None:
     spec = client.get("/openapi.json").json()
     assert "/v1/classify" in spec["paths"] and "/v1/domains/{domain}/adapters" in spec["paths"]
     assert client.get("/docs").status_code == 200
@@ -131,7 +142,7 @@ def test_openapi_docs_are_served(client: TestClient) -> None:
     assert {"201", "401", "403", "409", "413", "422"} <= set(upload)
 
 
-def test_16_bit_png_uses_its_full_range(client: TestClient, world: TinyWorld) -> None:
+def test_16_bit_png_uses_its_full_range(client: httpx.Client, world: TinyWorld) -> None:
     import numpy as np
     from PIL import Image
 

@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import httpx
 import pytest
-from fastapi.testclient import TestClient
 
 from adapters_store import LocalStore, pack_bundle
 from model_artifacts import validate_domain
-from server.app import create_app
-from tests.server.conftest import TOL, TinyWorld, auth, encode, image, make_store, settings_for
+from tests.server.conftest import TOL, TinyWorld, auth, encode, image, reset_store
 
 PNG = {"Content-Type": "image/png"}
 
 
-def _top(client: TestClient, domain: str, seed: int = 11) -> tuple[int, list[float]]:
+def _top(client: httpx.Client, domain: str, seed: int = 11) -> tuple[int, list[float]]:
     r = client.post("/v1/classify", content=encode(image(seed)), headers={**PNG, "X-Domain": domain})
     assert r.status_code == 200, r.text
     body = r.json()
     return body["version"], [e["probability"] for e in body["results"][0]["top_k"]]
 
 
-def _upload(client: TestClient, world: TinyWorld, name: str, **params: object) -> dict:
+def _upload(client: httpx.Client, world: TinyWorld, name: str, **params: object) -> dict:
     art = world.artifacts[name]
     files = {"manifest": ("manifest.json", art.manifest), "tensors": ("adapter.safetensors", art.tensors)}
     r = client.post(f"/v1/domains/{name.split('_')[0]}/adapters", files=files, headers=auth(), params=params)
@@ -30,7 +27,7 @@ def _upload(client: TestClient, world: TinyWorld, name: str, **params: object) -
     return r.json()
 
 
-def test_upload_activate_rollback_delete(client: TestClient, world: TinyWorld) -> None:
+def test_upload_activate_rollback_delete(client: httpx.Client, world: TinyWorld) -> None:
     v1, p1 = _top(client, "birds")
     assert v1 == 1
     assert _upload(client, world, "birds_v2") == {"domain": "birds", "version": 2, "active": False}
@@ -57,29 +54,30 @@ def test_upload_activate_rollback_delete(client: TestClient, world: TinyWorld) -
     assert "birds" not in [d["domain"] for d in client.get("/v1/domains").json()["domains"]]
 
 
-def test_bundle_upload_with_activate_creates_a_new_domain(world: TinyWorld, tmp_path: Path) -> None:
-    store = make_store(world, tmp_path / "s", domains=("digits",))
-    with TestClient(create_app(settings_for(store))) as client:
-        art = world.artifacts["birds"]
-        bundle = pack_bundle(art.manifest, art.tensors)
-        r = client.post(
-            "/v1/domains/birds/adapters",
-            content=bundle,
-            headers={**auth(), "Content-Type": "application/x-tar"},
-            params={"activate": "true"},
-        )
-        assert r.status_code == 201, r.text
-        assert r.json() == {"domain": "birds", "version": 1, "active": True}
-        version, probs = _top(client, "birds")
-        ref = world.reference("birds", image(11))
-        assert version == 1 and probs == pytest.approx(sorted(ref.tolist(), reverse=True), abs=TOL)
+def test_bundle_upload_with_activate_creates_a_new_domain(
+    client: httpx.Client, world: TinyWorld, served_store: LocalStore
+) -> None:
+    reset_store(world, client, served_store, ("digits",))
+    art = world.artifacts["birds"]
+    bundle = pack_bundle(art.manifest, art.tensors)
+    r = client.post(
+        "/v1/domains/birds/adapters",
+        content=bundle,
+        headers={**auth(), "Content-Type": "application/x-tar"},
+        params={"activate": "true"},
+    )
+    assert r.status_code == 201, r.text
+    assert r.json() == {"domain": "birds", "version": 1, "active": True}
+    version, probs = _top(client, "birds")
+    ref = world.reference("birds", image(11))
+    assert version == 1 and probs == pytest.approx(sorted(ref.tolist(), reverse=True), abs=TOL)
 
 
 def test_activation_by_another_process_is_noticed(
-    client: TestClient, world: TinyWorld, store: LocalStore
+    client: httpx.Client, world: TinyWorld, served_store: LocalStore
 ) -> None:
     assert _top(client, "birds")[0] == 1
-    other = LocalStore(store.root)  # another writer on the same directory (e.g. the store CLI)
+    other = LocalStore(served_store.root)  # another writer on the same directory (e.g. the store CLI)
 
     art = world.artifacts["birds_v2"]
     other.put(validate_domain(art.manifest, art.tensors, world.net), activate=True)
@@ -88,7 +86,7 @@ def test_activation_by_another_process_is_noticed(
     assert _top(client, "birds")[0] == 1
 
 
-def test_activate_request_must_name_one_thing(client: TestClient) -> None:
+def test_activate_request_must_name_one_thing(client: httpx.Client) -> None:
     r = client.put("/v1/domains/birds/active", json={"version": 1, "rollback": True}, headers=auth())
     assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
     r = client.put("/v1/domains/birds/active", json={"version": 9}, headers=auth())

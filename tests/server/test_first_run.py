@@ -41,8 +41,7 @@ def test_fresh_store_serves_imagenet_and_finds_the_cat(
     assert env["MD_STORE_DIR"] == str(tmp_path / "store") and env["MD_PORT"] == "8123"
     assert env["OMP_WAIT_POLICY"] == "ACTIVE"  # the operator's choice wins
     assert cli.serve_environment(settings, base={})["OMP_WAIT_POLICY"] == "PASSIVE"
-    command = cli.uvicorn_command(settings, "info")
-    assert command[1:5] == ["-m", "uvicorn", "server.app:create_app", "--factory"] and "8123" in command
+    assert cli.supervisor_command()[1:] == ["-m", "server.supervisor"]
     assert not has_backbone(LocalStore(settings.store_dir))
     assert bootstrap_store(settings.store_dir) is True
     assert bootstrap_store(settings.store_dir) is False  # idempotent: a second start imports nothing
