@@ -474,15 +474,16 @@ class Engine:
                     self.net.unmerge(self._merged.popitem(last=False)[0])
         return self.net.forward_merged(x, slot)
 
-    def warm_up(self, largest_batch: int | None = None) -> None:
-        """One forward through each path so the first request pays no one-off costs; with `largest_batch`
-        (and `micro_batch` 0) also measure the best micro-batch for each stored domain's input side."""
+    def warm_up(self, largest_batch: int | None = None, domains: Sequence[str] | None = None) -> None:
+        """One forward through each path so the first request pays no one-off costs, with two of `domains`
+        (default: the store's); with `largest_batch` (and `micro_batch` 0) also measure the best
+        micro-batch for each of their input sides."""
         with self._net_lock, torch.inference_mode():
             size = 32
             x = torch.zeros(2, 3, size, size, device=self.device, dtype=self.dtype)
             self.net.forward_base(x.contiguous(memory_format=self.memory_format))
         sides: set[int] = set()
-        for domain in self.store.list_domains()[:2]:
+        for domain in list(self.store.list_domains() if domains is None else domains)[:2]:
             try:
                 key, manifest = self.resolve_with_manifest(domain)
             except VersionNotFound:

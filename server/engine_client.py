@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import zlib
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -30,7 +29,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from server.errors import EngineUnavailable, QueueFull
-from server.protocol import BadMessage, Message, decode, encode
+from server.protocol import BadMessage, Message, affinity, decode, encode
 from server.shm import Lease, PixelSlab
 from server.wire_errors import from_wire
 
@@ -48,11 +47,6 @@ class PixelLease:
         if self.shared is not None:
             self.shared.release()
             self.shared = None
-
-
-def affinity(domain: str, engines: int) -> int:
-    """The engine that serves `domain`: crc32, not hash(), so every front end process agrees."""
-    return zlib.crc32(domain.encode()) % engines
 
 
 class EngineClient(ABC):

@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--device", required=True)
+    parser.add_argument("--engines", type=int, default=1, help="how many engines serve (domain affinity)")
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     # Counters' `_created` samples would come out of the front ends' merge as separate gauge families.
     disable_created_metrics()
     settings = Settings()
-    service = EngineService(settings, device=args.device)
+    service = EngineService(settings, device=args.device, engine=(args.index, args.engines))
     asyncio.run(EngineProcess(service, args.endpoint, args.index).serve())
     return 0
 

@@ -28,6 +28,7 @@ from model_artifacts import adapter_config
 from server.batcher import Batcher
 from server.engine import DomainKey, Engine, EngineConfig, Prediction
 from server.engine_metrics import EngineMetrics
+from server.protocol import affinity
 from server.settings import Settings
 
 
@@ -50,9 +51,14 @@ def prediction_values(pred: Prediction) -> list[list[Any]]:
 
 class EngineService:
     def __init__(
-        self, settings: Settings, store: AdapterStore | None = None, device: str | None = None
+        self,
+        settings: Settings,
+        store: AdapterStore | None = None,
+        device: str | None = None,
+        engine: tuple[int, int] = (0, 1),
     ) -> None:
-        """Load the backbone, warm up (measuring the micro-batch) and start the batcher: blocking."""
+        """Load the backbone, warm up (measuring the micro-batch) and start the batcher: blocking.
+        `engine` is (this engine's index, the number of engines): it warms up with its own domains."""
         if settings.torch_threads is not None:
             torch.set_num_threads(settings.torch_threads)
         Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
@@ -61,7 +67,9 @@ class EngineService:
         self.metrics = EngineMetrics()
         self.engine = Engine(self.store, engine_config(settings, device), events=self.metrics)
         if settings.warmup:
-            self.engine.warm_up(largest_batch=settings.max_batch_size)
+            index, count = engine
+            own = [d for d in self.store.list_domains() if affinity(d, count) == index]
+            self.engine.warm_up(largest_batch=settings.max_batch_size, domains=own)
         self.engine.warm = True
         self.batcher = Batcher(
             self.engine,

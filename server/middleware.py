@@ -2,12 +2,14 @@
 
 `BodySizeLimit` refuses an oversized body while it is being read: at once from Content-Length, or as soon
 as the streamed bytes pass the limit, so memory never holds more than the limit.
-`RequestMetrics` records every request's route, domain and status with its latency.
+`RequestMetrics` records every request's route, domain and status with its latency, and names the
+front-end process that answered in an `x-md-frontend` header.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 
@@ -71,6 +73,7 @@ class RequestMetrics:
     def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
         self.app = app
         self.metrics = metrics
+        self.process_id = str(os.getpid()).encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -83,6 +86,9 @@ class RequestMetrics:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                # Which front-end process answered: for operators reading logs, and for tests that need
+                # a request to cross from one front end to another.
+                message["headers"] = [*message.get("headers", []), (b"x-md-frontend", self.process_id)]
             await send(message)
 
         try:

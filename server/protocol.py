@@ -12,6 +12,7 @@ class looked up by name.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import msgpack
@@ -53,3 +54,12 @@ def ok(**values: Any) -> Message:
 
 def failure(kind: str, message: str, **details: Any) -> Message:
     return {"ok": False, "error": {"kind": kind, "message": message, "details": details}}
+
+
+def affinity(domain: str, engines: int) -> int:
+    """The engine that serves `domain`: rendezvous hashing (the engine with the highest hash of
+    domain@engine), so every front-end process agrees (not Python's salted hash()) and a change in the
+    number of engines moves only the domains of the engines added or removed."""
+    return max(
+        range(engines), key=lambda i: hashlib.blake2b(f"{domain}@{i}".encode(), digest_size=8).digest()
+    )

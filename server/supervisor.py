@@ -8,7 +8,7 @@
 
 Children die with it (PR_SET_PDEATHSIG: SIGTERM when the supervisor goes, SIGKILL included). A child that
 exits is restarted (an engine on the same address, where the front ends reconnect by themselves); more
-than `_MAX_RESTARTS` within a minute stops the server with an error instead of looping. SIGTERM (or
+than `_MAX_RESTARTS` within five minutes stops the server with an error instead of looping. SIGTERM (or
 SIGINT) drains: front ends first (they finish the requests in flight), then engines. As PID 1 in a
 container it also reaps orphans. It prints one `md-event` line per state change on stdout, so tests and
 operators can follow start-up and restarts without polling.
@@ -38,6 +38,7 @@ log = logging.getLogger("server.supervisor")
 
 _SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
 _MAX_RESTARTS = 5
+_RESTART_WINDOW_S = 300.0
 _STOP_TIMEOUT_S = 40.0
 _PR_SET_PDEATHSIG = 1
 
@@ -113,6 +114,8 @@ class Supervisor:
                     str(i),
                     "--device",
                     device,
+                    "--engines",
+                    str(len(devices)),
                     "--endpoint",
                     endpoints[i],
                     "--log-level",
@@ -169,14 +172,15 @@ class Supervisor:
                     multiprocess.mark_process_dead(child.pid, str(self.metrics_dir))
                 now = time.monotonic()
                 child.restarts.append(now)
-                while child.restarts and now - child.restarts[0] > 60:
+                while child.restarts and now - child.restarts[0] > _RESTART_WINDOW_S:
                     child.restarts.popleft()
                 if len(child.restarts) > _MAX_RESTARTS:
                     log.error(
-                        "%s %d exited %d times within a minute: stopping",
+                        "%s %d exited %d times within %.0f s: stopping",
                         child.kind,
                         child.index,
                         _MAX_RESTARTS,
+                        _RESTART_WINDOW_S,
                     )
                     return 1
                 child.start()
