@@ -1,4 +1,5 @@
-"""What the benchmarks share: a uvicorn server in a subprocess, process memory, stores of random domains.
+"""What the benchmarks share: a uvicorn server in a subprocess (`ServerProcess`, one process with its engine)
+or the multi-process server (`SupervisorProcess`), process memory and CPU, stores of random domains.
 
     server = ServerProcess(store_dir, {"MD_BANK_SLOTS": "4"})
     server.wait_ready()            # or: await server.wait_ready_async()
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -142,6 +144,104 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class SupervisorProcess:
+    """``python -m server.supervisor`` (what ``multidomain serve`` runs: K front ends, one engine per device)
+    on a free 127.0.0.1 port, with ``MD_STORE_DIR=store_dir``, ``MD_WORKERS=workers`` and ``env``.
+
+    Ready when every front end has reached every engine (read from the supervisor's ``md-event`` lines,
+    not polled)."""
+
+    def __init__(
+        self, store_dir: Path, env: Mapping[str, str] | None = None, *, workers: int = 1, engines: int = 1
+    ) -> None:
+        environ = {
+            **os.environ, "MD_STORE_DIR": str(store_dir), "MD_PORT": "0", "MD_WORKERS": str(workers),
+            "MD_LOG_LEVEL": "warning", **(env or {}),
+        }  # fmt: skip
+        self.connections = workers * engines
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server.supervisor"],
+            env=environ,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.url = ""
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        assert self.proc.stdout is not None
+        connected, deadline = 0, time.monotonic() + timeout
+        for line in self.proc.stdout:
+            if line.startswith("md-event listening"):
+                self.url = line.split("url=")[1].strip()
+            elif line.startswith("md-event frontend-connected"):
+                connected += 1
+            if self.url and connected >= self.connections:
+                # keep reading, or the children block on a full pipe
+                threading.Thread(target=_drain, args=(self.proc.stdout,), daemon=True).start()
+                return
+            if time.monotonic() > deadline:
+                break
+        raise RuntimeError(f"server not ready (exit code {self.proc.poll()})")
+
+    def processes(self) -> dict[int, str]:
+        """Every process of the server (the supervisor first), pid -> kind."""
+        return {pid: process_kind(pid) for pid in [self.proc.pid, *process_tree(self.proc.pid)]}
+
+    def rss_bytes(self) -> int:
+        return sum(rss_bytes(pid) for pid in self.processes())
+
+    def pss_bytes(self) -> int:
+        return sum(pss_bytes(pid) for pid in self.processes())
+
+    def stop(self) -> None:
+        """SIGTERM to the supervisor (it drains and stops its children), SIGKILL after 60 s."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _drain(stream: Iterable[str]) -> None:
+    for _ in stream:
+        pass
+
+
+def process_tree(pid: int) -> list[int]:
+    """All descendants of ``pid``."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+    return children + [g for c in children for g in process_tree(c)]
+
+
+def process_kind(pid: int) -> str:
+    """supervisor, engine, frontend, resource_tracker (multiprocessing's, one per front end) or other."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return "gone"
+    for kind in ("supervisor", "engine_process", "frontend_process", "resource_tracker"):
+        if kind in cmd:
+            return kind.removesuffix("_process")
+    return "other"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- stores of random domains ---------------------------------------------------------------------------

@@ -1,11 +1,14 @@
-"""Load benchmark of the inference server against a real uvicorn (a subprocess on 127.0.0.1).
+"""Load benchmark of the multi-process server (`server.supervisor`: K front ends, one engine) on 127.0.0.1.
 
 Measures, side by side in one run on the same model, resolution and batch size:
   1. engine-only images/s (mixed-domain batches drawn from the same Zipf mix, no HTTP), and the
      store -> bank load latency of a cold domain (the engine's own timing);
-  2. end-to-end: N concurrent clients (asyncio + httpx) over M domains with a Zipf mix, sending raw PNGs;
-     throughput, p50/p95/p99 latency, errors; then cold-domain first-request latency against warm;
-  3. resident memory (server RSS) with 1, 10 and 100 registered domains, 1 and 10 resident.
+  2. end-to-end for each K in --workers (front-end processes): N concurrent clients (asyncio + httpx)
+     over M domains with a Zipf mix, sending raw PNGs; throughput, p50/p95/p99 latency, errors, the
+     engine's busy fraction, front-end CPU ms per image, the load generator's own CPU share, RSS and PSS
+     of every process; then cold-domain first-request latency against warm;
+  3. resident memory (RSS of all the server's processes) with 1, 10 and 100 registered domains, 1 and 10
+     resident.
 The last line is one JSON summary.
 
     python -m bench.serve_load --quick          # a few minutes on 2 CPU cores
@@ -33,7 +36,17 @@ import httpx
 import torch
 
 from adapters_store import LocalStore
-from bench.harness import ServerProcess, add_domains, build_store, pct, png_images, zipf_weights
+from bench.harness import (
+    SupervisorProcess,
+    add_domains,
+    build_store,
+    cpu_seconds,
+    pct,
+    png_images,
+    pss_bytes,
+    rss_bytes,
+    zipf_weights,
+)
 from server.engine import Engine, EngineConfig
 
 
@@ -44,15 +57,16 @@ def engine_only(store_dir: Path, args: argparse.Namespace, weights: list[float])
     )
     keys = [engine.resolve(f"d{i}") for i in range(args.domains)]
     rng = random.Random(1)
-    x = torch.randn(args.batch, 3, args.size, args.size)
+    # uint8 pixels normalised by the engine: the work the server's engine does per batch
+    x = torch.randint(0, 256, (args.batch, args.size, args.size, 3), dtype=torch.uint8)
     batch_keys = lambda: rng.choices(keys, weights, k=args.batch)  # noqa: E731
     for _ in range(2):  # warm-up (also makes every domain resident)
-        engine.infer(batch_keys(), x, 5)
+        engine.infer_pixels(batch_keys(), x, 5)
     for k in keys:
         engine.load(k)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < args.engine_seconds or n < 3:
-        engine.infer(batch_keys(), x, 5)
+        engine.infer_pixels(batch_keys(), x, 5)
         n += 1
     ips = n * args.batch / (time.perf_counter() - start)
 
@@ -73,8 +87,10 @@ def engine_only(store_dir: Path, args: argparse.Namespace, weights: list[float])
 
 
 # -- the server ------------------------------------------------------------------------------------
-def start_server(store_dir: Path, args: argparse.Namespace, **env: str) -> ServerProcess:
-    return ServerProcess(
+def start_server(
+    store_dir: Path, args: argparse.Namespace, workers: int = 1, **env: str
+) -> SupervisorProcess:
+    return SupervisorProcess(
         store_dir,
         {
             "MD_BANK_SLOTS": str(args.bank_slots),
@@ -83,10 +99,22 @@ def start_server(store_dir: Path, args: argparse.Namespace, **env: str) -> Serve
             "MD_DEVICE": args.device,
             **env,
         },
+        workers=workers,
     )
 
 
-async def load_phase(url: str, args: argparse.Namespace, weights: list[float]) -> dict[str, float]:
+def _engine_busy_seconds(metrics_text: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics_text.splitlines()
+        if line.startswith("md_engine_busy_seconds_total")
+    )
+
+
+async def load_phase(
+    server: SupervisorProcess, args: argparse.Namespace, weights: list[float]
+) -> dict[str, object]:
+    url = server.url
     images = png_images(64, args.size)
     names = [f"d{i}" for i in range(args.domains)]
     latencies: list[float] = []
@@ -124,12 +152,21 @@ async def load_phase(url: str, args: argparse.Namespace, weights: list[float]) -
         latencies.clear()
         errors.clear()
         done_images = 0
+        procs = server.processes()
+        busy_before = _engine_busy_seconds((await client.get("/metrics")).text)
+        cpu_before = {pid: cpu_seconds(pid) for pid in procs}
+        own_before = time.process_time()
         start = time.perf_counter()
         await asyncio.gather(*(worker(w, start + args.duration) for w in range(args.clients)))
         elapsed = time.perf_counter() - start
+        own_cpu = time.process_time() - own_before
+        cpu = {pid: cpu_seconds(pid) - cpu_before[pid] for pid in procs}
+        busy = _engine_busy_seconds((await client.get("/metrics")).text) - busy_before
+        memory = {pid: (rss_bytes(pid) / 2**20, pss_bytes(pid) / 2**20) for pid in procs}
 
         # cold domains: first request vs the next one, sequential, idle server
-        cold, warm = [], []
+        cold: list[float] = []
+        warm: list[float] = []
         for i in range(args.cold_domains):
             for bucket in (cold, warm):
                 t0 = time.perf_counter()
@@ -152,16 +189,28 @@ async def load_phase(url: str, args: argparse.Namespace, weights: list[float]) -
         "cold_first_request_p50_ms": statistics.median(cold) * 1e3,
         "warm_request_p50_ms": statistics.median(warm) * 1e3,
         "mean_batch_size": _mean_batch(metrics),
+        "engine_busy_fraction": busy / elapsed,
+        "frontend_cpu_ms_per_image": 1e3
+        * sum(c for p, c in cpu.items() if procs[p] == "frontend")
+        / max(1, done_images),
+        "engine_cpu_cores": sum(c for p, c in cpu.items() if procs[p] == "engine") / elapsed,
+        "loadgen_cpu_cores": own_cpu / elapsed,
+        "loadgen_cpu_share": own_cpu / elapsed / (os.cpu_count() or 1),
+        "processes": [
+            {"pid": p, "kind": procs[p], "rss_mb": memory[p][0], "pss_mb": memory[p][1]} for p in procs
+        ],
+        "pss_total_mb": sum(m[1] for m in memory.values()),
+        "rss_total_mb": sum(m[0] for m in memory.values()),
     }
 
 
 def _mean_batch(metrics_text: str) -> float:
-    values = {}
+    values = {"md_batch_size_sum": 0.0, "md_batch_size_count": 0.0}
     for line in metrics_text.splitlines():
-        if line.startswith(("md_batch_size_sum", "md_batch_size_count")):
-            name, value = line.split()
-            values[name] = float(value)
-    return values.get("md_batch_size_sum", 0.0) / max(1.0, values.get("md_batch_size_count", 1.0))
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in values:  # summed over engines (label `engine`)
+            values[name] += float(line.rsplit(" ", 1)[1])
+    return values["md_batch_size_sum"] / max(1.0, values["md_batch_size_count"])
 
 
 def memory_phase(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
@@ -279,6 +328,12 @@ def main() -> None:
     p.add_argument("--engine-seconds", type=float, default=20.0)
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument(
+        "--workers",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[1, 2],
+        help="front-end process counts to measure, e.g. 1,2,4,8 (one server each)",
+    )
+    p.add_argument(
         "--device-check", action="store_true", help="also check the CUDA dtype/channels_last options"
     )
     args = p.parse_args()
@@ -316,23 +371,35 @@ def main() -> None:
         )
         summary.update(eng)
 
-        server = start_server(store_dir, args)
-        try:
-            server.wait_ready()
-            e2e = asyncio.run(load_phase(server.url, args, weights))
-        finally:
-            server.stop()
-        summary.update(e2e)
-        summary["e2e_over_engine"] = e2e["e2e_images_per_s"] / eng["engine_images_per_s"]
+        per_workers: dict[str, dict[str, object]] = {}
+        for workers in args.workers:
+            server = start_server(store_dir, args, workers=workers)
+            try:
+                server.wait_ready()
+                e2e = asyncio.run(load_phase(server, args, weights))
+            finally:
+                server.stop()
+            e2e["e2e_over_engine"] = float(e2e["e2e_images_per_s"]) / eng["engine_images_per_s"]  # type: ignore[arg-type]
+            per_workers[str(workers)] = e2e
+            print(
+                f"end to end, {workers} front end(s): {e2e['e2e_images_per_s']:.1f} images/s "
+                f"({e2e['e2e_over_engine']:.2f}x engine-only), p50 {e2e['p50_ms']:.0f} ms, "
+                f"p95 {e2e['p95_ms']:.0f} ms, p99 {e2e['p99_ms']:.0f} ms, {e2e['errors']} errors, "
+                f"mean batch {e2e['mean_batch_size']:.1f}, engine busy {e2e['engine_busy_fraction']:.2f}, "
+                f"front-end CPU {e2e['frontend_cpu_ms_per_image']:.2f} ms/image, load generator "
+                f"{e2e['loadgen_cpu_share']:.2f} of the cores, PSS {e2e['pss_total_mb']:.0f} MB",
+                flush=True,
+            )
+            for proc in e2e["processes"]:  # type: ignore[attr-defined]
+                print(
+                    f"  {proc['kind']:>16} pid {proc['pid']}: RSS {proc['rss_mb']:.0f} MB, PSS {proc['pss_mb']:.0f} MB"
+                )
+        summary["by_frontends"] = per_workers
+        last = per_workers[str(args.workers[-1])]
+        summary.update(last)
         print(
-            f"end to end: {e2e['e2e_images_per_s']:.1f} images/s ({summary['e2e_over_engine']:.2f}x engine-only), "
-            f"p50 {e2e['p50_ms']:.0f} ms, p95 {e2e['p95_ms']:.0f} ms, p99 {e2e['p99_ms']:.0f} ms, "
-            f"{e2e['errors']} errors, mean batch {e2e['mean_batch_size']:.1f}",
-            flush=True,
-        )
-        print(
-            f"cold domain first request p50 {e2e['cold_first_request_p50_ms']:.1f} ms, "
-            f"warm {e2e['warm_request_p50_ms']:.1f} ms",
+            f"cold domain first request p50 {last['cold_first_request_p50_ms']:.1f} ms, "
+            f"warm {last['warm_request_p50_ms']:.1f} ms",
             flush=True,
         )
         if not args.skip_memory:

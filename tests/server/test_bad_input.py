@@ -15,7 +15,17 @@ from PIL import Image
 from adapters_store import LocalStore
 from server.app import create_app
 from server.settings import Settings
-from tests.server.conftest import TOL, TinyWorld, auth, encode, image, settings_for
+from tests.server.conftest import (
+    TOL,
+    Processes,
+    TinyWorld,
+    auth,
+    encode,
+    image,
+    make_store,
+    settings_for,
+    start_processes,
+)
 
 PNG = {"Content-Type": "image/png"}
 
@@ -29,13 +39,30 @@ def _error(r: Response, status: int, code: str) -> dict:
     return body["error"]
 
 
-@pytest.fixture
-def strict(store: LocalStore) -> Iterator[TestClient]:
-    """Small limits, and inference behind a token."""
-    settings = settings_for(
-        store, max_body_bytes=20_000, max_image_pixels=100_000, inference_token="infer-secret", max_queue=4
-    )
-    with TestClient(create_app(settings)) as c:
+STRICT: dict[str, object] = {
+    "max_body_bytes": 20_000,
+    "max_image_pixels": 100_000,
+    "inference_token": "infer-secret",
+    "max_queue": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def strict_processes(world: TinyWorld, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
+    running = start_processes(make_store(world, tmp_path_factory.mktemp("strict") / "store"), **STRICT)
+    yield running
+    assert running.stop() == 0
+
+
+@pytest.fixture(params=["in_process", "processes"])
+def strict(request: pytest.FixtureRequest, store: LocalStore) -> Iterator[httpx.Client]:
+    """Small limits, and inference behind a token (the tests using it leave the store as it is)."""
+    if request.param == "in_process":
+        with TestClient(create_app(settings_for(store, **STRICT))) as c:
+            yield c
+        return
+    served: Processes = request.getfixturevalue("strict_processes")
+    with httpx.Client(base_url=served.url, timeout=60) as c:
         yield c
 
 
@@ -86,7 +113,7 @@ def test_corrupt_image(client: httpx.Client) -> None:
     _error(r, 422, "corrupt_image")
 
 
-def test_decompression_bomb(strict: TestClient) -> None:
+def test_decompression_bomb(strict: httpx.Client) -> None:
     bomb = _bomb()
     assert len(bomb) < 20_000  # under the body limit: only the pixel limit can stop it
     err = _error(
@@ -97,12 +124,12 @@ def test_decompression_bomb(strict: TestClient) -> None:
     assert err["max_pixels"] == 100_000
 
 
-def test_oversized_body_by_content_length(strict: TestClient) -> None:
+def test_oversized_body_by_content_length(strict: httpx.Client) -> None:
     r = strict.post("/v1/classify", content=b"x" * 30_000, headers={**PNG, "X-Domain": "birds", **INFER})
     _error(r, 413, "body_too_large")
 
 
-def test_oversized_body_streamed_without_length(strict: TestClient) -> None:
+def test_oversized_body_streamed_without_length(strict: httpx.Client) -> None:
     def chunks() -> Iterator[bytes]:  # chunked transfer: no Content-Length, refused while reading
         for _ in range(10):
             yield b"\x89PNG" + b"x" * 4000
@@ -128,7 +155,7 @@ def test_fastapi_own_errors_are_json(client: httpx.Client) -> None:
     assert err["problems"][0]["field"] == "query.top_k"
 
 
-def test_missing_and_wrong_inference_token(strict: TestClient) -> None:
+def test_missing_and_wrong_inference_token(strict: httpx.Client) -> None:
     h = {**PNG, "X-Domain": "birds"}
     _error(strict.post("/v1/classify", content=encode(image()), headers=h), 401, "unauthorized")
     _error(
@@ -179,7 +206,7 @@ def test_invalid_upload_lists_the_validator_reasons(client: httpx.Client, world:
     assert client.get("/v1/domains/birds").json()["versions"] == [1]
 
 
-def test_queue_full_answers_429_with_retry_after(strict: TestClient) -> None:
+def test_queue_full_answers_429_with_retry_after(strict: httpx.Client) -> None:
     files = [
         ("file", (f"{i}.png", encode(image(i, (8, 8))), "image/png")) for i in range(5)
     ]  # 5 > queue of 4
@@ -200,7 +227,7 @@ def test_server_still_answers_correctly_after_bad_input(client: httpx.Client, wo
     assert r.json()["results"][0]["top_k"][0]["probability"] == pytest.approx(float(ref.max()), abs=TOL)
 
 
-def test_extreme_aspect_ratio_is_refused_by_its_resized_size(strict: TestClient) -> None:
+def test_extreme_aspect_ratio_is_refused_by_its_resized_size(strict: httpx.Client) -> None:
     strip = encode(Image.new("RGB", (5000, 1), (50, 100, 150)))  # 5000 pixels; 140000x28 once resized
     err = _error(
         strict.post("/v1/classify", content=strip, headers={**PNG, "X-Domain": "birds", **INFER}),

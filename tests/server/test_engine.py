@@ -6,6 +6,7 @@ import threading
 from concurrent.futures import Future
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -183,3 +184,18 @@ def test_prefetch_reads_ahead_and_the_load_uses_it(
     assert engine.load(key) in (0, 1)
     assert engine.stats.loads == 1 and engine._staged == {}
     engine.prefetch(key)  # resident: nothing to do, nothing read
+
+
+def test_batches_split_into_micro_batches_give_the_same_answers(world: TinyWorld, store: LocalStore) -> None:
+    whole = Engine(store, EngineConfig(bank_slots=4))
+    split = Engine(store, EngineConfig(bank_slots=4, micro_batch=2))
+    names = ["birds", "digits", "textures", "birds", "digits"]
+    pixels = torch.from_numpy(np.stack([to_pixels(image(i), DOMAINS[n][2]) for i, n in enumerate(names)]))
+    for batch in (names, ["birds"] * 5):  # the mixed and the merged single-domain paths
+        a = whole.infer_pixels([whole.resolve(n) for n in batch], pixels, top_k=3)
+        b = split.infer_pixels([split.resolve(n) for n in batch], pixels, top_k=3)
+        for pa, pb in zip(a, b, strict=True):
+            assert [s.index for s in pa.top] == [s.index for s in pb.top]
+            assert [s.probability for s in pa.top] == pytest.approx([s.probability for s in pb.top], abs=TOL)
+    measured = whole.measure_micro_batch(24, largest=8)
+    assert measured in (4, 8) and whole.micro_batch(24) == measured and whole.micro_batch(32) is None

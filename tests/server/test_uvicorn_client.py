@@ -6,27 +6,49 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from multidomain_client import AuthError, InvalidArtifact, MultidomainClient, NotFound, ServerResponseError
 
 from adapters_store import pack_bundle
 from server.app import create_app
 from server.serving import ServerThread
-from tests.server.conftest import ADMIN, TOL, TinyWorld, encode, image, make_store, settings_for
+from tests.server.conftest import (
+    ADMIN,
+    TOL,
+    Processes,
+    TinyWorld,
+    encode,
+    image,
+    make_store,
+    reset_store,
+    settings_for,
+)
 
 
-@pytest.fixture
-def server(world: TinyWorld, tmp_path: Path) -> Iterator[ServerThread]:
-    store = make_store(world, tmp_path / "store", domains=("digits",))
-    with ServerThread(create_app(settings_for(store))) as running:
-        yield running
+@pytest.fixture(params=["thread", "processes"])
+def server(
+    request: pytest.FixtureRequest, world: TinyWorld, tmp_path: Path
+) -> Iterator[ServerThread | Processes]:
+    """uvicorn in a thread of this process, and the multi-process server (one per module)."""
+    if request.param == "thread":
+        store = make_store(world, tmp_path / "store", domains=("digits",))
+        with ServerThread(create_app(settings_for(store))) as running:
+            yield running
+        return
+    served: Processes = request.getfixturevalue("processes")
+    with httpx.Client(base_url=served.url, timeout=60) as http:
+        reset_store(world, http, served.store, ("digits",))
+    yield served
 
 
 def _probs(answer: dict) -> list[float]:
     return [e["probability"] for e in answer["results"][0]["top_k"]]
 
 
-def test_upload_classify_activate_older_classify_again(server: ServerThread, world: TinyWorld) -> None:
+def test_upload_classify_activate_older_classify_again(
+    server: ServerThread | Processes, world: TinyWorld
+) -> None:
     img = image(21)
     with MultidomainClient(server.url, token=ADMIN) as client:
         assert client.ready()["status"] == "ready"
@@ -51,7 +73,9 @@ def test_upload_classify_activate_older_classify_again(server: ServerThread, wor
         assert client.describe("birds")["versions"] == [1]
 
 
-def test_client_errors_carry_status_code_and_message(server: ServerThread, world: TinyWorld) -> None:
+def test_client_errors_carry_status_code_and_message(
+    server: ServerThread | Processes, world: TinyWorld
+) -> None:
     with (
         MultidomainClient(server.url, token="wrong") as bad,
         MultidomainClient(server.url, token=ADMIN) as good,
