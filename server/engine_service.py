@@ -32,18 +32,6 @@ from server.protocol import affinity
 from server.settings import Settings
 
 
-def engine_config(settings: Settings, device: str | None = None) -> EngineConfig:
-    return EngineConfig(
-        device=device or settings.device,  # type: ignore[arg-type]
-        dtype=settings.dtype,
-        channels_last=settings.channels_last,
-        bank_slots=settings.bank_slots,
-        merged_cache=settings.merged_cache,
-        revision_poll_s=settings.revision_poll_s,
-        micro_batch=settings.micro_batch,
-    )
-
-
 def prediction_values(pred: Prediction) -> list[list[Any]]:
     """One image's answer on the channel: [[index, label, probability], ...] (its key travels once)."""
     return [[s.index, s.label, s.probability] for s in pred.top]
@@ -65,7 +53,7 @@ class EngineService:
         self.settings = settings
         self.store = store if store is not None else LocalStore(settings.store_dir)
         self.metrics = EngineMetrics()
-        self.engine = Engine(self.store, engine_config(settings, device), events=self.metrics)
+        self.engine = Engine(self.store, EngineConfig.of(settings, device), events=self.metrics)
         if settings.warmup:
             index, count = engine
             own = [d for d in self.store.list_domains() if affinity(d, count) == index]

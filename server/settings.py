@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -12,10 +11,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from adapters_store.index import StoreQuotas
 from adapters_store.limits import Limits, MiB
 from domain_format.preprocess import DEFAULT_MAX_PIXELS
+from server.engine_config import EngineConfig
 
 
-class Settings(BaseSettings):
-    """Everything an operator can tune; `MD_BANK_SLOTS=32` sets `bank_slots`, and so on."""
+class Settings(BaseSettings, EngineConfig):
+    """Everything an operator can tune; `MD_BANK_SLOTS=32` sets `bank_slots`, and so on. The engine's
+    fields are declared once, in `EngineConfig`, and inherited (the same flat `MD_*` names)."""
 
     model_config = SettingsConfigDict(env_prefix="MD_", extra="ignore")
 
@@ -48,29 +49,14 @@ class Settings(BaseSettings):
     engine_timeout_s: float = Field(default=120.0, gt=0)
     """A front end answers 503 when an engine has not answered a request in this time."""
 
-    # -- device -----------------------------------------------------------------------------------
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto: cuda when available, else cpu."""
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """Compute dtype on CUDA; the CPU always runs float32."""
-    channels_last: bool = False
-    """Memory format of the backbone and inputs on CUDA (ignored on the CPU)."""
+    # -- engine (and the fields inherited from EngineConfig: device, dtype, channels_last, bank_slots,
+    # merged_cache, revision_poll_s, verify_checksums, micro_batch) -----------------------------------
     torch_threads: int | None = Field(default=None, ge=1)
     """Intra-op threads for the CPU forward; None keeps torch's default."""
-
-    # -- engine -----------------------------------------------------------------------------------
-    bank_slots: int = Field(default=16, ge=1, le=4096)
-    """Resident domains (adapter bank slots); least recently used ones are evicted."""
-    merged_cache: int = Field(default=4, ge=0)
-    """Domains whose merged (folded) weights are kept for single-domain batches; 0 disables merging."""
     warmup: bool = True
     """Run a forward at start-up so the first request is not the slow one."""
     warmup_size: int = Field(default=32, ge=1, le=4096)
     """Input side used by the warm-up forward when no domain is stored."""
-    revision_poll_s: float = Field(default=0.5, ge=0.0)
-    """How often the store's revision is checked for changes made by other processes."""
-    micro_batch: int = Field(default=0, ge=0)
-    """Largest batch one forward runs (bigger ones are split); 0: measured per input size at warm-up."""
 
     # -- batching ---------------------------------------------------------------------------------
     max_batch_size: int = Field(default=32, ge=1)

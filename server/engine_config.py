@@ -1,0 +1,38 @@
+"""The engine's settings, declared once: `Settings` (env `MD_*`) inherits these fields, and the engine
+receives them as an `EngineConfig` (`EngineConfig.of(settings)`). No torch here: front ends read Settings.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class EngineConfig(BaseModel):
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    """auto: cuda when available, else cpu; `cuda:N` for one GPU of several (one engine each)."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Compute dtype on CUDA (the CPU always runs float32)."""
+    channels_last: bool = False
+    """channels_last memory format of the backbone and inputs on CUDA (ignored on the CPU)."""
+    bank_slots: int = Field(default=16, ge=1, le=4096)
+    """Resident domains (adapter bank slots); least recently used ones are evicted."""
+    merged_cache: int = Field(default=4, ge=0)
+    """Domains whose merged (folded) weights are kept for single-domain batches (each costs about one
+    backbone's conv weights); 0 disables merging."""
+    revision_poll_s: float = Field(default=0.5, ge=0.0)
+    """Minimum seconds between two checks of the store's revision, for changes made by other processes
+    (0: check on every resolve)."""
+    verify_checksums: bool = True
+    """Check each artifact's sha256 when it is loaded into the bank (a few ms per MB)."""
+    micro_batch: int = Field(default=0, ge=0)
+    """Largest batch one forward runs (bigger batches are split); 0: measured per input side at warm-up."""
+
+    @classmethod
+    def of(cls, settings: BaseModel, device: str | None = None) -> EngineConfig:
+        """The engine fields of `settings` (a `Settings`), with another device for one of several engines."""
+        values = {name: getattr(settings, name) for name in cls.model_fields}
+        if device is not None:
+            values["device"] = device
+        return cls.model_validate(values)
