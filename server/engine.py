@@ -348,25 +348,28 @@ class Engine:
     def infer_pixels(
         self, keys: Sequence[DomainKey], pixels: Tensor, top_k: int | Sequence[int] = 5
     ) -> list[Prediction]:
-        """Classify uint8 pixels [B, S, S, C] (`domain_format.preprocess.prepare`), normalised here by each row's domain."""
+        """Classify uint8 pixels [B, S, S, C] (`domain_format.preprocess.prepare`): `network_input`, then
+        `infer`."""
+        return self.infer(keys, self.network_input(keys, pixels), top_k)
+
+    def network_input(self, keys: Sequence[DomainKey], pixels: Tensor) -> Tensor:
+        """uint8 [B, S, S, C] -> the network's input on the device, row i normalised by keys[i]'s domain.
+
+        Runs outside the network's lock, so a batch can be normalised while the previous one runs."""
         if len(keys) != pixels.shape[0]:
             raise ValueError(f"{len(keys)} keys for {pixels.shape[0]} images")
-
-        def prepare(manifests: dict[DomainKey, DomainManifest]) -> Tensor:
-            # pinned on CUDA, so the copy runs asynchronously with the host's work; uint8: 4x fewer bytes
-            host = pixels.pin_memory() if self.device.type == "cuda" else pixels
-            on_device = host.to(self.device, non_blocking=True)
-            rows: dict[DomainKey, list[int]] = {}
-            for row, key in enumerate(keys):
-                rows.setdefault(key, []).append(row)
-            x = torch.empty(len(keys), 3, *pixels.shape[1:3], device=self.device, dtype=self.dtype)
-            for key, idx in rows.items():  # the one normalisation, per domain (its own mean and std)
-                pre = manifests[key].preprocessing
-                index = torch.tensor(idx, device=self.device)
-                x[index] = normalise(on_device[index], pre.mean, pre.std, layout="nhwc").to(self.dtype)
-            return x
-
-        return self._infer(keys, prepare, top_k)
+        # pinned on CUDA, so the copy runs asynchronously with the host's work; uint8: 4x fewer bytes
+        host = pixels.pin_memory() if self.device.type == "cuda" else pixels
+        on_device = host.to(self.device, non_blocking=True)
+        rows: dict[DomainKey, list[int]] = {}
+        for row, key in enumerate(keys):
+            rows.setdefault(key, []).append(row)
+        x = torch.empty(len(keys), 3, *pixels.shape[1:3], device=self.device, dtype=self.dtype)
+        for key, idx in rows.items():  # the one normalisation, per domain (its own mean and std)
+            pre = self.manifest(key).preprocessing
+            index = torch.tensor(idx, device=self.device)
+            x[index] = normalise(on_device[index], pre.mean, pre.std, layout="nhwc").to(self.dtype)
+        return x
 
     def _infer(
         self,

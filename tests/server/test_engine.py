@@ -190,7 +190,12 @@ def test_batches_split_into_micro_batches_give_the_same_answers(world: TinyWorld
     whole = Engine(store, EngineConfig(bank_slots=4))
     split = Engine(store, EngineConfig(bank_slots=4, micro_batch=2))
     names = ["birds", "digits", "textures", "birds", "digits"]
-    pixels = torch.from_numpy(np.stack([to_pixels(image(i), DOMAINS[n][2]) for i, n in enumerate(names)]))
+    crops = [
+        prepare(encode(image(i)), DOMAINS[n][2].image_spec(), max_pixels=10**7) for i, n in enumerate(names)
+    ]
+    # one batch holds 3-channel rows: a grayscale crop is sent as its channel three times (what the
+    # front ends put in shared memory)
+    pixels = torch.from_numpy(np.stack([np.broadcast_to(c, (*c.shape[:2], 3)) for c in crops]))
     for batch in (names, ["birds"] * 5):  # the mixed and the merged single-domain paths
         a = whole.infer_pixels([whole.resolve(n) for n in batch], pixels, top_k=3)
         b = split.infer_pixels([split.resolve(n) for n in batch], pixels, top_k=3)

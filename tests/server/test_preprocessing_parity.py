@@ -17,8 +17,9 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from adapters_store import Preprocessing
-from tests.server.conftest import DOMAINS
+from adapters_store import LocalStore, Preprocessing
+from server.app import create_app
+from tests.server.conftest import DOMAINS, settings_for
 from training.data import BatchMaker, load_domain_data
 
 MEDIA = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}
@@ -62,7 +63,7 @@ def _image_folder(root: Path, files: dict[str, bytes]) -> Path:
 
 
 def _served_tensors(client: TestClient, domain: str, files: dict[str, bytes]) -> dict[str, torch.Tensor]:
-    engine = client.app.state.runtime.engine  # type: ignore[attr-defined]
+    engine = client.app.state.frontend.engines.service.engine  # type: ignore[attr-defined]
     given: list[torch.Tensor] = []
     infer = engine.infer
 
@@ -91,7 +92,7 @@ def _served_tensors(client: TestClient, domain: str, files: dict[str, bytes]) ->
 
 @pytest.mark.parametrize("domain", ["birds", "textures"])  # an RGB and a grayscale domain
 def test_training_evaluation_and_server_give_identical_tensors(
-    client: TestClient, tmp_path: Path, domain: str
+    store: LocalStore, tmp_path: Path, domain: str
 ) -> None:
     pre: Preprocessing = DOMAINS[domain][2]
     files = _files()
@@ -109,7 +110,10 @@ def test_training_evaluation_and_server_give_identical_tensors(
     evaluated = torch.cat([x for x, _ in batches.eval_batches(data.val, batch_size=4)])
     assert sorted(data.val.targets.tolist()) == list(range(len(files)))
 
-    served = _served_tensors(client, domain, files)
+    # in-process: the engine's input is captured in this process (the front end's uint8 pixels cross to
+    # the engine the same way in both transports)
+    with TestClient(create_app(settings_for(store))) as client:
+        served = _served_tensors(client, domain, files)
     for row, target in enumerate(data.val.targets.tolist()):
         name = data.labels[target]
         assert served[name].shape == evaluated[row].shape == (3, pre.input_size, pre.input_size)
