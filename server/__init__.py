@@ -4,7 +4,11 @@
   merged weights for single-domain batches); usable without HTTP.
 - `server.batcher.Batcher`: dynamic batching of any domains on one worker thread, with backpressure.
 - `server.app.create_app(settings)`: the FastAPI app (routes in `server.routes`, errors in
-  `server.http_errors`, settings in `server.settings`, metrics in `server.metrics`).
+  `server.http_errors`, settings in `server.settings`, metrics in `server.http_metrics` and
+  `server.engine_metrics`); it reaches engines through one `server.engine_client.EngineClient`.
+- `server.supervisor`: what `multidomain serve` runs — K front-end processes (`server.frontend_process`,
+  no torch) and one engine process per device (`server.engine_process`, `server.engine_service`), talking
+  msgpack over ZeroMQ (`server.protocol`) with pixels in shared memory (`server.shm`).
 The Python client is its own package (`client/`, `multidomain_client`); the `multidomain serve` command
 lives with the other commands (`multidomain/serve_cli.py`). This package imports neither `training` nor
 `multidomain`.

@@ -1,4 +1,4 @@
-"""Dynamic batching: images of any domains queue and run together on the engine's one worker thread.
+"""Dynamic batching: images of any domains queue and run together, one forward at a time.
 
 A batch closes when it holds `max_batch_size` images, or `max_wait_ms` after it could first have started:
 after its first image arrived or the worker became free, whichever is later. The second rule matters under
@@ -9,6 +9,11 @@ Images in one batch share an input size (domains may differ in it) and use at mo
 passes the bank's slot count); the others wait for the next batch, in order.
 When `max_queue` images are waiting, `submit` refuses with `QueueFull` (429) instead of growing memory.
 
+Two threads make a pipeline: the stager forms a batch and makes its network input (the stack out of the
+front ends' shared memory, the copy to the device, the normalisation), the runner runs the forward.
+While the runner is busy the stager forms only full batches ahead of it (a partial batch formed early
+would miss the images arriving meanwhile), so a saturated engine never waits for its next input.
+
 `submit` returns concurrent futures, so synchronous callers (benchmarks, the reliability suite) can use it
 as well as the event loop (`classify` wraps them for asyncio).
 """
@@ -16,6 +21,7 @@ as well as the event loop (`classify` wraps them for asyncio).
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 from collections import deque
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from server.engine import DomainKey, Engine, Prediction
 from server.errors import QueueFull
@@ -70,15 +77,22 @@ class Batcher:
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._busy = False
+        """The runner is running a batch (guarded by `_cond`)."""
+        self._staged: queue.Queue[tuple[list[_Item], Tensor | None] | None] = queue.Queue(maxsize=1)
+        self._threads: list[threading.Thread] = []
         self.last_batch_seconds = 0.05
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is None:
+        if not self._threads:
             self._stopping = False
-            self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
-            self._thread.start()
+            self._threads = [
+                threading.Thread(target=self._stage, name="batch-stager", daemon=True),
+                threading.Thread(target=self._run, name="inference-worker", daemon=True),
+            ]
+            for thread in self._threads:
+                thread.start()
 
     def stop(self) -> None:
         """Finish nothing new: fail what is queued and join the worker."""
@@ -89,9 +103,9 @@ class Batcher:
             self._cond.notify_all()
         for item in pending:
             item.future.set_exception(RuntimeError("the server is shutting down"))
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self._threads = []
 
     @property
     def depth(self) -> int:
@@ -132,12 +146,16 @@ class Batcher:
 
     # -- the worker -------------------------------------------------------------------------------
     def _take_batch(self) -> list[_Item] | None:
-        free_since = time.monotonic()
         with self._cond:
             while not self._queue and not self._stopping:
                 self._cond.wait()
+            # While the runner is busy, only a full batch is formed ahead of it: a partial one formed now
+            # would leave out the images arriving while the current batch runs.
+            while self._busy and len(self._queue) < self.max_batch_size and not self._stopping:
+                self._cond.wait()
             if self._stopping:
                 return None
+            free_since = time.monotonic()
             deadline = max(self._queue[0].enqueued, free_since) + self.max_wait
             while len(self._queue) < self.max_batch_size and not self._stopping:
                 remaining = deadline - time.monotonic()
@@ -164,26 +182,49 @@ class Batcher:
         self._queue = left
         return taken
 
-    def _run(self) -> None:
+    def _stage(self) -> None:
+        """Form the next batch and make its network input (stack out of the slabs, copy to the device,
+        normalise) while the runner runs the current one."""
         while True:
             batch = self._take_batch()
             if batch is None:
+                self._staged.put(None)
                 return
+            x: Tensor | None
+            try:
+                pixels = torch.from_numpy(np.stack([i.image for i in batch]))  # the one copy out of the slabs
+                x = self.engine.network_input([i.key for i in batch], pixels)
+            except Exception:  # e.g. a version deleted meanwhile: the runner isolates it per domain
+                x = None
+            with self._cond:
+                self._busy = True  # from here until the runner has run it: no partial batch forms
+            self._staged.put((batch, x))
+
+    def _run(self) -> None:
+        while True:
+            staged = self._staged.get()
+            if staged is None:
+                return
+            batch, x = staged
             started = time.monotonic()
             for item in batch:
                 self.events.queue_wait(started - item.enqueued)
-            self._run_batch(batch)
+            self._run_batch(batch, x)
             self.last_batch_seconds = time.monotonic() - started
             self.events.batch_run(len(batch), len({i.key for i in batch}), self.last_batch_seconds)
+            with self._cond:
+                self._busy = not self._staged.empty()
+                self._cond.notify_all()
 
-    def _run_batch(self, batch: list[_Item]) -> None:
+    def _run_batch(self, batch: list[_Item], x: Tensor | None = None) -> None:
+        keys = [i.key for i in batch]
         try:
-            pixels = torch.from_numpy(np.stack([i.image for i in batch]))  # the one copy out of the slabs
-            preds = self.engine.infer_pixels([i.key for i in batch], pixels, [i.top_k for i in batch])
+            if x is None:
+                x = self.engine.network_input(keys, torch.from_numpy(np.stack([i.image for i in batch])))
+            preds = self.engine.infer(keys, x, [i.top_k for i in batch])
         except Exception as exc:
-            keys = {i.key for i in batch}
-            if len(keys) > 1:  # isolate the failing domain: the others still get answers
-                for key in keys:
+            if len(set(keys)) > 1:  # isolate the failing domain: the others still get answers
+                for key in set(keys):
                     self._run_batch([i for i in batch if i.key == key])
                 return
             for item in batch:

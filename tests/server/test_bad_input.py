@@ -243,14 +243,14 @@ def test_requests_beyond_the_in_flight_limit_get_429_before_their_body_is_read(s
     with TestClient(create_app(settings_for(store, max_requests_in_flight=1))) as c:
         engine = c.app.state.frontend.engines.service.engine  # type: ignore[attr-defined]
         entered, release = threading.Event(), threading.Event()
-        infer = engine.infer_pixels
+        infer = engine.infer
 
         def held_infer(*args: object, **kwargs: object) -> object:
             entered.set()
             release.wait()  # keep the first request in flight until the second has been refused
             return infer(*args, **kwargs)
 
-        engine.infer_pixels = held_infer
+        engine.infer = held_infer
         first: list[Response] = []
         h = {**PNG, "X-Domain": "birds"}
         t = threading.Thread(
