@@ -63,6 +63,10 @@ class EngineClient(ABC):
         """The first engine's hello (backbone, fingerprint, device), None when not ready."""
 
     @abstractmethod
+    async def refresh(self) -> None:
+        """Bring `info` up to date (its resident count)."""
+
+    @abstractmethod
     async def call(self, engine: int, op: str, **fields: Any) -> Message:
         """One request to one engine; its reply's values (errors raised)."""
 
@@ -209,6 +213,13 @@ class RemoteEngines(EngineClient):
             int((c.hello or {}).get("resident_domains", 0)) for c in self._connections
         )
         return hello
+
+    async def refresh(self) -> None:
+        for c in self._connections:
+            if c.hello is not None:
+                hello = await self._send(c, "hello", {})
+                if c.hello is not None:  # not dropped meanwhile
+                    c.hello = hello
 
     # -- the sockets ------------------------------------------------------------------------------
     async def _receive(self, c: _Connection) -> None:

@@ -54,6 +54,9 @@ class LocalEngine(EngineClient):
         predictions = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         return [prediction_values(p) for p in predictions]
 
+    async def refresh(self) -> None:
+        """Nothing to do: `info` is read from the service each time."""
+
     async def start(self) -> None:
         """Nothing to connect: the service runs in this process."""
 

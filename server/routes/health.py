@@ -23,6 +23,8 @@ async def healthz() -> Health:
 async def readyz(request: Request) -> Ready:
     """Every engine is connected, its backbone loaded and warm: traffic can be sent."""
     frontend: FrontEnd | None = getattr(request.app.state, "frontend", None)
+    if frontend is not None and frontend.engines.ready():
+        await frontend.engines.refresh()
     info = frontend.engines.info() if frontend is not None else None
     if info is None:
         raise NotReady("the backbone is not loaded and warm yet (or an engine is restarting)")
