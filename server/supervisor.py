@@ -226,14 +226,14 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(settings: Settings, log_level: str = "info") -> int:
+def run_server(settings: Settings, log_level: str = "info") -> int:
     """Run the server until SIGTERM/SIGINT; the exit status."""
     return Supervisor(settings, log_level).run()
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s supervisor: %(message)s")
-    return serve(Settings(), os.environ.get("MD_LOG_LEVEL", "info"))
+    return run_server(Settings(), os.environ.get("MD_LOG_LEVEL", "info"))
 
 
 if __name__ == "__main__":
