@@ -29,7 +29,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from server.errors import EngineUnavailable, QueueFull
-from server.protocol import BadMessage, Message, affinity, decode, encode
+from server.protocol import BadMessage, Message, affinity, announce, decode, encode
 from server.shm import Lease, PixelSlab
 from server.wire_errors import from_wire
 
@@ -252,7 +252,7 @@ class RemoteEngines(EngineClient):
             return
         if generation == c.generation:
             c.hello = reply
-            print(f"md-event frontend-connected name={self.name} engine={c.index}", flush=True)
+            announce(f"frontend-connected name={self.name} engine={c.index}")
 
     async def _send(self, c: _Connection, op: str, fields: dict[str, Any]) -> Message:
         request_id = next(self._ids)

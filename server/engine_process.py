@@ -29,7 +29,7 @@ from prometheus_client import disable_created_metrics
 
 from server.engine_service import EngineService, prediction_values
 from server.errors import EngineUnavailable
-from server.protocol import BadMessage, Message, decode, encode, failure, ok
+from server.protocol import BadMessage, Message, announce, decode, encode, failure, ok
 from server.settings import Settings
 from server.shm import SlabReader
 from server.wire_errors import to_wire
@@ -69,7 +69,7 @@ class EngineProcess:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        print(f"md-event engine-ready index={self.index} pid={os.getpid()}", flush=True)
+        announce(f"engine-ready index={self.index} pid={os.getpid()}")
         receiving = asyncio.create_task(self._receive(socket))
         await stop.wait()
         self.draining = True

@@ -20,8 +20,8 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors  # safetensors only: never pickle
 
 from adapters_store.errors import ArtifactInvalid, Problem, VersionNotFound
-from adapters_store.local import LocalStore
 from adapters_store.manifest import AdapterSettings
+from adapters_store.open import open_store
 from adapters_store.store import AdapterStore
 from adapters_store.validation import validate_domain_artifact
 from model_artifacts import adapter_config
@@ -51,7 +51,11 @@ class EngineService:
             torch.set_num_threads(settings.torch_threads)
         Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
         self.settings = settings
-        self.store = store if store is not None else LocalStore(settings.store_dir)
+        self.store = (
+            store
+            if store is not None
+            else open_store(settings.store_location, quotas=settings.store_quotas())
+        )
         self.metrics = EngineMetrics()
         self.engine = Engine(self.store, EngineConfig.of(settings, device), events=self.metrics)
         if settings.warmup:
@@ -150,18 +154,12 @@ class EngineService:
 
     def listing(self) -> list[dict[str, Any]]:
         resident = {k.domain for k in self.engine.resident()}
-        out = []
-        for domain in self.store.list_domains():
-            info = self.store.describe(domain)
-            out.append(
-                {
-                    "domain": domain,
-                    "versions": list(info.versions),
-                    "active": info.active,
-                    "resident": domain in resident,
-                }
-            )
-        return out
+        # one index read for every domain
+        return [
+            {"domain": info.domain, "versions": list(info.versions), "active": info.active,
+             "resident": info.domain in resident}
+            for info in self.store.describe_all()
+        ]  # fmt: skip
 
     def describe(self, domain: str) -> dict[str, Any]:
         info = self.store.describe(domain)

@@ -13,6 +13,7 @@ class looked up by name.
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 import msgpack
@@ -63,3 +64,10 @@ def affinity(domain: str, engines: int) -> int:
     return max(
         range(engines), key=lambda i: hashlib.blake2b(f"{domain}@{i}".encode(), digest_size=8).digest()
     )
+
+
+def announce(event: str) -> None:
+    """One `md-event ...` line on stdout for the supervisor's watchers (tests, operators), written with
+    one write() so the lines of several processes sharing the pipe never interleave (print() may split a
+    line from its newline)."""
+    os.write(1, f"md-event {event}\n".encode())

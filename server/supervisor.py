@@ -32,6 +32,7 @@ from pathlib import Path
 
 from prometheus_client import multiprocess
 
+from server.protocol import announce
 from server.settings import Settings
 
 log = logging.getLogger("server.supervisor")
@@ -61,7 +62,7 @@ class Child:
 
     def start(self) -> None:
         self.process = subprocess.Popen(self.command, env=self.env, preexec_fn=_as_child, close_fds=True)
-        print(f"md-event started kind={self.kind} index={self.index} pid={self.process.pid}", flush=True)
+        announce(f"started kind={self.kind} index={self.index} pid={self.process.pid}")
 
     @property
     def pid(self) -> int:
@@ -145,7 +146,7 @@ class Supervisor:
         try:
             for child in self.children:
                 child.start()
-            print(f"md-event listening url=http://{self.host}:{self.port}", flush=True)
+            announce(f"listening url=http://{self.host}:{self.port}")
             status = self._watch()
         finally:
             self._stop()
@@ -156,13 +157,10 @@ class Supervisor:
         while True:
             info = signal.sigtimedwait(list(_SIGNALS), 1.0)
             if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
-                print("md-event stopping", flush=True)
+                announce("stopping")
                 return 0
             for child, code in self._reap():
-                print(
-                    f"md-event exited kind={child.kind} index={child.index} pid={child.pid} code={code}",
-                    flush=True,
-                )
+                announce(f"exited kind={child.kind} index={child.index} pid={child.pid} code={code}")
                 if child.kind == "frontend":
                     multiprocess.mark_process_dead(child.pid, str(self.metrics_dir))
                 now = time.monotonic()

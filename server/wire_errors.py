@@ -17,6 +17,9 @@ from adapters_store.errors import (
     StoreBusy,
     StoreConflict,
     StoreCorrupt,
+    StoreQuotaExceeded,
+    StoreSymlink,
+    StoreUnavailable,
     VersionNotFound,
 )
 from server import errors
@@ -31,6 +34,8 @@ _PLAIN: dict[str, type[Exception]] = {
         StoreConflict,
         StoreBusy,
         StoreCorrupt,
+        StoreSymlink,
+        StoreUnavailable,
         errors.DomainUnavailable,
         errors.EngineError,
     )
@@ -52,6 +57,8 @@ def to_wire(exc: BaseException) -> Message:
         return failure("ArtifactInvalid", str(exc), problems=problems)
     if isinstance(exc, errors.QueueFull):
         return failure("QueueFull", exc.message, retry_after=exc.retry_after)
+    if isinstance(exc, StoreQuotaExceeded):
+        return failure("StoreQuotaExceeded", str(exc), limit=exc.limit, value=exc.value)
     if isinstance(exc, errors.ServerError):
         return failure(type(exc).__name__, exc.message, **exc.details)
     name = type(exc).__name__
@@ -71,6 +78,8 @@ def from_wire(error: dict[str, Any]) -> Exception:
         return ArtifactInvalid(problems or [Problem("artifact", message)])
     if kind == "QueueFull":
         return errors.QueueFull(message, retry_after=int(details.get("retry_after", 1)))
+    if kind == "StoreQuotaExceeded":
+        return StoreQuotaExceeded(str(details.get("limit", "")), int(details.get("value", 0)), message)
     if kind in _SERVER:
         return _SERVER[kind](message, **details)
     if kind in _PLAIN:

@@ -74,3 +74,11 @@ def test_slab_leases_are_disjoint_and_freed_ranges_merge() -> None:
     finally:
         reader.close()
         slab.close()
+
+
+def test_store_errors_keep_their_type_and_details_across_the_channel() -> None:
+    from adapters_store.errors import StoreQuotaExceeded, StoreSymlink
+
+    quota = from_wire(decode(encode(to_wire(StoreQuotaExceeded("max_domains", 2, "over"))))["error"])
+    assert isinstance(quota, StoreQuotaExceeded) and (quota.limit, quota.value) == ("max_domains", 2)
+    assert isinstance(from_wire(to_wire(StoreSymlink("tmp is a symbolic link"))["error"]), StoreSymlink)

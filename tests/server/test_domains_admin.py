@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 from adapters_store import LocalStore, pack_bundle
 from model_artifacts import validate_domain
-from tests.server.conftest import TOL, TinyWorld, auth, encode, image, reset_store
+from server.app import create_app
+from tests.server.conftest import TOL, TinyWorld, auth, encode, image, make_store, reset_store, settings_for
 
 PNG = {"Content-Type": "image/png"}
 
@@ -119,8 +123,9 @@ def test_admin_routes_check_the_token_before_parsing_the_body(
 
 
 def test_an_upload_into_a_store_with_a_symlinked_tmp_is_refused_and_deletes_nothing(
-    client: TestClient, world: TinyWorld, store: LocalStore, tmp_path: Path
+    client: httpx.Client, world: TinyWorld, served_store: LocalStore, tmp_path: Path
 ) -> None:
+    store = served_store
     victim = tmp_path / "victim"
     (victim / "sub").mkdir(parents=True)
     (victim / "keep.txt").write_text("precious")
@@ -139,7 +144,7 @@ def test_an_upload_into_a_store_with_a_symlinked_tmp_is_refused_and_deletes_noth
     assert client.get("/v1/domains/birds").json()["versions"] == [1]
 
 
-def _upload_status(client: TestClient, world: TinyWorld, name: str, domain: str) -> tuple[int, dict]:
+def _upload_status(client: httpx.Client, world: TinyWorld, name: str, domain: str) -> tuple[int, dict]:
     art = world.artifacts[name]
     files = {"manifest": ("manifest.json", art.manifest), "tensors": ("adapter.safetensors", art.tensors)}
     r = client.post(f"/v1/domains/{domain}/adapters", files=files, headers=auth())
