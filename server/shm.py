@@ -119,8 +119,10 @@ class PixelSlab:
 class SlabReader:
     """The engine's side: front ends' slabs attached by name (once each), read as numpy views."""
 
-    def __init__(self) -> None:
+    def __init__(self, untrack: bool = True) -> None:
         self._attached: dict[str, shared_memory.SharedMemory] = {}
+        self._untrack = untrack
+        """False only where the creator is this same process (tests): the tracker holds one entry per name."""
 
     def view(self, name: str, offset: int, count: int, side: int) -> np.ndarray:
         shm = self._attached.get(name)
@@ -128,7 +130,8 @@ class SlabReader:
             if not name.startswith("md-"):
                 raise ValueError(f"{name!r} is not a front end's pixel slab")
             shm = shared_memory.SharedMemory(name=name)
-            _untrack(shm)
+            if self._untrack:
+                _untrack(shm)
             self._attached[name] = shm
         nbytes = count * side * side * 3
         if offset < 0 or count < 1 or side < 1 or offset + nbytes > shm.size:
