@@ -73,7 +73,9 @@ def test_clipping_bounds_every_step(digits: DomainData) -> None:
             epochs=1, batch_size=32, lr=0.1, weight_decay=0.0, clip_grad_norm=clip, progress=False
         )
         train_domain(net, "d", digits, cfg)
-        moved[clip] = max(float((v - before[k]).abs().max()) for k, v in net.domain_parameters("d").items())
+        moved[clip] = max(
+            float((v.detach() - before[k]).abs().max()) for k, v in net.domain_parameters("d").items()
+        )
     # lr x clip x (1 + 0.9 + 0.81 + ...) <= 1e-9 per step: nothing moves; unclipped, 1000x that and more.
     assert moved[1e-9] < 1e-7 and moved[None] > 1e-4
 
@@ -87,3 +89,27 @@ def test_every_kind_has_a_recipe_on_both_families() -> None:
     with pytest.raises(ValueError, match="unknown kind"):
         recipe_for("resnet26", "everything")
     torch.manual_seed(0)
+
+
+def test_bn_warm_start_sets_the_domain_statistics_and_leaves_the_base_alone(digits: DomainData) -> None:
+    from training.data import BatchMaker
+    from training.trainer import domain_batch_norms, warm_start_batch_norm
+
+    net = tiny_net()
+    net.add_domain("d", AdapterConfig(kind="bn"), 10)
+    base = {k: v.clone() for k, v in net.shared_state_dict().items()}
+    first = net.units[0]
+    seen: list[torch.Tensor] = []
+    hook = first.domains["d"].bn.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    cfg = TrainConfig(eval_batch_size=len(digits.train))  # one batch: its statistics are the running ones
+    batches = BatchMaker(digits.preprocessing, digits.flip)
+    warm_start_batch_norm(net, "d", "domain", digits.train, batches, cfg, torch.contiguous_format)
+    hook.remove()
+    (x,) = seen
+    bn = first.domains["d"].bn
+    assert len(domain_batch_norms(net, "d", "domain")) == len(net.units)
+    assert torch.allclose(bn.running_mean, x.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var, x.var(dim=(0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
+    assert bn.momentum == first.base_bn.momentum  # restored after the cumulative pass
+    for k, v in net.shared_state_dict().items():
+        assert torch.equal(v, base[k]), k
