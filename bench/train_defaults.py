@@ -6,8 +6,8 @@ head-only at its default as the floor. The defaults were chosen on the three CHO
 judged on the two JUDGE ones; the bar on those: default within 2 points of the sweep's best and never
 below head-only.
 
-    nice -n 10 .venv/bin/python bench/train_defaults.py                       # the whole table
-    nice -n 10 .venv/bin/python bench/train_defaults.py --datasets digits --backbones mobilenet_v2
+    nice -n 10 .venv/bin/python -m bench.train_defaults                       # the whole table
+    nice -n 10 .venv/bin/python -m bench.train_defaults --datasets digits --backbones mobilenet_v2
 
 Data (all offline; the folders are written by this bench under --data-root, once):
 - digits: scikit-learn's 8x8 digits (built-in source).
@@ -42,8 +42,8 @@ import torch
 from PIL import Image, ImageFont
 from PIL.ImageDraw import Draw
 
-from residual_adapters import AdapterConfig, MultiDomainNet, create_backbone
-from training import export
+from residual_adapters import AdapterConfig, MultiDomainNet
+from training.backbones import load_backbone
 from training.data import DomainData, load_domain_data, load_raw
 from training.recipes import DEFAULT_LOWRANK_RANK, recipe_for
 from training.trainer import TrainConfig, TrainingDiverged, train_domain
@@ -198,12 +198,8 @@ def train_once(
     return {"lr": cfg.lr, "accuracy": accuracy, "diverged": diverged, "s": time.perf_counter() - started}
 
 
-def load_backbone(arch: str, resnet26: Path) -> MultiDomainNet:
-    if arch == "mobilenet_v2":
-        from training.decathlon import mobilenet_weights_path
-
-        return create_backbone("mobilenet_v2", weights=mobilenet_weights_path(), classifier_domain=None)
-    return export.load_backbone(resnet26)
+def backbone_for(arch: str, resnet26: Path) -> MultiDomainNet:
+    return load_backbone("mobilenet_v2" if arch == "mobilenet_v2" else str(resnet26))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -211,7 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     datasets = [d for d in DATASETS if d.name in args.datasets]
     for arch in args.backbones:
-        net = load_backbone(arch, args.resnet26)
+        net = backbone_for(arch, args.resnet26)
         for ds in datasets:
             data = load_data(ds, args.data_root)
             say(

@@ -197,8 +197,9 @@ def _uniform_folder(root: Path, classes: list[str], per_class: int) -> Path:
 def test_a_chance_level_domain_is_refused_by_upload_unless_forced(
     backbone: Path, tmp_path: Path, capsys
 ) -> None:
-    from server.app import create_app
     from multidomain_client import MultidomainClient, NotFound
+
+    from server.app import create_app
     from server.serving import ServerThread
     from server.settings import Settings
 
