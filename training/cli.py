@@ -295,7 +295,7 @@ def usefulness_floor(data: DomainData) -> tuple[float, float]:
     return majority, majority + min(0.10, (1.0 - majority) / 2)
 
 
-def _useful(data: DomainData, result: TrainResult) -> str | None:
+def _why_not_useful(data: DomainData, result: TrainResult) -> str | None:
     """Why the trained domain is not worth serving, or None when it is."""
     majority, floor = usefulness_floor(data)
     if result.best_val_accuracy >= floor:
@@ -338,7 +338,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
         f"{data.name}: best val accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}, "
         f"{result.train_images_per_s:.0f} images/s"
     )
-    useless = _useful(data, result)
+    useless = _why_not_useful(data, result)
     if useless and args.upload and not args.force:
         args.upload = None  # local files are written (to inspect); the server gets nothing
         _write_artifact(args, artifact)
