@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := domain_format residual_adapters adapters_store model_artifacts training server multidomain
 
-.PHONY: install lint test test-portability serve cluster bench clean
+.PHONY: install lint test test-portability serve cluster bench bench-data clean
 
 install: $(STAMP)
 
@@ -63,6 +63,11 @@ cluster: install
 
 bench: install
 	$(BIN)/python -m bench.engine --quick
+
+# Offline data for bench/train_defaults.py (Fashion-MNIST from Debian; DejaVu fonts for the letters); needs root.
+bench-data:
+	dpkg -s dataset-fashion-mnist fonts-dejavu-core >/dev/null 2>&1 || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist fonts-dejavu-core)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

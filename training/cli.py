@@ -29,7 +29,8 @@ from training.backbones import load_backbone
 from training.compress import CompressionError, compress_domains
 from training.data import BatchMaker, DataError, DomainData, load_domain_data
 from training.evaluate import evaluate, plot_confusion
-from training.trainer import TrainConfig, TrainingError, finetune_copy, train_domain
+from training.recipes import DEFAULT_LOWRANK_RANK, FINETUNE, Recipe, recipe_for
+from training.trainer import TrainConfig, TrainingError, TrainResult, finetune_copy, train_domain
 
 log = logging.getLogger("training")
 _EXPECTED_ERRORS = (
@@ -65,6 +66,13 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--resize", type=int, default=None, help="shorter side before cropping (default input*72/64)"
     )
+    g.add_argument(
+        "--val-data",
+        default=None,
+        metavar="DIR",
+        help="validation ImageFolder with the same classes (default: DIR/val or DIR/test when --data DIR "
+        "holds train/ and one of them, else --val-fraction of --data)",
+    )
     g.add_argument("--val-fraction", type=float, default=0.2)
     g.add_argument(
         "--train-per-class", type=int, default=None, help="at most this many training images per class"
@@ -74,11 +82,19 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-flip", action="store_true", help="never mirror (digits, characters, signs)")
 
 
-def _add_train_args(p: argparse.ArgumentParser, lr: float) -> None:
+def _add_train_args(p: argparse.ArgumentParser, lr: float | None) -> None:
+    """``lr`` None: the learning rate, warm-up and clip default to the measured recipe (training.recipes)."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--lr", type=float, default=lr)
+    recipe_help = "default: the measured one for the backbone and kind, see training/README.md"
+    g.add_argument("--lr", type=float, default=lr, help=recipe_help if lr is None else None)
+    g.add_argument(
+        "--warmup-epochs", type=float, default=None, help=f"linear learning-rate warm-up ({recipe_help})"
+    )
+    g.add_argument(
+        "--clip-grad-norm", type=float, default=None, help=f"gradient-norm clip, 0 for none ({recipe_help})"
+    )
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--adapter-weight-decay", type=float, default=None, help="weight decay of the adapters")
@@ -101,13 +117,25 @@ def _add_backbone_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _train_config(args: argparse.Namespace) -> TrainConfig:
+def _train_config(args: argparse.Namespace, recipe: Recipe) -> TrainConfig:
+    """The run's settings: the flags given, the recipe for the rest."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    lr = recipe.lr if args.lr is None else args.lr
+    warmup = recipe.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs
+    clip = recipe.clip_grad_norm if args.clip_grad_norm is None else (args.clip_grad_norm or None)
+    _say(
+        f"settings: lr {lr:g}, warm-up {warmup:g} epochs, gradient clip {clip if clip is not None else 'none'}, "
+        f"BN statistics from {'the training images' if recipe.bn_warm_start else 'the backbone'}, "
+        f"{args.epochs} epochs of batch {args.batch_size}"
+    )
     return TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
-        lr=args.lr,
+        lr=lr,
+        warmup_epochs=warmup,
+        clip_grad_norm=clip,
+        bn_warm_start=recipe.bn_warm_start,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
         adapter_weight_decay=args.adapter_weight_decay,
@@ -130,6 +158,7 @@ def _load_data(args: argparse.Namespace, name: str | None) -> DomainData:
         seed=args.seed,
         grayscale=args.grayscale,
         flip=False if args.no_flip else None,
+        val_source=args.val_data,
     )
     # Each skipped file was already logged with its path and reason by training.data.
     _say(
@@ -202,7 +231,7 @@ def cmd_backbone(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     net = create_backbone(args.arch, **kwargs)
     data = _load_data(args, args.name)
-    cfg = _train_config(args)
+    cfg = _train_config(args, _FROM_SCRATCH)
     net.add_domain(data.name, AdapterConfig(kind="bn"), data.num_classes)
     result = train_domain(
         net, data.name, data, cfg, trainable="all", checkpoint=args.checkpoint, resume=args.resume, log=_say
@@ -229,6 +258,10 @@ def cmd_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
+_FROM_SCRATCH = Recipe(lr=0.1, warmup_epochs=0.0, clip_grad_norm=None)
+"""A backbone from scratch: the paper's recipe as it stands (how training/pretrained/ was made)."""
+
+
 def promote_domain_bn(net: MultiDomainNet, name: str) -> None:
     """Make a trained domain's BN the backbone's own (base) BN: new domains start from its statistics."""
     with torch.no_grad():
@@ -242,8 +275,34 @@ def _adapter_config(args: argparse.Namespace) -> AdapterConfig:
     allocation: str | list[str] = args.allocation
     if isinstance(allocation, str) and "," in allocation:
         allocation = [a for a in allocation.split(",") if a]
+    rank = args.rank if args.rank is not None or args.kind != "lowrank" else DEFAULT_LOWRANK_RANK
     return AdapterConfig(
-        kind=args.kind, rank=args.rank, allocation=allocation, pointwise_budget=args.pointwise_budget
+        kind=args.kind, rank=rank, allocation=allocation, pointwise_budget=args.pointwise_budget
+    )
+
+
+def _arch(net: MultiDomainNet) -> str:
+    return str(net.architecture["name"])
+
+
+def usefulness_floor(data: DomainData) -> tuple[float, float]:
+    """(majority-class rate on validation, the accuracy a domain needs to be worth serving).
+
+    Clearly above always guessing the most frequent class: 10 points above its rate, or half the way
+    from it to 100% when that class alone already scores above 80% (10 points would be out of reach).
+    """
+    majority = float(torch.bincount(data.val.targets).max()) / max(len(data.val), 1)
+    return majority, majority + min(0.10, (1.0 - majority) / 2)
+
+
+def _why_not_useful(data: DomainData, result: TrainResult) -> str | None:
+    """Why the trained domain is not worth serving, or None when it is."""
+    majority, floor = usefulness_floor(data)
+    if result.best_val_accuracy >= floor:
+        return None
+    return (
+        f"best validation accuracy {result.best_val_accuracy:.4f} is not clearly above always guessing the "
+        f"most frequent class ({majority:.4f} on {len(data.val)} validation images; needs {floor:.4f})"
     )
 
 
@@ -254,7 +313,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
         return _fail("nowhere to put the artifact: give --out DIR, --bundle FILE or --upload URL")
     net = load_backbone(args.backbone)
     data = _load_data(args, args.name)
-    cfg = _train_config(args)
+    cfg = _train_config(args, recipe_for(_arch(net), args.kind))
     adapter_cfg = _adapter_config(args)
     torch.manual_seed(args.seed)  # the new head is drawn from the global RNG
     net.add_domain(data.name, adapter_cfg, data.num_classes)
@@ -279,6 +338,13 @@ def cmd_adapter(args: argparse.Namespace) -> int:
         f"{data.name}: best val accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}, "
         f"{result.train_images_per_s:.0f} images/s"
     )
+    useless = _why_not_useful(data, result)
+    if useless and args.upload and not args.force:
+        args.upload = None  # local files are written (to inspect); the server gets nothing
+        _write_artifact(args, artifact)
+        return _fail(f"not uploading {data.name}: {useless}. Upload it anyway with --force.")
+    if useless:
+        _say(f"warning: {useless}")
     _write_artifact(args, artifact)
     return 0
 
@@ -286,7 +352,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     net = load_backbone(args.backbone)
     data = _load_data(args, args.name)
-    cfg = _train_config(args)
+    cfg = _train_config(args, recipe_for(_arch(net), FINETUNE))
     torch.manual_seed(args.seed)
     tuned = finetune_copy(net, data.name, data.num_classes)
     result = train_domain(
@@ -467,7 +533,9 @@ def register(subparsers: Any) -> None:
     _add_backbone_arg(p)
     p.add_argument("--name", default=None, help="domain name (default: from the data)")
     p.add_argument("--kind", default="parallel", choices=ADAPTER_KINDS)
-    p.add_argument("--rank", type=int, default=None, help="rank of lowrank adapters")
+    p.add_argument(
+        "--rank", type=int, default=None, help=f"rank of lowrank adapters (default {DEFAULT_LOWRANK_RANK})"
+    )
     p.add_argument("--allocation", default="all", help="all, shallow, deep, range:A-B or unit names (comma)")
     p.add_argument("--pointwise-budget", type=float, default=0.1)
     p.add_argument("--out", type=Path, default=None, help="artifact directory to write")
@@ -475,14 +543,19 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--upload", default=None, metavar="URL", help="upload to a running server and activate")
     p.add_argument("--token", default=None, help="the server's admin token")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="upload even a domain no better than always guessing the most frequent class",
+    )
     _add_data_args(p)
-    _add_train_args(p, lr=0.05)
+    _add_train_args(p, lr=None)
 
     p = command("finetune", cmd_finetune, "baseline: train every weight of a copy (not served); prints JSON")
     _add_backbone_arg(p)
     p.add_argument("--name", default=None)
     _add_data_args(p)
-    _add_train_args(p, lr=0.01)
+    _add_train_args(p, lr=None)
 
     p = command("compress", cmd_compress, "SVD-compress the adapters of domain artifacts")
     _add_backbone_arg(p)

@@ -3,7 +3,9 @@
 A source is a name (``digits``, ``mnist``, ``fashion-mnist``, ``textures``) or a path to a torchvision
 ``ImageFolder`` directory (one sub-folder per class). ``load_domain_data`` turns it into a
 ``DomainData``: images decoded once, resized (shorter side) and centre-cropped to ``resize`` px, kept in
-memory as uint8 tensors, split train/val(/test) per class with a fixed seed.
+memory as uint8 tensors, split train/val(/test) per class with a fixed seed. A validation folder of its
+own (``val_source``, or ``DIR/train`` + ``DIR/val`` or ``DIR/test`` inside the source) replaces the split;
+both must hold the same classes.
 
 Decoding, 8-bit, channels, resizing and every centre crop are ``domain_format.preprocess`` and the
 normalisation is ``residual_adapters.inputs.normalise``: the code the server runs, so an image file gives
@@ -260,6 +262,32 @@ def _image_folder(path: Path, spec: ImageSpec) -> RawDataset:
     )
 
 
+def split_folders(source: str) -> tuple[Path, Path] | None:
+    """``(DIR/train, DIR/val)`` (or ``DIR/test``) when ``source`` holds a train/validation folder pair.
+
+    Only when ``DIR/train`` itself holds class sub-folders: a plain ImageFolder whose classes happen to be
+    called "train" and "val" is read as what it is.
+    """
+    root = Path(source)
+    train = root / "train"
+    if not train.is_dir() or not any(child.is_dir() for child in train.iterdir()):
+        return None
+    for name in ("val", "test"):
+        if (root / name).is_dir():
+            return train, root / name
+    return None
+
+
+def _same_classes(train: RawDataset, train_path: Path, val: RawDataset, val_path: Path) -> None:
+    if train.labels == val.labels:
+        return
+    missing = sorted(set(train.labels) - set(val.labels))
+    extra = sorted(set(val.labels) - set(train.labels))
+    raise DataError(
+        f"{train_path} and {val_path} must hold the same classes: {val_path} lacks {missing}, has extra {extra}"
+    )
+
+
 def load_raw(source: str, spec: ImageSpec) -> RawDataset:
     """Decode a source: a built-in name or an ImageFolder directory (fitted to ``spec`` as it is read;
     the built-ins are small arrays, fitted later, only the images a split selects)."""
@@ -347,36 +375,53 @@ def load_domain_data(
     grayscale: bool = False,
     flip: bool | None = None,
     normalisation: tuple[list[float], list[float]] | None = None,
+    val_source: str | None = None,
 ) -> DomainData:
     """Load, resize and split a source. ``resize`` defaults to the paper's 72/64 ratio.
 
     Splits are stratified per class with ``seed``. A source with an official test set (MNIST) takes
     its test split from there (``test_per_class`` images per class); otherwise ``test_fraction`` of
     each class is held out. ``normalisation`` (mean, std) overrides the training set's own statistics.
+    ``val_source`` (an ImageFolder), or a ``train/`` + ``val/`` (or ``test/``) pair inside ``source``,
+    is the validation set as it stands (``val_per_class`` caps it); then nothing is split off.
     """
     resize = resize or round(input_size * 72 / 64)
     if resize < input_size:
         raise DataError(f"resize ({resize}) must be at least input_size ({input_size})")
     spec = ImageSpec(input_size, resize, "grayscale" if grayscale else "rgb", "bilinear")
-    raw = load_raw(source, spec)
-    spec = replace(spec, channels="grayscale" if raw.grayscale else "rgb")  # built-ins are grayscale
+    pair = (Path(source), Path(val_source)) if val_source is not None else split_folders(source)
     test: ImageSet | None = None
-    if raw.test_images is not None and raw.test_targets is not None and (test_per_class or test_fraction):
-        (test_idx,) = stratified_split(raw.test_targets, [1.0], seed, [test_per_class])
-        test = ImageSet(resize_square(raw.test_images[test_idx], spec), raw.test_targets[test_idx])
-        train_idx, val_idx = stratified_split(
-            raw.targets, [1.0 - val_fraction, val_fraction], seed, [train_per_class, val_per_class]
-        )
+    if pair is not None:
+        if not pair[1].is_dir():
+            raise DataError(f"validation folder {pair[1]} is not a directory")
+        raw = load_raw(str(pair[0]), spec)
+        spec = replace(spec, channels="grayscale" if raw.grayscale else "rgb")  # built-ins are grayscale
+        raw_val = _image_folder(pair[1], spec)
+        _same_classes(raw, pair[0], raw_val, pair[1])
+        raw.skipped += raw_val.skipped
+        raw.description += f" + validation folder {pair[1].name}"
+        (train_idx,) = stratified_split(raw.targets, [1.0], seed, [train_per_class])
+        (val_idx,) = stratified_split(raw_val.targets, [1.0], seed, [val_per_class])
+        val = ImageSet(resize_square(_take(raw_val.images, val_idx), spec), raw_val.targets[val_idx])
     else:
-        fractions = [1.0 - val_fraction - test_fraction, val_fraction, test_fraction]
-        train_idx, val_idx, test_idx = stratified_split(
-            raw.targets, fractions, seed, [train_per_class, val_per_class, test_per_class]
-        )
-        if test_fraction > 0:
-            test = ImageSet(resize_square(_take(raw.images, test_idx), spec), raw.targets[test_idx])
+        raw = load_raw(source, spec)
+        spec = replace(spec, channels="grayscale" if raw.grayscale else "rgb")  # built-ins are grayscale
+        if raw.test_images is not None and raw.test_targets is not None and (test_per_class or test_fraction):
+            (test_idx,) = stratified_split(raw.test_targets, [1.0], seed, [test_per_class])
+            test = ImageSet(resize_square(raw.test_images[test_idx], spec), raw.test_targets[test_idx])
+            train_idx, val_idx = stratified_split(
+                raw.targets, [1.0 - val_fraction, val_fraction], seed, [train_per_class, val_per_class]
+            )
+        else:
+            fractions = [1.0 - val_fraction - test_fraction, val_fraction, test_fraction]
+            train_idx, val_idx, test_idx = stratified_split(
+                raw.targets, fractions, seed, [train_per_class, val_per_class, test_per_class]
+            )
+            if test_fraction > 0:
+                test = ImageSet(resize_square(_take(raw.images, test_idx), spec), raw.targets[test_idx])
+        val = ImageSet(resize_square(_take(raw.images, val_idx), spec), raw.targets[val_idx])
     # Only the selected images are resized: a 50-per-class subset of MNIST should not pay for all 60k.
     train = ImageSet(resize_square(_take(raw.images, train_idx), spec), raw.targets[train_idx])
-    val = ImageSet(resize_square(_take(raw.images, val_idx), spec), raw.targets[val_idx])
     if len(train) == 0 or len(val) == 0:
         raise DataError(f"{source}: empty split (train {len(train)}, val {len(val)} images)")
     mean, std = normalisation or channel_stats(train.images)
@@ -411,7 +456,8 @@ def _take(images: list[Tensor] | Tensor, idx: Tensor) -> list[Tensor] | Tensor:
 def _default_name(source: str) -> str:
     if source in BUILTIN_SOURCES:
         return source.replace("-", "_")
-    base = Path(source).resolve().name.lower()
+    path = Path(source).resolve()
+    base = (path.parent.name if path.name == "train" else path.name).lower()  # DIR/train: DIR names it
     cleaned = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in base).strip("_-")
     return cleaned[:64] or "domain"
 

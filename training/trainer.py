@@ -10,8 +10,14 @@ What is trained is a *parameter selection* on a ``MultiDomainNet`` domain:
 
 Recipe (the paper's, scaled to any epoch count): SGD momentum 0.9, step decay x0.1 at 2/3 and x0.1
 again at 5/6 of the epochs (80 and 100 of 120), weight decay per group (``.adapter.`` tensors get
-their own). bf16 autocast on CUDA. The best epoch on validation is kept. A checkpoint after every
-epoch holds everything needed to continue bit-identically (model, optimiser, scheduler, RNG states).
+their own); optionally a linear warm-up and gradient-norm clipping (``training.recipes`` holds the
+measured defaults per backbone and kind). bf16 autocast on CUDA. The best epoch on validation is kept.
+A checkpoint after every epoch holds everything needed to continue bit-identically (model, optimiser,
+scheduler, RNG states).
+
+Divergence is caught, never trained through: a non-finite loss, or a smoothed loss that climbs to
+``divergence_factor`` times where it started (worse than guessing uniformly), stops the run with a
+``TrainingDiverged`` naming the learning rate.
 """
 
 from __future__ import annotations
@@ -38,6 +44,14 @@ class TrainingError(Exception):
     """Training cannot start or continue (bad checkpoint, unknown domain, diverged loss)."""
 
 
+class TrainingDiverged(TrainingError):
+    """The loss became non-finite or exploded: the learning rate is too high for this run."""
+
+    def __init__(self, message: str, lr: float) -> None:
+        super().__init__(message)
+        self.lr = lr
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings of one training run."""
@@ -55,6 +69,19 @@ class TrainConfig:
     adapter_lr: float | None = None
     """Initial learning rate of the ``.adapter.`` tensors (None: ``lr``). Zero-initialised low-rank
     adapters on 1x1 convs get small gradients; BN and head are unstable at the same high rate."""
+    warmup_epochs: float = 0.0
+    """Linear learning-rate warm-up from lr/steps to lr over this many epochs (0: none). The first
+    steps of a fresh head on a pretrained body see the largest gradients."""
+    clip_grad_norm: float | None = None
+    """Clip the global gradient norm of the trained tensors to this (None: no clipping)."""
+    bn_warm_start: bool = False
+    """Before the first step, set the domain's BN running statistics to the training images' own (one
+    forward pass, centre crops). A new domain's BN starts from the backbone's statistics (ImageNet
+    photos at 224 px for MobileNetV2); with a few hundred steps the momentum-0.1 running averages would
+    still carry part of them at evaluation time."""
+    divergence_factor: float = 2.0
+    """Stop when the smoothed training loss exceeds this many times max(first loss, ln classes):
+    a loss twice that of a uniform guess means the run is confidently wrong, not learning."""
     milestones: tuple[float, ...] = (2 / 3, 5 / 6)
     """Fractions of ``epochs`` where the learning rate is multiplied by ``gamma``."""
     gamma: float = 0.1
@@ -166,9 +193,107 @@ def accuracy(
     return float((logits.argmax(1) == data.targets).float().mean()) if len(data) else 0.0
 
 
-def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    steps = [math.floor(m * cfg.epochs + 1e-9) for m in cfg.milestones]
-    return lambda epoch: cfg.gamma ** sum(epoch >= s for s in steps)
+def steps_per_epoch(images: int, batch_size: int) -> int:
+    """Optimiser steps in one epoch (``BatchMaker.train_batches`` drops a final 1-image batch)."""
+    full, rest = divmod(images, batch_size)
+    return full + (1 if rest >= 2 else 0)
+
+
+def _lr_lambda(cfg: TrainConfig, epoch_steps: int) -> Callable[[int], float]:
+    """Multiplier of the learning rate at optimiser step ``step``: warm-up, then the step decay."""
+    milestones = [math.floor(m * cfg.epochs + 1e-9) for m in cfg.milestones]
+    warmup = max(1, round(cfg.warmup_epochs * epoch_steps)) if cfg.warmup_epochs > 0 else 0
+    epoch_steps = max(1, epoch_steps)
+
+    def factor(step: int) -> float:
+        decay = cfg.gamma ** sum(step // epoch_steps >= m for m in milestones)
+        return decay * min(1.0, (step + 1) / warmup) if warmup else decay
+
+    return factor
+
+
+class _DivergenceWatch:
+    """Training loss against where it started (see ``TrainConfig.divergence_factor``).
+
+    Two signs, both measured against ``max(first loss, ln classes)`` (a uniform guess scores ln K):
+    the loss smoothed over about ten steps exceeding ``divergence_factor`` times that (an explosion),
+    or a whole epoch after the first averaging above it (an oscillation that never learns: the run
+    of issue 11 went 2.60, 6.42, 4.93, 2.94, 3.07). Epochs of fewer than 5 steps are too noisy to judge.
+    """
+
+    def __init__(self, cfg: TrainConfig, num_classes: int) -> None:
+        self.factor = cfg.divergence_factor
+        self.floor = math.log(max(num_classes, 2))
+        self.start: float | None = None
+        self.smoothed = 0.0
+
+    @property
+    def reference(self) -> float:
+        return max(self.start or 0.0, self.floor)
+
+    def _diverged(self, what: str, lr: float, epoch: int, epochs: int) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"training diverged: {what} at epoch {epoch}/{epochs} with learning rate {lr:g}; "
+            f"lower the learning rate (try --lr {lr / 10:g})",
+            lr,
+        )
+
+    def check(self, loss: float, lr: float, epoch: int, epochs: int) -> None:
+        if not math.isfinite(loss):
+            raise self._diverged(f"the loss is {loss}", lr, epoch, epochs)
+        if self.start is None:
+            self.start = self.smoothed = loss
+            return
+        self.smoothed = 0.9 * self.smoothed + 0.1 * loss
+        if self.smoothed > self.factor * self.reference:
+            raise self._diverged(
+                f"the loss climbed from {self.start:.3g} to {self.smoothed:.3g} "
+                f"(a uniform guess scores {self.floor:.3g})",
+                lr,
+                epoch,
+                epochs,
+            )
+
+    def end_epoch(self, mean_loss: float, steps: int, lr: float, epoch: int, epochs: int) -> None:
+        if epoch >= 2 and steps >= 5 and mean_loss > self.reference:
+            raise self._diverged(
+                f"the loss averaged {mean_loss:.3g} over an epoch, above its start {self.start:.3g} "
+                f"(a uniform guess scores {self.floor:.3g})",
+                lr,
+                epoch,
+                epochs,
+            )
+
+
+def domain_batch_norms(net: MultiDomainNet, name: str, trainable: Trainable) -> list[nn.BatchNorm2d]:
+    """The BN layers a run trains (the domain's own; every BN when fine-tuning), never the base BN."""
+    params = {id(p) for p in trainable_parameters(net, name, trainable).values()}
+    return [m for m in net.modules() if isinstance(m, nn.BatchNorm2d) and id(m.weight) in params]
+
+
+@torch.no_grad()
+def warm_start_batch_norm(
+    net: MultiDomainNet,
+    name: str,
+    trainable: Trainable,
+    data: ImageSet,
+    batches: BatchMaker,
+    cfg: TrainConfig,
+    memory_format: torch.memory_format,
+) -> None:
+    """Running statistics = the cumulative average over ``data`` (centre crops), for ``bn_warm_start``."""
+    norms = domain_batch_norms(net, name, trainable)
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the whole pass
+    net.train()
+    device = torch.device(cfg.device)
+    for x, _ in batches.eval_batches(data, cfg.eval_batch_size):
+        if len(x) > 1:  # training-mode BN needs two images
+            net.forward_domain(x.to(device, memory_format=memory_format), name)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
 
 
 def train_domain(
@@ -200,7 +325,10 @@ def train_domain(
     net.to(memory_format=memory_format)  # type: ignore[call-overload]
     params = trainable_parameters(net, name, trainable)
     optimiser = torch.optim.SGD(_param_groups(params, cfg), lr=cfg.lr, momentum=cfg.momentum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _lr_lambda(cfg))
+    epoch_steps = steps_per_epoch(len(data.train), cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _lr_lambda(cfg, epoch_steps))  # per step
+    watch = None if cfg.divergence_factor <= 0 else _DivergenceWatch(cfg, data.num_classes)
+    clipped = [p for p in params.values() if p.requires_grad]
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     batches = BatchMaker(data.preprocessing, data.flip)
@@ -224,13 +352,17 @@ def train_domain(
         if log:
             log(f"resumed {name} from {checkpoint} after epoch {start_epoch}")
     autocast = cfg.amp and device.type == "cuda"
+    if cfg.bn_warm_start and start_epoch == 0:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            warm_start_batch_norm(net, name, trainable, data.train, batches, cfg, memory_format)
     total_images, total_time = 0, 0.0
     for epoch in range(start_epoch, cfg.epochs):
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             result.completed = False
             break
         net.train()
-        seen, correct, loss_sum, epoch_time = 0, 0, 0.0, 0.0
+        seen, correct, loss_sum, epoch_time, steps = 0, 0, 0.0, 0.0, 0
+        step_lr = float(optimiser.param_groups[0]["lr"])
         bar = _progress(cfg, data.train, batches, f"{name} {epoch + 1}/{cfg.epochs}")
         for x, y in batches.train_batches(data.train, cfg.batch_size, g):
             t0 = time.perf_counter()
@@ -241,12 +373,17 @@ def train_domain(
                 loss = F.cross_entropy(logits.float(), y)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(clipped, cfg.clip_grad_norm)
+            step_lr = float(optimiser.param_groups[0]["lr"])
             optimiser.step()
+            scheduler.step()
             loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise TrainingError(f"loss is {loss_value} at epoch {epoch + 1}: lower the learning rate")
+            if watch is not None:
+                watch.check(loss_value, step_lr, epoch + 1, cfg.epochs)
             epoch_time += time.perf_counter() - t0
             seen += len(y)
+            steps += 1
             correct += int((logits.argmax(1) == y).sum())
             loss_sum += loss_value * len(y)
             if bar is not None:
@@ -258,7 +395,8 @@ def train_domain(
                 )
         if bar is not None:
             bar.close()
-        scheduler.step()
+        if watch is not None:
+            watch.end_epoch(loss_sum / max(seen, 1), steps, step_lr, epoch + 1, cfg.epochs)
         val_acc = accuracy(net, name, data.val, batches, cfg.eval_batch_size)
         stats = EpochStats(
             epoch=epoch + 1,

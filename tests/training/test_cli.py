@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from adapters_store.local import LocalStore
@@ -124,7 +125,7 @@ def test_errors_are_one_line_and_exit_2(backbone: Path, pets: Path, tmp_path: Pa
     assert "exactly one of --energy or --budget" in capsys.readouterr().err
 
 
-def test_adapter_upload_to_a_running_server(backbone: Path, pets: Path, tmp_path: Path) -> None:
+def test_adapter_upload_to_a_running_server(backbone: Path, pets: Path, tmp_path: Path, capsys) -> None:
     from multidomain_client import MultidomainClient
 
     from server.app import create_app
@@ -137,8 +138,9 @@ def test_adapter_upload_to_a_running_server(backbone: Path, pets: Path, tmp_path
     store.put_backbone(validate_backbone_artifact(manifest_bytes, tensor_bytes))
     settings = Settings(store_dir=store.root, admin_token="tok", bank_slots=2, revision_poll_s=0.0)  # type: ignore[call-arg,arg-type]
     with ServerThread(create_app(settings)) as server:
+        # Four epochs: one leaves pets at chance, and --upload refuses a chance-level domain.
         code = main(["adapter", "--backbone", str(backbone / "backbone"), "--data", str(pets),
-                     "--upload", server.url, "--token", "tok", *TINY])  # fmt: skip
+                     "--upload", server.url, "--token", "tok", *TINY, "--epochs", "4"])  # fmt: skip
         assert code == 0
         with MultidomainClient(server.url, token="tok") as client:
             assert client.describe("pets")["active"] == 1
@@ -147,9 +149,11 @@ def test_adapter_upload_to_a_running_server(backbone: Path, pets: Path, tmp_path
             answer = client.classify("pets", img.getvalue(), top_k=3)
             labels = {e["label"] for e in answer["results"][0]["top_k"]}
             assert labels == {"cat", "dog", "owl"}
+        capsys.readouterr()
         code = main(["adapter", "--backbone", str(backbone / "backbone"), "--data", str(pets),
-                     "--upload", server.url, "--token", "wrong", *TINY])  # fmt: skip
+                     "--upload", server.url, "--token", "wrong", *TINY, "--epochs", "4"])  # fmt: skip
         assert code == 2
+        assert "upload failed" in capsys.readouterr().err  # the server refused it, not the usefulness check
 
 
 def test_backbone_import_of_torchvision_weights(tmp_path: Path) -> None:
@@ -179,3 +183,105 @@ def test_decathlon_tiny_preset_writes_the_report(tmp_path: Path) -> None:
     text = out.with_suffix(".md").read_text()
     assert "multidomain train decathlon --preset tiny" in text and "| parallel + SVD |" in text
     assert Image.open(out.with_suffix(".png")).format == "PNG"
+
+
+def _uniform_folder(root: Path, classes: list[str], per_class: int) -> Path:
+    """Every image the same grey: no network can tell the classes apart, so accuracy is chance exactly."""
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (12, 12), (128, 128, 128)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_a_chance_level_domain_is_refused_by_upload_unless_forced(
+    backbone: Path, tmp_path: Path, capsys
+) -> None:
+    from multidomain_client import MultidomainClient, NotFound
+
+    from server.app import create_app
+    from server.serving import ServerThread
+    from server.settings import Settings
+
+    noise = _uniform_folder(tmp_path / "noise", ["a", "b", "c"], 10)
+    store = LocalStore(tmp_path / "store")
+    manifest_bytes = (backbone / "backbone" / "manifest.json").read_bytes()
+    tensor_bytes = (backbone / "backbone" / "backbone.safetensors").read_bytes()
+    store.put_backbone(validate_backbone_artifact(manifest_bytes, tensor_bytes))
+    settings = Settings(store_dir=store.root, admin_token="tok", bank_slots=2, revision_poll_s=0.0)  # type: ignore[call-arg,arg-type]
+    bb = str(backbone / "backbone")
+    with ServerThread(create_app(settings)) as server:
+        capsys.readouterr()
+        code = main(["adapter", "--backbone", bb, "--data", str(noise), "--upload", server.url, "--token", "tok",
+                     "--out", str(tmp_path / "kept"), *TINY])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2
+        assert (
+            "not uploading noise: best validation accuracy 0.3333 is not clearly above always guessing" in err
+        )
+        assert "(0.3333 on 6 validation images; needs 0.4333)" in err and "--force" in err
+        assert (tmp_path / "kept" / "manifest.json").exists()  # written locally, to look at
+        with MultidomainClient(server.url, token="tok") as client, pytest.raises(NotFound):
+            client.describe("noise")
+        code = main(["adapter", "--backbone", bb, "--data", str(noise), "--upload", server.url, "--token", "tok",
+                     "--force", *TINY])  # fmt: skip
+        assert code == 0
+        assert "warning: best validation accuracy 0.3333" in capsys.readouterr().err
+        with MultidomainClient(server.url, token="tok") as client:
+            detail = client.describe("noise")
+        assert detail["active"] == 1
+        assert detail["manifest"]["provenance"]["val_accuracy"] == pytest.approx(1 / 3)
+
+
+def test_usefulness_floor_is_ten_points_or_half_the_way_to_perfect() -> None:
+    from training.cli import usefulness_floor
+    from training.data import DomainData, ImageSet
+
+    def floor(targets: list[int]) -> tuple[float, float]:
+        val = ImageSet(torch.zeros(len(targets), 1, 2, 2, dtype=torch.uint8), torch.tensor(targets))
+        return usefulness_floor(DomainData("d", ["a", "b"], val, val, None, None, False, ""))  # type: ignore[arg-type]
+
+    assert floor([0, 1] * 50) == pytest.approx((0.5, 0.6))
+    assert floor([0] * 90 + [1] * 10) == pytest.approx((0.9, 0.95))  # 10 points would need 100%
+
+
+def test_a_diverging_run_stops_with_the_rate_and_what_to_try(backbone: Path, tmp_path: Path, capsys) -> None:
+    code = main(["adapter", "--backbone", str(backbone / "backbone"), "--data", "digits", "--train-per-class", "40",
+                 "--val-per-class", "5", "--lr", "5", "--out", str(tmp_path / "hot"),
+                 *TINY[:2], "--epochs", "3", "--batch-size", "32", *TINY[6:]])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "error: TrainingDiverged: training diverged:" in err
+    assert "with learning rate 5; lower the learning rate (try --lr 0.5)" in err
+    assert not (tmp_path / "hot").exists()  # nothing written
+
+
+def test_defaults_come_from_the_recipe_and_lowrank_has_a_default_rank(
+    backbone: Path, pets: Path, tmp_path: Path, capsys
+) -> None:
+    from training.recipes import DEFAULT_LOWRANK_RANK, recipe_for
+
+    code = main(["adapter", "--backbone", str(backbone / "backbone"), "--data", str(pets), "--kind", "lowrank",
+                 "--out", str(tmp_path / "lr"), *TINY])  # fmt: skip
+    assert code == 0
+    recipe = recipe_for("resnet26", "lowrank")
+    assert f"settings: lr {recipe.lr:g}, warm-up {recipe.warmup_epochs:g} epochs" in capsys.readouterr().err
+    manifest = parse_domain_manifest((tmp_path / "lr" / "manifest.json").read_bytes())
+    assert manifest.adapter.kind == "lowrank" and manifest.adapter.rank == DEFAULT_LOWRANK_RANK
+
+
+def test_val_data_and_train_val_folders_on_the_command_line(backbone: Path, tmp_path: Path, capsys) -> None:
+    from tests.training.test_data import make_folder
+
+    make_folder(tmp_path / "zoo" / "train", {"cat": 6, "dog": 6})
+    make_folder(tmp_path / "zoo" / "val", {"cat": 3, "dog": 3})
+    make_folder(tmp_path / "other", {"cat": 2, "emu": 2})
+    bb = str(backbone / "backbone")
+    capsys.readouterr()
+    assert main(["adapter", "--backbone", bb, "--data", str(tmp_path / "zoo"), "--out",
+                 str(tmp_path / "a"), *TINY]) == 0  # fmt: skip
+    assert "data zoo: 2 classes, 12 train / 6 val images" in capsys.readouterr().err
+    assert main(["adapter", "--backbone", bb, "--data", str(tmp_path / "zoo" / "train"), "--val-data",
+                 str(tmp_path / "other"), "--out", str(tmp_path / "b"), *TINY]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "must hold the same classes" in err and "lacks ['dog'], has extra ['emu']" in err

@@ -138,3 +138,40 @@ def test_sixteen_bit_images_keep_their_contrast(tmp_path: Path) -> None:
     data = load_domain_data(str(tmp_path / "deep"), input_size=8, val_fraction=0.5)
     pixels = torch.cat([data.train.images, data.val.images]).float()
     assert pixels.max() <= 255 and 0 < pixels.min() < 60  # 8000 >> 8 = 31, not 255
+
+
+def test_train_and_val_folders_are_detected_and_read_as_they_stand(tmp_path: Path) -> None:
+    make_folder(tmp_path / "pets" / "train", {"cat": 6, "dog": 4})
+    make_folder(tmp_path / "pets" / "val", {"cat": 3, "dog": 2})
+    data = load_domain_data(str(tmp_path / "pets"), input_size=8)
+    assert data.name == "pets" and data.labels == ["cat", "dog"]
+    assert torch.bincount(data.train.targets).tolist() == [6, 4]  # nothing split off for validation
+    assert torch.bincount(data.val.targets).tolist() == [3, 2]
+    assert "validation folder val" in data.description
+    # test/ serves when there is no val/; --val-data names any folder; both give the same images.
+    (tmp_path / "pets" / "val").rename(tmp_path / "pets" / "test")
+    assert len(load_domain_data(str(tmp_path / "pets"), input_size=8).val) == 5
+    given = load_domain_data(
+        str(tmp_path / "pets" / "train"),
+        val_source=str(tmp_path / "pets" / "test"),
+        input_size=8,
+        val_per_class=1,
+    )
+    assert given.name == "pets" and torch.bincount(given.val.targets).tolist() == [1, 1]
+    assert torch.equal(given.train.images, data.train.images)
+
+
+def test_train_and_val_folders_must_hold_the_same_classes(tmp_path: Path) -> None:
+    make_folder(tmp_path / "pets" / "train", {"cat": 4, "dog": 4})
+    make_folder(tmp_path / "pets" / "val", {"cat": 2, "owl": 2})
+    with pytest.raises(DataError, match=r"same classes: .*val lacks \['dog'\], has extra \['owl'\]"):
+        load_domain_data(str(tmp_path / "pets"), input_size=8)
+    with pytest.raises(DataError, match="is not a directory"):
+        load_domain_data(str(tmp_path / "pets" / "train"), val_source=str(tmp_path / "nope"), input_size=8)
+
+
+def test_classes_named_train_and_val_are_classes(tmp_path: Path) -> None:
+    """A plain ImageFolder whose classes are called train and val is not mistaken for a split pair."""
+    make_folder(tmp_path / "trains", {"train": 5, "val": 5})
+    data = load_domain_data(str(tmp_path / "trains"), input_size=8, val_fraction=0.4)
+    assert data.labels == ["train", "val"] and (len(data.train), len(data.val)) == (6, 4)

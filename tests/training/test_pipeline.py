@@ -15,7 +15,9 @@ from training import export
 from training.data import BatchMaker, DomainData
 from training.trainer import TrainConfig, TrainingError, finetune_copy, predict_logits, train_domain
 
-FAST = TrainConfig(epochs=2, batch_size=32, lr=0.05, progress=False)
+# These tests check what training changes, not how well it converges: a head on the random tiny backbone
+# does diverge at this rate (loss 2.4 -> 10), so the divergence watch is off here (tested on its own).
+FAST = TrainConfig(epochs=2, batch_size=32, lr=0.05, progress=False, divergence_factor=0.0)
 
 KINDS = {
     "parallel": AdapterConfig(kind="parallel"),

@@ -1,0 +1,321 @@
+"""Training defaults against a learning-rate sweep: does `train adapter` with no optimisation flags converge?
+
+For every data set, backbone and adapter kind: the best validation accuracy of a run with the default
+settings (``training.recipes``) against the best of a 4-rate sweep (everything else at its default), and
+head-only at its default as the floor. The defaults were chosen on the three CHOOSE data sets and are
+judged on the two JUDGE ones; the bar on those: default within 2 points of the sweep's best and never
+below head-only.
+
+    nice -n 10 .venv/bin/python -m bench.train_defaults                       # the whole table
+    nice -n 10 .venv/bin/python -m bench.train_defaults --datasets digits --backbones mobilenet_v2
+
+Data (all offline; the folders are written by this bench under --data-root, once):
+- digits: scikit-learn's 8x8 digits (built-in source).
+- textures: scikit-image brick / grass / gravel patches (built-in source).
+- photos (ImageFolder, RGB PNG): 32 px patches of eight scikit-image colour photos, one class per photo.
+- letters (ImageFolder, grayscale PNG): A-Z rendered in the DejaVu fonts, random size, shift, rotation.
+- fashion (ImageFolder pair train/ + val/, PNG): Fashion-MNIST, train/ from the official training set,
+  val/ from the official test set (Debian dataset-fashion-mnist).
+MNIST is left out: it is the ResNet-26 backbone's base task (training/pretrained/README.md).
+
+Backbones: the offline ImageNet MobileNetV2 and the width-0.5 ResNet-26 pretrained on MNIST
+(``--resnet26 DIR``). Every domain is trained at 32 px, in-process (data and backbone loaded once).
+A run whose loss diverges counts as the accuracy of always guessing the majority class, the value a
+user would have got before divergence was caught.
+
+Last line: a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageFont
+from PIL.ImageDraw import Draw
+
+from residual_adapters import AdapterConfig, MultiDomainNet
+from training.backbones import load_backbone
+from training.data import DomainData, load_domain_data, load_raw
+from training.recipes import DEFAULT_LOWRANK_RANK, recipe_for
+from training.trainer import TrainConfig, TrainingDiverged, train_domain
+
+ROOT = Path(__file__).resolve().parent.parent
+CHOOSE, JUDGE = "choose", "judge"
+SWEEPS = {
+    "mobilenet_v2": (0.003, 0.01, 0.03, 0.1),
+    "resnet26": (0.03, 0.1, 0.3, 1.0),
+}
+KINDS = {
+    "mobilenet_v2": ("parallel", "series", "lowrank", "bn", "head"),
+    "resnet26": ("parallel", "series", "head"),
+}
+
+
+@dataclass
+class DataSet:
+    name: str
+    role: str
+    source: str
+    """A built-in name or a folder under --data-root."""
+    load: dict[str, Any] = field(default_factory=dict)
+
+
+DATASETS = [
+    DataSet("digits", CHOOSE, "digits", {"train_per_class": 60}),
+    DataSet("textures", CHOOSE, "textures", {"train_per_class": 100}),
+    DataSet("photos", CHOOSE, "photos", {"train_per_class": 60}),
+    DataSet(
+        "letters",
+        JUDGE,
+        "letters",
+        {"grayscale": True, "flip": False, "val_fraction": 0.25, "train_per_class": 50},
+    ),
+    DataSet("fashion", JUDGE, "fashion", {"grayscale": True, "train_per_class": 100}),
+]
+INPUT_SIZE = 32
+
+
+# -- data written as folders --------------------------------------------------------------------------------
+
+
+def _write_letters(root: Path, per_class: int, seed: int = 0) -> None:
+    fonts = sorted(p for p in Path("/usr/share/fonts/truetype/dejavu").glob("*.ttf") if "Math" not in p.name)
+    if not fonts:
+        raise SystemExit("no DejaVu fonts: apt-get install -y fonts-dejavu-core")
+    rng = np.random.default_rng(seed)
+    for letter in "ABCDEFGHIJKLMNOPQRSTUVWXYZ":
+        (root / letter).mkdir(parents=True)
+        for i in range(per_class):
+            font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), int(rng.integers(16, 27)))
+            canvas = Image.new("L", (48, 48), 0)
+            dx, dy = rng.integers(-4, 5, size=2)
+            Draw(canvas).text((24 + int(dx), 24 + int(dy)), letter, fill=255, font=font, anchor="mm")
+            glyph = canvas.rotate(float(rng.uniform(-12, 12)), resample=Image.Resampling.BILINEAR)
+            glyph.crop((8, 8, 40, 40)).save(root / letter / f"{i:04d}.png")
+
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+
+
+def _write_photos(root: Path, per_class: int, seed: int = 0) -> None:
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    for name in PHOTOS:
+        photo = getattr(data, name)()[..., :3]
+        h, w = photo.shape[0] // 32, photo.shape[1] // 32
+        tiles = photo[: h * 32, : w * 32].reshape(h, 32, w, 32, 3).swapaxes(1, 2).reshape(-1, 32, 32, 3)
+        tiles = tiles[tiles.std(axis=(1, 2, 3)) > 8.0]  # flat patches (black sky, background) say nothing
+        (root / name).mkdir(parents=True)
+        for i, k in enumerate(rng.permutation(len(tiles))[:per_class]):
+            Image.fromarray(tiles[k]).save(root / name / f"{i:04d}.png")
+
+
+def _write_fashion(root: Path, train_per_class: int, val_per_class: int, seed: int = 0) -> None:
+    raw = load_raw("fashion-mnist")
+    assert raw.test_images is not None and raw.test_targets is not None
+    g = torch.Generator().manual_seed(seed)
+    for split, images, targets, n in (
+        ("train", raw.images, raw.targets, train_per_class),
+        ("val", raw.test_images, raw.test_targets, val_per_class),
+    ):
+        assert isinstance(images, torch.Tensor)
+        for c, label in enumerate(raw.labels):
+            folder = root / split / label.replace("/", "_")
+            folder.mkdir(parents=True)
+            idx = (targets == c).nonzero().flatten()
+            for i, k in enumerate(idx[torch.randperm(len(idx), generator=g)][:n].tolist()):
+                Image.fromarray(images[k, 0].numpy()).save(folder / f"{i:04d}.png")
+
+
+def write_folders(data_root: Path) -> None:
+    """The ImageFolder data sets, written once (a marker file says a folder is complete)."""
+    writers = {
+        "letters": lambda p: _write_letters(p, per_class=80),
+        "photos": lambda p: _write_photos(p, per_class=125),
+        "fashion": lambda p: _write_fashion(p, train_per_class=150, val_per_class=60),
+    }
+    for name, write in writers.items():
+        folder = data_root / name
+        if (folder / ".complete").exists():
+            continue
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        write(folder)
+        (folder / ".complete").write_text("written by bench/train_defaults.py\n")
+
+
+# -- runs ---------------------------------------------------------------------------------------------------
+
+
+def load_data(ds: DataSet, data_root: Path) -> DomainData:
+    source = ds.source if ds.source in ("digits", "textures") else str(data_root / ds.source)
+    return load_domain_data(source, name=ds.name, input_size=INPUT_SIZE, seed=0, **ds.load)
+
+
+def majority_rate(data: DomainData) -> float:
+    return float(torch.bincount(data.val.targets).max()) / len(data.val)
+
+
+OVERRIDES: dict[str, Any] = {}
+"""Recipe fields replaced for an exploration run (--warmup, --clip): such a table judges those, not the defaults."""
+
+
+def train_once(
+    net: MultiDomainNet, arch: str, kind: str, data: DomainData, epochs: int, lr: float | None
+) -> dict[str, Any]:
+    recipe = replace(recipe_for(arch, kind), **OVERRIDES)
+    cfg = TrainConfig(
+        epochs=epochs,
+        lr=recipe.lr if lr is None else lr,
+        warmup_epochs=recipe.warmup_epochs,
+        clip_grad_norm=recipe.clip_grad_norm,
+        bn_warm_start=recipe.bn_warm_start,
+        progress=False,
+    )
+    rank = DEFAULT_LOWRANK_RANK if kind == "lowrank" else None
+    torch.manual_seed(0)  # the new head is drawn from the global RNG, as in the CLI
+    net.add_domain(data.name, AdapterConfig(kind=kind, rank=rank), data.num_classes)  # type: ignore[arg-type]
+    started = time.perf_counter()
+    try:
+        result = train_domain(net, data.name, data, cfg)
+        accuracy, diverged = result.best_val_accuracy, False
+    except TrainingDiverged:
+        accuracy, diverged = majority_rate(data), True
+    finally:
+        net.remove_domain(data.name)
+    return {"lr": cfg.lr, "accuracy": accuracy, "diverged": diverged, "s": time.perf_counter() - started}
+
+
+def backbone_for(arch: str, resnet26: Path) -> MultiDomainNet:
+    return load_backbone("mobilenet_v2" if arch == "mobilenet_v2" else str(resnet26))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    write_folders(args.data_root)
+    rows: list[dict[str, Any]] = []
+    datasets = [d for d in DATASETS if d.name in args.datasets]
+    for arch in args.backbones:
+        net = backbone_for(arch, args.resnet26)
+        for ds in datasets:
+            data = load_data(ds, args.data_root)
+            say(
+                f"{ds.name} ({ds.role}): {data.num_classes} classes, {len(data.train)} train / {len(data.val)} val"
+            )
+            head = math.nan  # head-only at its default: the floor every other kind must clear
+            kinds = [k for k in KINDS[arch] if k in args.kinds]
+            for kind in sorted(kinds, key=lambda k: k != "head"):
+                default_lr = recipe_for(arch, kind).lr
+                rates = args.rates or SWEEPS[arch]
+                sweep = [train_once(net, arch, kind, data, args.epochs, lr) for lr in rates]
+                same = [s for s in sweep if math.isclose(s["lr"], default_lr)]
+                # The default's flags are the sweep entry's at its rate: the same run, not run twice.
+                default = same[0] if same else train_once(net, arch, kind, data, args.epochs, None)
+                if kind == "head":
+                    head = default["accuracy"]
+                best = max(sweep, key=lambda s: s["accuracy"])
+                row = {
+                    "dataset": ds.name,
+                    "role": ds.role,
+                    "backbone": arch,
+                    "kind": kind,
+                    "default_lr": default_lr,
+                    "default": default["accuracy"],
+                    "default_diverged": default["diverged"],
+                    "best_lr": best["lr"],
+                    "best": best["accuracy"],
+                    "sweep": {f"{s['lr']:g}": round(s["accuracy"], 4) for s in sweep},
+                    "diverged": [s["lr"] for s in sweep if s["diverged"]],
+                    "head": head,
+                    "majority": majority_rate(data),
+                    "val_images": len(data.val),
+                    "seconds": round(sum(s["s"] for s in sweep) + (0 if same else default["s"]), 1),
+                }
+                row["meets_bar"] = row["default"] >= row["best"] - 0.02 and not row["default"] < row["head"]
+                rows.append(row)
+                say(
+                    f"  {arch} {kind}: default (lr {default_lr:g}) {row['default']:.4f}, best {row['best']:.4f} "
+                    f"(lr {best['lr']:g}), head {row['head']:.4f}  sweep {row['sweep']}  [{row['seconds']} s]"
+                )
+    return {"rows": rows}
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| data set | role | backbone | kind | default lr | default | best of sweep (lr) | head-only | bar |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mark = "yes" if r["meets_bar"] else "**no**"
+        lines.append(
+            f"| {r['dataset']} | {r['role']} | {r['backbone']} | {r['kind']} | {r['default_lr']:g} | "
+            f"{100 * r['default']:.1f} | {100 * r['best']:.1f} ({r['best_lr']:g}) | {100 * r['head']:.1f} | {mark} |"
+        )
+    return "\n".join(lines)
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=[d.name for d in DATASETS])
+    parser.add_argument("--backbones", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
+    parser.add_argument("--kinds", nargs="+", default=["parallel", "series", "lowrank", "bn", "head"])
+    parser.add_argument("--rates", nargs="+", type=float, default=None, help="override the sweep's rates")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--data-root", type=Path, default=ROOT / "runs" / "train-defaults-data")
+    parser.add_argument(
+        "--resnet26", type=Path, default=ROOT / "training" / "pretrained" / "resnet26-w0.5-mnist" / "backbone"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write every row here")
+    parser.add_argument(
+        "--warmup", type=float, default=None, help="exploration: replace the recipes' warm-up"
+    )
+    parser.add_argument("--clip", type=float, default=None, help="exploration: replace the clip (0: none)")
+    parser.add_argument("--bn-warm-start", type=int, default=None, help="exploration: 1 on, 0 off")
+    args = parser.parse_args()
+    if args.bn_warm_start is not None:
+        OVERRIDES["bn_warm_start"] = bool(args.bn_warm_start)
+    if args.warmup is not None:
+        OVERRIDES["warmup_epochs"] = args.warmup
+    if args.clip is not None:
+        OVERRIDES["clip_grad_norm"] = args.clip or None
+    started = time.perf_counter()
+    result = run(args)
+    wall = time.perf_counter() - started
+    rows = result["rows"]
+    print(markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    judged = [r for r in rows if r["role"] == JUDGE]
+    summary = {
+        "bench": "train_defaults",
+        "wall_s": round(wall),
+        "runs": sum(len(r["sweep"]) for r in rows),
+        "rows": len(rows),
+        "judged_rows": len(judged),
+        "judged_meeting_bar": sum(r["meets_bar"] for r in judged),
+        "bar_met": bool(judged) and all(r["meets_bar"] for r in judged),
+        "worst_judged_gap_points": round(
+            max((100 * (r["best"] - r["default"]) for r in judged), default=0.0), 1
+        ),
+        "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
