@@ -5,9 +5,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := domain_format residual_adapters adapters_store model_artifacts training server multidomain
 
-.PHONY: install lint test test-portability serve cluster bench bench-data clean
+.PHONY: install browser lint test test-portability serve cluster bench bench-data clean
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+# The page's test drives a real headless Chromium (Debian's, with its WebDriver): apt, not a download.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; }
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

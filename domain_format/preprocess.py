@@ -120,6 +120,16 @@ def open_image(data: bytes, spec: ImageSpec, *, max_pixels: int) -> Image.Image:
     width, height = image.size
     if width < 1 or height < 1:
         raise CorruptImage(f"the image header says {width}x{height} pixels")
+    check_pixels(width, height, spec, max_pixels=max_pixels)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
+        raise CorruptImage(f"the image data is corrupt: {exc}") from None
+    return image
+
+
+def check_pixels(width: int, height: int, spec: ImageSpec, *, max_pixels: int) -> None:
+    """TooManyPixels when an image of this size has more than `max_pixels`, as it is or once resized."""
     if width * height > max_pixels:
         raise TooManyPixels(
             f"the image has {width}x{height} = {width * height} pixels, over the limit of {max_pixels}",
@@ -133,11 +143,6 @@ def open_image(data: bytes, spec: ImageSpec, *, max_pixels: int) -> Image.Image:
             f"is resized to {spec.resize}, over the limit of {max_pixels}",
             max_pixels=max_pixels,
         )
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
-        raise CorruptImage(f"the image data is corrupt: {exc}") from None
-    return image
 
 
 def fit(image: Image.Image, spec: ImageSpec) -> np.ndarray:

@@ -15,6 +15,7 @@ GROUPS = {
     "store": "multidomain.store_cli",
     "train": "training.cli",
     "serve": "multidomain.serve_cli",
+    "classify": "multidomain.classify_cli",
 }
 
 

@@ -25,8 +25,9 @@ from server.engine_client import EngineClient, RemoteEngines
 from server.frontend import FrontEnd
 from server.http_errors import install_error_handlers
 from server.http_metrics import HttpMetrics
-from server.middleware import BodySizeLimit, RequestMetrics
-from server.routes import classify, domains, health
+from server.logs import install_record_factory
+from server.middleware import BodySizeLimit, RequestRecords
+from server.routes import classify, domains, health, open_inference, page
 from server.settings import Settings
 from server.shm import PixelSlab
 
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None, *, store: AdapterStore | None =
     (tests)."""
     settings = settings or Settings()
     metrics = HttpMetrics()
+    install_record_factory()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -89,11 +91,14 @@ def create_app(settings: Settings | None = None, *, store: AdapterStore | None =
     app.include_router(health.router)
     app.include_router(classify.router)
     app.include_router(domains.router)
+    app.include_router(open_inference.router)
+    app.include_router(page.router)
 
     def body_limit(path: str) -> int:
         return settings.max_upload_bytes if path.endswith("/adapters") else settings.max_body_bytes
 
-    # Added last = outermost: the body limit guards everything, metrics see every answer.
+    # Added last = outermost: the body limit guards everything, metrics see every answer, and every
+    # answer (a refusal by the body limit too) carries its request ID.
     app.add_middleware(BodySizeLimit, limit_for=body_limit)
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(RequestRecords, metrics=metrics)
     return app

@@ -29,6 +29,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from server.errors import EngineUnavailable, QueueFull
+from server.logs import current_request_id
 from server.protocol import BadMessage, Message, affinity, announce, decode, encode
 from server.shm import Lease, PixelSlab
 from server.wire_errors import from_wire
@@ -90,8 +91,9 @@ class EngineClient(ABC):
     def engine_for(self, domain: str) -> int:
         return affinity(domain, self.count)
 
-    async def resolve(self, domain: str) -> Message:
-        return await self.call(self.engine_for(domain), "resolve", domain=domain)
+    async def resolve(self, domain: str, version: int | None = None) -> Message:
+        """The active version (or the pinned `version`) with its preprocessing and the queue's state."""
+        return await self.call(self.engine_for(domain), "resolve", domain=domain, version=version)
 
     async def upload(
         self, domain: str, manifest: bytes, tensors: bytes, filename: str | None, activate: bool
@@ -128,8 +130,11 @@ class EngineClient(ABC):
                 d["resident"] = d["resident"] or d["domain"] in resident
         return list(merged)
 
-    async def describe(self, domain: str) -> dict[str, Any]:
-        replies = await asyncio.gather(*(self.call(i, "describe", domain=domain) for i in range(self.count)))
+    async def describe(self, domain: str, version: int | None = None) -> dict[str, Any]:
+        """The domain's versions, residency on every engine and the manifest of `version` (default active)."""
+        replies = await asyncio.gather(
+            *(self.call(i, "describe", domain=domain, version=version) for i in range(self.count))
+        )
         detail = dict(replies[0]["domain"])
         detail["resident_versions"] = sorted({v for r in replies for v in r["domain"]["resident_versions"]})
         return detail
@@ -259,7 +264,9 @@ class RemoteEngines(EngineClient):
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         c.pending[request_id] = future
         try:
-            await c.socket.send(encode({"op": op, "id": request_id, **fields}), flags=zmq.NOBLOCK)
+            # The HTTP request's ID travels with every message, so the engine's log lines carry it too.
+            message = {"op": op, "id": request_id, "request_id": current_request_id(), **fields}
+            await c.socket.send(encode(message), flags=zmq.NOBLOCK)
         except zmq.Again:
             c.pending.pop(request_id, None)
             raise EngineUnavailable(f"engine {c.index} is not connected (starting or restarting)") from None

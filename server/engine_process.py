@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from prometheus_client import disable_created_metrics
 
 from server.engine_service import EngineService, prediction_values
 from server.errors import EngineUnavailable
+from server.logs import configure_logging, set_request_id
 from server.protocol import BadMessage, Message, announce, decode, encode, failure, ok
 from server.settings import Settings
 from server.shm import SlabReader
@@ -54,7 +56,7 @@ class EngineProcess:
             "delete": s.delete,
             "store_changed": s.store_changed,
             "listing": lambda: {"domains": s.listing()},
-            "describe": lambda domain: {"domain": s.describe(domain)},
+            "describe": lambda domain, version=None: {"domain": s.describe(domain, version)},
             "metrics": lambda: {"text": s.metrics_text()},
         }
 
@@ -95,6 +97,8 @@ class EngineProcess:
         try:
             message = decode(payload)
             request_id = message.get("id")
+            http_id = message.get("request_id")  # this task's log lines name the HTTP request
+            set_request_id(http_id if isinstance(http_id, str) else None)
             reply = await self._handle(message)
         except BadMessage as exc:
             log.warning("refused a message: %s", exc)
@@ -106,7 +110,7 @@ class EngineProcess:
 
     async def _handle(self, message: Message) -> Message:
         op = message.get("op")
-        fields = {k: v for k, v in message.items() if k not in ("op", "id")}
+        fields = {k: v for k, v in message.items() if k not in ("op", "id", "request_id")}
         if op == "hello":
             return ok(**self.service.info())
         if op == "classify":
@@ -116,7 +120,8 @@ class EngineProcess:
         if self.draining and op != "metrics":
             raise EngineUnavailable("the engine is shutting down")
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self.pool, lambda: self._blocking[op](**fields))
+        context = contextvars.copy_context()  # the request ID, for the worker thread's log lines
+        result = await loop.run_in_executor(self.pool, lambda: context.run(self._blocking[op], **fields))
         return ok(**(result or {}))
 
     async def _classify(
@@ -127,6 +132,7 @@ class EngineProcess:
         pixels = self.slabs.view(slab, offset, count, side)
         futures = self.service.submit(domain, version, pixels, top_k)
         predictions = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        log.info("classified %d images in %s version %d", count, domain, version)
         return ok(results=[prediction_values(p) for p in predictions])
 
 
@@ -138,12 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format=f"%(levelname)s engine-{args.index}: %(message)s"
-    )
+    settings = Settings()
+    configure_logging(f"engine-{args.index}", args.log_level, json_lines=settings.log_json)
     # Counters' `_created` samples would come out of the front ends' merge as separate gauge families.
     disable_created_metrics()
-    settings = Settings()
     service = EngineService(settings, device=args.device, engine=(args.index, args.engines))
     asyncio.run(EngineProcess(service, args.endpoint, args.index).serve())
     return 0

@@ -85,14 +85,20 @@ class EngineService:
             "max_queue": self.batcher.max_queue,
         }
 
-    def resolve(self, domain: str) -> dict[str, Any]:
-        """The active version and its preprocessing, with the queue's state for admission."""
-        key, manifest = self.engine.resolve_with_manifest(domain)
+    def resolve(self, domain: str, version: int | None = None) -> dict[str, Any]:
+        """The active version (or `version`, pinned: VersionNotFound once deleted), its preprocessing and
+        class count, with the queue's state for admission."""
+        if version is None:
+            key, manifest = self.engine.resolve_with_manifest(domain)
+        else:
+            key = DomainKey(domain, version)
+            manifest = self.engine.manifest(key)
         self.engine.prefetch(key)  # a cold domain is read now, in parallel with the worker's batches
         return {
             "domain": key.domain,
             "version": key.version,
             "preprocessing": manifest.preprocessing.model_dump(mode="json"),
+            "classes": len(manifest.labels),
             "queued": self.batcher.depth,
             "max_queue": self.batcher.max_queue,
             "retry_after": self.batcher.retry_after(),
@@ -161,9 +167,15 @@ class EngineService:
             for info in self.store.describe_all()
         ]  # fmt: skip
 
-    def describe(self, domain: str) -> dict[str, Any]:
+    def describe(self, domain: str, version: int | None = None) -> dict[str, Any]:
+        """The domain's versions and residency, with the manifest of `version` (default: the active one,
+        else the newest); VersionNotFound for a version that is not stored."""
         info = self.store.describe(domain)
         shown = info.active if info.active is not None else (info.versions[-1] if info.versions else None)
+        if version is not None:
+            if version not in info.versions:
+                raise VersionNotFound(f"domain {domain!r} has no version {version}")
+            shown = version
         manifest = None
         if shown is not None:
             try:

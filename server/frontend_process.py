@@ -9,11 +9,13 @@ flight.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import uvicorn
 
 from server.app import create_app
+from server.logs import configure_logging
 from server.settings import Settings
 from server.supervisor import reuseport_socket
 
@@ -25,10 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     if not settings.engine_endpoints:
         parser.error("MD_ENGINE_ENDPOINTS is not set: front ends are started by the supervisor")
+    configure_logging(f"frontend-{os.getpid()}", args.log_level, json_lines=settings.log_json)
     listening = reuseport_socket(settings.host, settings.port)
     listening.listen(2048)
+    # log_config=None: uvicorn's loggers go through this process's handler (request IDs, JSON lines).
     config = uvicorn.Config(
-        create_app(settings), log_level=args.log_level, access_log=False, lifespan="on",
+        create_app(settings), log_level=args.log_level, access_log=False, lifespan="on", log_config=None,
         timeout_graceful_shutdown=30,
     )  # fmt: skip
     uvicorn.Server(config).run(sockets=[listening])

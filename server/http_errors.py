@@ -1,4 +1,6 @@
-"""The one place where exceptions become HTTP answers: `{"error": {"code", "message", ...}}` everywhere.
+"""The one place where exceptions become HTTP answers: `{"error": {"code", "message", ...}}` everywhere,
+except under `/v2`, where the Open Inference Protocol's own form `{"error": "message"}` is answered (with
+the same statuses and headers).
 
 Covers the server's own errors, the store's, the validator's, the image decoder's, and FastAPI's own
 404/405/422.
@@ -68,37 +70,52 @@ _HTTP_CODES = {
 }
 
 
-def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
+OPEN_INFERENCE_PREFIX = "/v2"
+
+
+def error_body(path: str, code: str, message: str, **details: Any) -> dict[str, Any]:
+    """The error answer for a request to `path`: the protocol's plain string under /v2."""
+    if path == OPEN_INFERENCE_PREFIX or path.startswith(OPEN_INFERENCE_PREFIX + "/"):
+        problems = details.get("problems")
+        if problems:  # the protocol's error is one string: the problems go into it
+            message += ": " + "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+        return {"error": message}
     return {"error": {"code": code, "message": message, **details}}
 
 
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None, **details: Any
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    **details: Any,
 ) -> JSONResponse:
-    return JSONResponse(error_body(code, message, **details), status_code=status, headers=headers)
+    body = error_body(request.url.path, code, message, **details)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _server_error(_: Request, exc: Exception) -> JSONResponse:
+def _server_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServerError)
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFull) else None
     details = {k: v for k, v in exc.details.items() if k != "retry_after"}
-    return error_response(exc.status, exc.code, exc.message, headers, **details)
+    return error_response(request, exc.status, exc.code, exc.message, headers, **details)
 
 
-def _store_error(_: Request, exc: Exception) -> JSONResponse:
+def _store_error(request: Request, exc: Exception) -> JSONResponse:
     status, code = next(((s, c) for cls, s, c in _STORE_STATUS if isinstance(exc, cls)), (500, "store_error"))
     if isinstance(exc, ArtifactInvalid):
         problems = [{"field": p.field, "message": p.message, "code": p.code} for p in exc.problems]
-        return error_response(422, code, "the artifact was refused", problems=problems)
+        return error_response(request, 422, code, "the artifact was refused", problems=problems)
     if isinstance(exc, StoreQuotaExceeded):
-        return error_response(status, code, str(exc), limit=exc.limit, value=exc.value)
+        return error_response(request, status, code, str(exc), limit=exc.limit, value=exc.value)
     if status >= 500:
         log.error("store failure: %s", exc)
     headers = {"Retry-After": "1"} if isinstance(exc, StoreBusy | StoreUnavailable) else None
-    return error_response(status, code, str(exc), headers)
+    return error_response(request, status, code, str(exc), headers)
 
 
-def _image_error(_: Request, exc: Exception) -> JSONResponse:
+def _image_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ImageRejected)
     status, code = next(((s, c) for cls, s, c in _IMAGE_STATUS if isinstance(exc, cls)), (422, "bad_image"))
     details: dict[str, Any] = {}
@@ -106,22 +123,22 @@ def _image_error(_: Request, exc: Exception) -> JSONResponse:
         details["accepted"] = list(exc.accepted)
     if isinstance(exc, TooManyPixels):
         details["max_pixels"] = exc.max_pixels
-    return error_response(status, code, exc.message, **details)
+    return error_response(request, status, code, exc.message, **details)
 
 
-def _engine_error(_: Request, exc: Exception) -> JSONResponse:
+def _engine_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("engine failure: %s", exc)
     code = "domain_unavailable" if isinstance(exc, DomainUnavailable) else "engine_error"
-    return error_response(500, code, str(exc))
+    return error_response(request, 500, code, str(exc))
 
 
-def _http_error(_: Request, exc: Exception) -> JSONResponse:
+def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}) or None)
+    return error_response(request, exc.status_code, code, str(exc.detail), dict(exc.headers or {}) or None)
 
 
-def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     problems = [
         {
@@ -131,12 +148,14 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
         }
         for err in exc.errors()
     ]
-    return error_response(422, "invalid_request", "the request does not match the API", problems=problems)
+    return error_response(
+        request, 422, "invalid_request", "the request does not match the API", problems=problems
+    )
 
 
-def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
-    return error_response(500, "internal", "internal server error")
+    return error_response(request, 500, "internal", "internal server error")
 
 
 def install_error_handlers(app: FastAPI) -> None:

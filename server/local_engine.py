@@ -8,6 +8,7 @@ and validation work runs in a thread, as the engine process runs it off its even
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,8 @@ from server.engine_client import EngineClient, PixelLease
 from server.engine_service import EngineService, prediction_values
 from server.errors import BadRequest
 from server.protocol import Message
+
+log = logging.getLogger("server.local_engine")
 
 
 class LocalEngine(EngineClient):
@@ -30,7 +33,7 @@ class LocalEngine(EngineClient):
             "delete": service.delete,
             "store_changed": service.store_changed,
             "listing": lambda: {"domains": service.listing()},
-            "describe": lambda domain: {"domain": service.describe(domain)},
+            "describe": lambda domain, version=None: {"domain": service.describe(domain, version)},
             "metrics": lambda: {"text": service.metrics_text()},
         }
 
@@ -52,6 +55,7 @@ class LocalEngine(EngineClient):
     async def classify(self, domain: str, version: int, lease: PixelLease, top_k: int) -> list[list[Any]]:
         futures = self.service.submit(domain, version, lease.array, top_k)
         predictions = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        log.info("classified %d images in %s version %d", len(lease.array), domain, version)
         return [prediction_values(p) for p in predictions]
 
     async def refresh(self) -> None:

@@ -2,13 +2,15 @@
 
 `BodySizeLimit` refuses an oversized body while it is being read: at once from Content-Length, or as soon
 as the streamed bytes pass the limit, so memory never holds more than the limit.
-`RequestMetrics` records every request's route, domain and status with its latency, and names the
-front-end process that answered in an `x-md-frontend` header.
+`RequestRecords` gives every request its `X-Request-Id` (`server.logs`) and echoes it, records the
+request's route, domain and status with its latency, logs one line for it, and names the front-end
+process that answered in an `x-md-frontend` header.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -16,7 +18,11 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import BodyTooLarge
+from server.http_errors import error_body
 from server.http_metrics import HttpMetrics
+from server.logs import REQUEST_ID_HEADER, BadRequestId, request_id_from, reset_request_id, set_request_id
+
+log = logging.getLogger("server.requests")
 
 
 class BodySizeLimit:
@@ -36,7 +42,9 @@ class BodySizeLimit:
                 except ValueError:
                     declared = -1
                 if declared > limit:
-                    await _refuse(send, limit, declared)
+                    message = f"the request body ({declared} bytes) exceeds the limit of {limit} bytes"
+                    body = error_body(scope["path"], "body_too_large", message, limit=limit)
+                    await _refuse(send, 413, body)
                     return
         seen = 0
 
@@ -52,24 +60,16 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
-async def _refuse(send: Send, limit: int, declared: int) -> None:
-    body = json.dumps(
-        {
-            "error": {
-                "code": "body_too_large",
-                "message": f"the request body ({declared} bytes) exceeds the limit of {limit} bytes",
-                "limit": limit,
-            }
-        }
-    ).encode()
+async def _refuse(send: Send, status: int, error: dict[str, object]) -> None:
+    body = json.dumps(error).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send(
-        {"type": "http.response.start", "status": 413, "headers": [*headers, (b"connection", b"close")]}
+        {"type": "http.response.start", "status": status, "headers": [*headers, (b"connection", b"close")]}
     )
     await send({"type": "http.response.body", "body": body})
 
 
-class RequestMetrics:
+class RequestRecords:
     def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
         self.app = app
         self.metrics = metrics
@@ -80,22 +80,34 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
+        header = next((v for k, v in scope.get("headers", []) if k == REQUEST_ID_HEADER.encode()), None)
+        try:
+            request_id = request_id_from(header)
+        except BadRequestId as exc:
+            await _refuse(send, 400, error_body(scope["path"], "bad_request_id", str(exc)))
+            self.metrics.observe_request("unmatched", "", 400, time.perf_counter() - start)
+            return
+        token = set_request_id(request_id)
         status = 500
+        # Which front-end process answered: for operators reading logs, and for tests that need a request
+        # to cross from one front end to another.
+        stamps = [(b"x-request-id", request_id.encode()), (b"x-md-frontend", self.process_id)]
 
         async def recording_send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                # Which front-end process answered: for operators reading logs, and for tests that need
-                # a request to cross from one front end to another.
-                message["headers"] = [*message.get("headers", []), (b"x-md-frontend", self.process_id)]
+                message["headers"] = [*message.get("headers", []), *stamps]
             await send(message)
 
         try:
             await self.app(scope, receive, recording_send)
         finally:
+            seconds = time.perf_counter() - start
             route = scope.get("route")
             # Labels stay bounded: the route template (not the raw path) and only domains that exist.
             route_label = getattr(route, "path", "unmatched")
             domain = scope.get("state", {}).get("metrics_domain", "")
-            self.metrics.observe_request(route_label, domain, status, time.perf_counter() - start)
+            self.metrics.observe_request(route_label, domain, status, seconds)
+            log.info("%s %s %d %.1f ms", scope["method"], scope["path"], status, seconds * 1e3)
+            reset_request_id(token)

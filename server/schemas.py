@@ -131,6 +131,13 @@ _ERROR_DESCRIPTIONS = {
 }
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` documenting the JSON error body for these statuses."""
-    return {s: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[s]} for s in statuses}
+class OpenInferenceError(BaseModel):
+    """The Open Inference Protocol's error body (under /v2)."""
+
+    error: str
+
+
+def error_responses(*statuses: int, protocol: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` documenting the JSON error body for these statuses (`protocol`: /v2's form)."""
+    model = OpenInferenceError if protocol else ErrorResponse
+    return {s: {"model": model, "description": _ERROR_DESCRIPTIONS[s]} for s in statuses}

@@ -91,6 +91,10 @@ class Settings(BaseSettings, EngineConfig):
     224. Preprocessing memory and time grow with its square (2048 cost one 156-byte PNG 4 s and
     +975 MB); the default, 512, is 16 times less and leaves room for upscaled MobileNetV2 domains."""
 
+    # -- logs -------------------------------------------------------------------------------------
+    log_json: bool = False
+    """One JSON object per log line (time, level, logger, component, pid, request_id, message)."""
+
     # -- auth -------------------------------------------------------------------------------------
     admin_token: SecretStr | None = None
     """Bearer token for adapter upload, activation and deletion; None refuses every admin call."""

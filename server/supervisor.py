@@ -32,6 +32,7 @@ from pathlib import Path
 
 from prometheus_client import multiprocess
 
+from server.logs import configure_logging
 from server.protocol import announce
 from server.settings import Settings
 
@@ -230,8 +231,9 @@ def run_server(settings: Settings, log_level: str = "info") -> int:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s supervisor: %(message)s")
-    return run_server(Settings(), os.environ.get("MD_LOG_LEVEL", "info"))
+    settings = Settings()
+    configure_logging("supervisor", "info", json_lines=settings.log_json)
+    return run_server(settings, os.environ.get("MD_LOG_LEVEL", "info"))
 
 
 if __name__ == "__main__":

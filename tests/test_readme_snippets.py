@@ -120,7 +120,10 @@ def test_multidomain_commands_named_in_prose_exist() -> None:
 
 
 def _server_readme_blocks() -> tuple[str, str]:
-    make_cats, use_client = (code for where, code in PYTHON_BLOCKS if where.startswith("server/README.md"))
+    """The block that writes cats.tar and the one that drives the project's client (others: other clients)."""
+    server = [code for where, code in PYTHON_BLOCKS if where.startswith("server/README.md")]
+    [make_cats] = [code for code in server if "write_bundle" in code]
+    [use_client] = [code for code in server if "MultidomainClient" in code]
     return make_cats, use_client
 
 

@@ -7,11 +7,17 @@
 Every error answer becomes a `ServerResponseError` subclass carrying the HTTP status, the server's error
 code and message and its details (e.g. the validator's `problems`); its text names them all, so a printed
 exception tells a person why the server refused.
+
+Requests that are safe to repeat (classify and reads) that get 429 or 503 (queue full, engine restarting)
+are retried after the answer's `Retry-After` (1 s without one), at most `retries` times and `max_wait_s`
+seconds of waiting in all; then the `Overloaded` error is raised. Uploads and store changes are never
+repeated: a 503 there may come after the change was made.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -112,9 +118,19 @@ class MultidomainClient:
         *,
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
+        retries: int = 3,
+        max_wait_s: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        """`retries`: how often a classify or read answered 429/503 is repeated; `max_wait_s`: the most
+        seconds spent waiting for those retries in all; `sleep`: how to wait (tests record the waits)."""
+        if retries < 0 or max_wait_s < 0:
+            raise ValueError("retries and max_wait_s must not be negative")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout, transport=transport)
+        self.retries = retries
+        self.max_wait_s = max_wait_s
+        self._sleep = sleep
 
     def close(self) -> None:
         self._http.close()
@@ -127,14 +143,25 @@ class MultidomainClient:
     ) -> None:
         self.close()
 
-    def _request(self, method: str, url: str, **kwargs: Any) -> Any:
-        try:
-            response = self._http.request(method, url, **kwargs)
-        except httpx.TransportError as exc:
-            raise ServerUnreachable(f"{method} {url}: {exc}") from exc
-        if response.status_code >= 400:
-            raise _error_for(response)
-        return response.json()
+    def _request(self, method: str, url: str, *, repeatable: bool = False, **kwargs: Any) -> Any:
+        """One request; `repeatable` ones are retried on 429/503 after Retry-After, within the bounds."""
+        waited = 0.0
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._http.request(method, url, **kwargs)
+            except httpx.TransportError as exc:
+                raise ServerUnreachable(f"{method} {url}: {exc}") from exc
+            if response.status_code < 400:
+                return response.json()
+            error = _error_for(response)
+            if not (repeatable and isinstance(error, Overloaded)) or attempt == self.retries:
+                raise error
+            wait = error.retry_after if error.retry_after is not None else 1.0
+            if waited + wait > self.max_wait_s:
+                raise error
+            self._sleep(wait)
+            waited += wait
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     # -- inference --------------------------------------------------------------------------------
     def classify(self, domain: str, images: bytes | Sequence[bytes], *, top_k: int = 5) -> dict[str, Any]:
@@ -142,16 +169,20 @@ class MultidomainClient:
         params = {"top_k": top_k}
         if isinstance(images, bytes):
             headers = {"Content-Type": "application/octet-stream", "X-Domain": domain}
-            return self._request("POST", "/v1/classify", content=images, headers=headers, params=params)  # type: ignore[no-any-return]
+            return self._request(  # type: ignore[no-any-return]
+                "POST", "/v1/classify", repeatable=True, content=images, headers=headers, params=params
+            )
         files = [("file", (f"image{i}", data, "application/octet-stream")) for i, data in enumerate(images)]
-        return self._request("POST", "/v1/classify", files=files, headers={"X-Domain": domain}, params=params)  # type: ignore[no-any-return]
+        return self._request(  # type: ignore[no-any-return]
+            "POST", "/v1/classify", repeatable=True, files=files, headers={"X-Domain": domain}, params=params
+        )
 
     # -- domains ----------------------------------------------------------------------------------
     def list_domains(self) -> list[dict[str, Any]]:
-        return self._request("GET", "/v1/domains")["domains"]  # type: ignore[no-any-return]
+        return self._request("GET", "/v1/domains", repeatable=True)["domains"]  # type: ignore[no-any-return]
 
     def describe(self, domain: str) -> dict[str, Any]:
-        return self._request("GET", f"/v1/domains/{domain}")  # type: ignore[no-any-return]
+        return self._request("GET", f"/v1/domains/{domain}", repeatable=True)  # type: ignore[no-any-return]
 
     def upload(
         self, domain: str, manifest_bytes: bytes, tensor_bytes: bytes, activate: bool = True

@@ -1,4 +1,5 @@
-"""Classification: `POST /v1/classify` (domain in `X-Domain`) and `POST /v1/domains/{domain}/classify`.
+"""Classification: `POST /v1/classify` (domain in `X-Domain`), `POST /v1/domains/{domain}/classify` and
+`POST /v1/domains/{domain}/versions/{version}/classify` (a pinned version, loaded on demand).
 
 The body is one raw image (image/jpeg, image/png, image/webp), multipart with one or more image files, or
 JSON with base64 images. The engine resolves the domain's active version; decoding and cropping to
@@ -12,6 +13,8 @@ import asyncio
 import base64
 import binascii
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -83,7 +86,7 @@ async def _read_images(request: Request, max_images: int) -> tuple[list[bytes], 
     )
 
 
-def _decode_into(frontend: FrontEnd, pre: Preprocessing, images: list[bytes], lease: PixelLease) -> None:
+def decode_into(frontend: FrontEnd, pre: Preprocessing, images: list[bytes], lease: PixelLease) -> None:
     """Decode and crop each image to uint8 straight into the request's pixel lease (in the thread pool)."""
     max_pixels, spec = frontend.settings.max_image_pixels, pre.image_spec()
     for row, data in enumerate(images):
@@ -93,21 +96,30 @@ def _decode_into(frontend: FrontEnd, pre: Preprocessing, images: list[bytes], le
 
 
 async def _classify(
-    request: Request, frontend: FrontEnd, domain: str | None, top_k: int | None
+    request: Request, frontend: FrontEnd, domain: str | None, top_k: int | None, version: int | None = None
 ) -> ClassifyResponse:
     if not domain:
         raise MissingDomain("name the domain in the X-Domain header (or use /v1/domains/{domain}/classify)")
+    with request_slot(frontend):
+        return await _admitted(request, frontend, domain, top_k, version)
+
+
+@contextmanager
+def request_slot(frontend: FrontEnd) -> Iterator[None]:
+    """One of this front end's classify requests in flight (429 beyond its share of the limit)."""
     limit = frontend.max_requests_in_flight
     if frontend.requests_in_flight >= limit:
         raise QueueFull(f"{frontend.requests_in_flight} requests are already in flight here (limit {limit})")
     frontend.requests_in_flight += 1
     try:
-        return await _admitted(request, frontend, domain, top_k)
+        yield
     finally:
         frontend.requests_in_flight -= 1
 
 
-async def _admitted(request: Request, frontend: FrontEnd, domain: str, top_k: int | None) -> ClassifyResponse:
+async def _admitted(
+    request: Request, frontend: FrontEnd, domain: str, top_k: int | None, version: int | None
+) -> ClassifyResponse:
     start = time.perf_counter()
     settings = frontend.settings
     images, json_top_k = await _read_images(request, settings.max_images_per_request)
@@ -118,33 +130,13 @@ async def _admitted(request: Request, frontend: FrontEnd, domain: str, top_k: in
     k = json_top_k or top_k or 5
     if k > settings.max_top_k:
         raise BadRequest(f"top_k {k} exceeds the limit of {settings.max_top_k}")
-    resolved = await frontend.engines.resolve(
-        domain
-    )  # the active version: every image of the request uses it
-    request.state.metrics_domain = domain  # only existing domains become metric labels
-    # Admission before decoding: images being decoded count against the queue limit, so requests beyond
-    # it are refused at once instead of waiting behind everyone's decoding (the decode pool is unbounded).
-    queued, preparing, max_queue = resolved["queued"], frontend.images_preparing, resolved["max_queue"]
-    if queued + preparing + len(images) > max_queue:
-        raise QueueFull(
-            f"the inference queue is full ({queued} queued, {preparing} being decoded, limit {max_queue})",
-            retry_after=resolved["retry_after"],
-        )
-    pre = Preprocessing.model_validate(resolved["preprocessing"])
-    lease = frontend.engines.lease(len(images), pre.input_size)
-    try:
-        frontend.images_preparing += len(images)
-        try:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(frontend.pool, _decode_into, frontend, pre, images, lease)
-        finally:
-            frontend.images_preparing -= len(images)
-        prepared = time.perf_counter()
-        results = await frontend.engines.classify(domain, resolved["version"], lease, k)
-    finally:
-        lease.release()  # only after the engine's answer: it reads the pixels in place
+    resolved = await admit(request, frontend, domain, version, len(images))
+
+    def decode(pre: Preprocessing, lease: PixelLease) -> None:
+        decode_into(frontend, pre, images, lease)
+
+    results, prepared = await run_images(frontend, domain, resolved, len(images), decode, k)
     done = time.perf_counter()
-    frontend.metrics.images.labels(domain).inc(len(results))
     return ClassifyResponse(
         domain=domain,
         version=resolved["version"],
@@ -158,6 +150,50 @@ async def _admitted(request: Request, frontend: FrontEnd, domain: str, top_k: in
             inference_ms=(done - prepared) * 1e3,
         ),
     )
+
+
+async def admit(
+    request: Request, frontend: FrontEnd, domain: str, version: int | None, images: int
+) -> dict[str, Any]:
+    """Resolve the version every image of the request uses (the active one unless pinned) and refuse
+    the request when the engine's queue has no room for its images (429)."""
+    resolved = await frontend.engines.resolve(domain, version)
+    request.state.metrics_domain = domain  # only existing domains become metric labels
+    # Admission before decoding: images being decoded count against the queue limit, so requests beyond
+    # it are refused at once instead of waiting behind everyone's decoding (the decode pool is unbounded).
+    queued, preparing, max_queue = resolved["queued"], frontend.images_preparing, resolved["max_queue"]
+    if queued + preparing + images > max_queue:
+        raise QueueFull(
+            f"the inference queue is full ({queued} queued, {preparing} being decoded, limit {max_queue})",
+            retry_after=resolved["retry_after"],
+        )
+    return resolved
+
+
+async def run_images(
+    frontend: FrontEnd,
+    domain: str,
+    resolved: dict[str, Any],
+    count: int,
+    fill: Callable[[Preprocessing, PixelLease], None],
+    top_k: int,
+) -> tuple[list[list[Any]], float]:
+    """Fill a pixel lease with the request's `count` crops (`fill`, in the decode pool), classify them
+    with the resolved version; per image [[index, label, probability], ...] and when pixels were ready."""
+    pre = Preprocessing.model_validate(resolved["preprocessing"])
+    lease = frontend.engines.lease(count, pre.input_size)
+    try:
+        frontend.images_preparing += count
+        try:
+            await asyncio.get_running_loop().run_in_executor(frontend.pool, fill, pre, lease)
+        finally:
+            frontend.images_preparing -= count
+        prepared = time.perf_counter()
+        results = await frontend.engines.classify(domain, resolved["version"], lease, top_k)
+    finally:
+        lease.release()  # only after the engine's answer: it reads the pixels in place
+    frontend.metrics.images.labels(domain).inc(len(results))
+    return results, prepared
 
 
 TopK = Annotated[int | None, Query(ge=1, description="How many classes to return per image (default 5)")]
@@ -180,3 +216,13 @@ async def classify_in(
 ) -> ClassifyResponse:
     """Classify images in the domain named in the path."""
     return await _classify(request, frontend, domain, top_k)
+
+
+@router.post(
+    "/domains/{domain}/versions/{version}/classify", response_model=ClassifyResponse, openapi_extra=_BODY_DOC
+)
+async def classify_version(
+    request: Request, frontend: FrontEndDep, domain: str, version: int, top_k: TopK = None
+) -> ClassifyResponse:
+    """Classify images with one version of the domain (loaded on demand; 404 once deleted)."""
+    return await _classify(request, frontend, domain, top_k, version)

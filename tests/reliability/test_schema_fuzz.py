@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import schemathesis
@@ -61,7 +62,11 @@ def _error_envelope_problem(response: schemathesis.Response) -> str | None:
     except ValueError:
         return f"a {response.status_code} without a JSON body: {response.text[:200]!r}"
     error = body.get("error") if isinstance(body, dict) else None
-    if not (isinstance(error, dict) and isinstance(error.get("code"), str) and error.get("message")):
+    if urlsplit(str(response.request.url)).path.startswith("/v2"):
+        # the Open Inference Protocol's own form: one string
+        if not (isinstance(error, str) and error):
+            return f"a {response.status_code} outside the protocol's error form: {response.text[:200]!r}"
+    elif not (isinstance(error, dict) and isinstance(error.get("code"), str) and error.get("message")):
         return f"a {response.status_code} outside the error envelope: {response.text[:200]!r}"
     if response.status_code == 429 and "retry-after" not in {k.lower() for k in response.headers}:
         return "a 429 without Retry-After"

