@@ -69,6 +69,38 @@ def measure(
     return {k: batch / statistics.median(v) for k, v in times.items()}
 
 
+def variants(
+    net: MultiDomainNet,
+    size: int,
+    batch: int,
+    domains: int,
+    device: str,
+    dtype: torch.dtype,
+    channels_last: bool = False,
+) -> dict[str, Callable[[], object]]:
+    """The five forwards compared, on one random batch; every domain merged (call under inference_mode)."""
+    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mixed_index = (torch.arange(batch, device=device) % domains)[torch.randperm(batch, device=device)]
+    order = torch.argsort(mixed_index)
+    groups = [(d, order[mixed_index[order] == d]) for d in range(domains)]
+
+    def naive_loop() -> None:  # one model per domain: each sub-batch through its own (merged) network
+        for d, rows in groups:
+            net.forward_merged(x[rows], d)
+
+    for d in range(domains):
+        net.merge(d)
+    return {
+        "plain": lambda: net.forward_base(x),
+        "merged": lambda: net.forward_merged(x, 0),
+        "unmerged": lambda: net.forward_slot(x, 0),
+        "mixed": lambda: net(x, mixed_index),
+        "naive_loop": naive_loop,
+    }
+
+
 @torch.inference_mode()
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, float]:
     size = MODELS[name]
@@ -76,30 +108,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, float]:
     net = build(name, args.domains, device, dtype)
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
-    x = torch.randn(args.batch, 3, size, size, device=device, dtype=dtype)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    mixed_index = (torch.arange(args.batch, device=device) % args.domains)[
-        torch.randperm(args.batch, device=device)
-    ]
-    order = torch.argsort(mixed_index)
-    groups = [(d, order[mixed_index[order] == d]) for d in range(args.domains)]
-    net.merge(0)
-
-    def naive_loop() -> None:  # one model per domain: each sub-batch through its own (merged) network
-        for d, rows in groups:
-            net.forward_merged(x[rows], d)
-
-    variants: dict[str, Callable[[], object]] = {
-        "plain": lambda: net.forward_base(x),
-        "merged": lambda: net.forward_merged(x, 0),
-        "unmerged": lambda: net.forward_slot(x, 0),
-        "mixed": lambda: net(x, mixed_index),
-        "naive_loop": naive_loop,
-    }
-    for d in range(args.domains):
-        net.merge(d)
-    ips = measure(variants, args.batch, args.rounds, device)
+    forwards = variants(net, size, args.batch, args.domains, device, dtype, args.channels_last)
+    ips = measure(forwards, args.batch, args.rounds, device)
     result = {f"{k}_ips": round(v, 1) for k, v in ips.items()}
     result.update({f"{k}_vs_plain": round(v / ips["plain"], 3) for k, v in ips.items() if k != "plain"})
     print(
