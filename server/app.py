@@ -21,12 +21,13 @@ from fastapi import FastAPI
 from PIL import Image
 
 from adapters_store.store import AdapterStore
+from server.connection_limits import ConnectionGuard, ConnectionLimits
 from server.engine_client import EngineClient, RemoteEngines
 from server.frontend import FrontEnd
 from server.http_errors import install_error_handlers
 from server.http_metrics import HttpMetrics
 from server.logs import install_record_factory
-from server.middleware import BodySizeLimit, RequestRecords
+from server.middleware import BodyLimits, RequestRecords
 from server.routes import classify, domains, health, open_inference, page
 from server.settings import Settings
 from server.shm import PixelSlab
@@ -58,6 +59,10 @@ def create_app(settings: Settings | None = None, *, store: AdapterStore | None =
     (tests)."""
     settings = settings or Settings()
     metrics = HttpMetrics()
+    # This front end's connection limits and body buffer, shared by its HTTP protocol (server.serving)
+    # and the body middleware; answers the protocol gives itself are counted under route "connection".
+    guard = ConnectionGuard(ConnectionLimits.for_frontend(settings))
+    guard.observe = lambda status, seconds: metrics.observe_request("connection", "", status, seconds)
     install_record_factory()
 
     @asynccontextmanager
@@ -86,6 +91,7 @@ def create_app(settings: Settings | None = None, *, store: AdapterStore | None =
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.connection_guard = guard
     app.state.frontend = None
     install_error_handlers(app)
     app.include_router(health.router)
@@ -94,11 +100,15 @@ def create_app(settings: Settings | None = None, *, store: AdapterStore | None =
     app.include_router(open_inference.router)
     app.include_router(page.router)
 
-    def body_limit(path: str) -> int:
-        return settings.max_upload_bytes if path.endswith("/adapters") else settings.max_body_bytes
+    def body_limit(path: str) -> tuple[int, bool]:
+        # (limit, counted in the body buffer): an upload's body is read only once its admin token passed,
+        # so only the operator can spend that memory; every other body is bounded by the buffer.
+        if path.endswith("/adapters"):
+            return settings.max_upload_bytes, False
+        return settings.max_body_bytes, True
 
-    # Added last = outermost: the body limit guards everything, metrics see every answer, and every
-    # answer (a refusal by the body limit too) carries its request ID.
-    app.add_middleware(BodySizeLimit, limit_for=body_limit)
+    # Added last = outermost: the body limits guard everything, metrics see every answer, and every
+    # answer (a refusal by the body limits too) carries its request ID.
+    app.add_middleware(BodyLimits, limit_for=body_limit, guard=guard)
     app.add_middleware(RequestRecords, metrics=metrics)
     return app

@@ -55,6 +55,19 @@ class QueueFull(ServerError):
         self.retry_after = retry_after
 
 
+class BodyBufferFull(ServerError):
+    """The front end's body buffer (or this client's share of it) cannot hold the request's body: 503,
+    not 429, because the buffer is the server's, shared by every client, not a rate this client passed;
+    refused at once rather than left waiting, so memory stays bounded and the client (or its balancer)
+    can retry here or elsewhere after `retry_after` seconds."""
+
+    status, code = 503, "body_buffer_full"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.retry_after = retry_after
+
+
 class NotReady(ServerError):
     status, code = 503, "not_ready"
 

@@ -10,14 +10,30 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 
 import uvicorn
 
 from server.app import create_app
+from server.connection_limits import ConnectionLimits
 from server.logs import configure_logging
+from server.serving import uvicorn_config
 from server.settings import Settings
 from server.supervisor import reuseport_socket
+
+_SPARE_FILES = 256
+"""File descriptors beside client connections (engine sockets, shared memory, logs, the store)."""
+
+
+def _allow_connections(connections: int) -> None:
+    """Raise the soft open-file limit (often 1024) towards the hard one, so this front end's share of
+    MD_MAX_CONNECTIONS is refused by the server with a 503 instead of by accept() with EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + _SPARE_FILES
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,11 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.engine_endpoints:
         parser.error("MD_ENGINE_ENDPOINTS is not set: front ends are started by the supervisor")
     configure_logging(f"frontend-{os.getpid()}", args.log_level, json_lines=settings.log_json)
+    _allow_connections(ConnectionLimits.for_frontend(settings).max_connections)
     listening = reuseport_socket(settings.host, settings.port)
     listening.listen(2048)
     # log_config=None: uvicorn's loggers go through this process's handler (request IDs, JSON lines).
-    config = uvicorn.Config(
-        create_app(settings), log_level=args.log_level, access_log=False, lifespan="on", log_config=None,
+    config = uvicorn_config(
+        create_app(settings), log_level=args.log_level, access_log=False, log_config=None,
         timeout_graceful_shutdown=30,
     )  # fmt: skip
     uvicorn.Server(config).run(sockets=[listening])

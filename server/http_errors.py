@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from adapters_store.errors import (
     AdapterStoreError,
@@ -30,7 +31,7 @@ from adapters_store.errors import (
     VersionNotFound,
 )
 from domain_format.preprocess import CorruptImage, ImageRejected, TooManyPixels, UnsupportedImage
-from server.errors import DomainUnavailable, EngineError, QueueFull, ServerError
+from server.errors import DomainUnavailable, EngineError, ServerError
 
 log = logging.getLogger("server")
 
@@ -97,7 +98,9 @@ def error_response(
 
 def _server_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServerError)
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFull) else None
+    # QueueFull, BodyBufferFull: when to try again
+    retry_after = exc.details.get("retry_after")
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     details = {k: v for k, v in exc.details.items() if k != "retry_after"}
     return error_response(request, exc.status, exc.code, exc.message, headers, **details)
 
@@ -153,6 +156,12 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _client_gone(request: Request, exc: Exception) -> JSONResponse:
+    # The client left before its body arrived: nobody reads this answer (uvicorn drops what is sent after
+    # a disconnect); `RequestRecords` counts the request as status "disconnect" and logs its one line.
+    return error_response(request, 400, "client_disconnected", "the client disconnected")
+
+
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return error_response(request, 500, "internal", "internal server error")
@@ -165,4 +174,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(EngineError, _engine_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unexpected)

@@ -35,7 +35,8 @@ class HttpMetrics:
         )  # fmt: skip
         self.images = Counter("md_images", "Images classified by domain", ["domain"], registry=r)
 
-    def observe_request(self, route: str, domain: str, status: int, seconds: float) -> None:
+    def observe_request(self, route: str, domain: str, status: int | str, seconds: float) -> None:
+        """`status`: the HTTP status answered, or "disconnect" (the client left before its body arrived)."""
         values = (route, domain, str(status))
         self.requests.labels(*values).inc()
         self.latency.labels(*values).observe(seconds)

@@ -65,8 +65,9 @@ class Settings(BaseSettings, EngineConfig):
     max_queue: int = Field(default=512, ge=1)
     """Images waiting for inference; beyond it requests get 429 with Retry-After."""
     max_requests_in_flight: int = Field(default=256, ge=1)
-    """Classify requests admitted at once (reading, decoding or waiting); beyond it 429 before the body is
-    read, so a flood of large bodies cannot pile up in memory ahead of the queue."""
+    """Classify requests admitted at once (decoding or waiting for the engine), counted from the moment
+    the whole body has arrived: beyond it 429. Clients still sending their bodies hold no slot (they are
+    bounded by the connection limits and the body buffer below)."""
     decode_threads: int = Field(default=2, ge=1)
     """Thread pool for image decoding and preprocessing (off the event loop)."""
 
@@ -90,6 +91,37 @@ class Settings(BaseSettings, EngineConfig):
     more gets 422. Set it to what the backbone was built for: ResNet-26 is trained at 64, MobileNetV2 at
     224. Preprocessing memory and time grow with its square (2048 cost one 156-byte PNG 4 s and
     +975 MB); the default, 512, is 16 times less and leaves room for upscaled MobileNetV2 domains."""
+
+    # -- connections (server/connection_limits.py; enforced by the HTTP protocol, server/http_protocol.py).
+    # K = the front ends (`workers`): "global" limits are split, ceil(limit / K) per front end; "per front
+    # end" ones hold in each (the kernel spreads one address's connections over all K by hash).
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    """Most seconds from a request's first byte to the end of its headers; then 408 and the connection is
+    closed (slow-header clients hold no connection longer)."""
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    """Most seconds from the end of a request's headers to the end of its body (16 MiB at 2.2 Mbit/s);
+    then 408 and the connection is closed."""
+    keep_alive_s: float = Field(default=5.0, gt=0)
+    """An idle connection (before its first request, or between two) is closed after this many seconds."""
+    max_connections: int = Field(default=2048, ge=1)
+    """Open connections, global (each front end holds ceil(limit / K)); beyond it a new connection gets
+    503 and is closed. A trusted proxy's connections count but are never refused (the balancer has its
+    own maxconn)."""
+    max_connections_per_address: int = Field(default=128, ge=1)
+    """Open connections from one client address, per front end (so at most K x this in the server); beyond
+    it 429 and the connection is closed. Behind a trusted proxy the client is the X-Forwarded-For
+    address and this bounds its requests in progress instead (every connection comes from the proxy)."""
+    trusted_proxies: str = ""
+    """Comma-separated addresses or networks (`10.0.0.0/8`) of proxies whose `X-Forwarded-For` names the
+    client (the last address in it that is not itself a trusted proxy). Empty: no one's is believed."""
+    body_buffer_bytes: int = Field(default=256 * MiB, ge=1)
+    """Request bodies buffered at once, global (each front end holds ceil(budget / K), at least
+    `max_body_bytes`): a body that does not fit gets 503 body_buffer_full with Retry-After before it is
+    read. Admin uploads (token checked before their body is read) are outside it, bounded by
+    `max_upload_bytes` each."""
+    body_buffer_per_address_bytes: int = Field(default=32 * MiB, ge=1)
+    """Of that buffer, what one client address may hold, per front end (at least `max_body_bytes`), so
+    one client's slow bodies cannot take the whole buffer from everyone else's."""
 
     # -- logs -------------------------------------------------------------------------------------
     log_json: bool = False

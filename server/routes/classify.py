@@ -100,13 +100,19 @@ async def _classify(
 ) -> ClassifyResponse:
     if not domain:
         raise MissingDomain("name the domain in the X-Domain header (or use /v1/domains/{domain}/classify)")
+    start = time.perf_counter()
+    settings = frontend.settings
+    images, json_top_k = await _read_images(request, settings.max_images_per_request)
+    # The slot only now that the whole body is here: clients still sending (slowly, or never finishing)
+    # hold a connection and their body's share of the buffer, not the capacity of those who have sent.
     with request_slot(frontend):
-        return await _admitted(request, frontend, domain, top_k, version)
+        return await _admitted(request, frontend, domain, images, json_top_k, top_k, version, start)
 
 
 @contextmanager
 def request_slot(frontend: FrontEnd) -> Iterator[None]:
-    """One of this front end's classify requests in flight (429 beyond its share of the limit)."""
+    """One of this front end's classify requests in flight (429 beyond its share of the limit): taken
+    once the request's whole body has arrived."""
     limit = frontend.max_requests_in_flight
     if frontend.requests_in_flight >= limit:
         raise QueueFull(f"{frontend.requests_in_flight} requests are already in flight here (limit {limit})")
@@ -118,11 +124,16 @@ def request_slot(frontend: FrontEnd) -> Iterator[None]:
 
 
 async def _admitted(
-    request: Request, frontend: FrontEnd, domain: str, top_k: int | None, version: int | None
+    request: Request,
+    frontend: FrontEnd,
+    domain: str,
+    images: list[bytes],
+    json_top_k: int | None,
+    top_k: int | None,
+    version: int | None,
+    start: float,
 ) -> ClassifyResponse:
-    start = time.perf_counter()
     settings = frontend.settings
-    images, json_top_k = await _read_images(request, settings.max_images_per_request)
     if len(images) > settings.max_images_per_request:
         raise BadRequest(
             f"{len(images)} images exceed the limit of {settings.max_images_per_request} per request"

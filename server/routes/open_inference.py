@@ -142,9 +142,10 @@ def _fill_from_arrays(pixels: np.ndarray, max_pixels: int, pre: Preprocessing, l
 async def _infer(request: Request, frontend: FrontEndDep, domain: str, version: int | None) -> Response:
     start = time.perf_counter()
     settings = frontend.settings
+    body = await request.body()  # whole, before the slot (see server.routes.classify)
     with request_slot(frontend):
         parsed = parse_infer_request(
-            await request.body(),
+            body,
             request.headers.get(HEADER_LENGTH),
             max_images=settings.max_images_per_request,
             max_pixels=settings.max_image_pixels,
