@@ -1,8 +1,10 @@
 """What one front end holds: settings, its engine client, its decode pool, HTTP metrics and admission.
 
 Admission limits and where they hold (K = `MD_WORKERS` front ends, E = engines):
-- `max_requests_in_flight` is split: each front end admits ceil(limit / K) classify requests at once
-  (beyond it 429 before the body is read), so the server admits at most K * ceil(limit / K).
+- `max_requests_in_flight` is split: each front end admits ceil(limit / K) classify requests at once,
+  counted from when a request's whole body has arrived (beyond it 429), so the server admits at most
+  K * ceil(limit / K). Requests still arriving are bounded by the connection limits and the body
+  buffer (`server.connection_limits`), not by this.
 - `max_queue` is enforced exactly by each engine when images are submitted (its queue is global to all
   front ends). Before decoding, a front end also refuses when the engine's queue (as of this request's
   resolve) plus the images this front end is decoding plus the request's would pass it, so overload is
