@@ -3,7 +3,8 @@
 The multi-process server (`multidomain serve`'s supervisor, on 127.0.0.1) is measured twice in one run,
 the same well-behaved load each time (`--clients` closed-loop clients from 127.0.0.1, each sending a
 small PNG to one of `--domains` domains): first alone, then while four attackers run beside it, each
-from its own loopback address, bounded in count (below) and in time (the phase's `--duration`):
+from its own loopback address, bounded in count (below) and in time (the phase's `--duration`), all in
+a process of their own (their work must not slow the well-behaved clients' event loop):
 
 | attacker | from | what it does |
 | --- | --- | --- |
@@ -34,10 +35,12 @@ import contextlib
 import io
 import json
 import math
+import multiprocessing
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import httpx
@@ -45,7 +48,7 @@ import numpy as np
 from PIL import Image
 
 from adapters_store.limits import MiB
-from bench.harness import SupervisorProcess, build_store, pct, png_images
+from bench.harness import SupervisorProcess, build_store, cpu_seconds, pct, png_images
 from domain_format.preprocess import DEFAULT_MAX_PIXELS
 from server.settings import Settings
 
@@ -100,6 +103,8 @@ class Phase:
     statuses: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
     peak_pss: int = 0
+    server_cpu_s: float = 0.0
+    """CPU seconds of all server processes over the phase (its well-behaved load and its attackers)."""
 
     def p99_ms(self) -> float:
         return pct(self.latencies, 99) * 1e3
@@ -120,6 +125,7 @@ class Phase:
             "non_200_share": round(self.non_200_share(), 4),
             "throughput_per_s": round(self.throughput(), 2),
             "peak_pss_mib": round(self.peak_pss / MiB, 1),
+            "server_cpu_s": round(self.server_cpu_s, 1),
         }
 
 
@@ -213,6 +219,63 @@ async def posting_client(
 
 
 # -- the run -------------------------------------------------------------------------------------------
+async def attack(
+    args: argparse.Namespace, url: str, domain: str, until: float, payloads: dict[str, bytes]
+) -> dict[str, object]:
+    """Every attacker of `args.attacks` until `until` (time.monotonic, the same clock in every process)."""
+    host, port = url.removeprefix("http://").split(":")
+    outcomes: dict[str, Counter[str]] = {}
+    seconds: dict[str, list[float]] = {}
+    tasks = []
+    for name, source, count in (
+        ("idle_socket", IDLE_FROM, args.idle_sockets),
+        ("slow_body", SLOW_FROM, args.slow_bodies),
+    ):
+        if name in args.attacks:
+            outcomes[name] = Counter()
+            tasks += [
+                holding_socket(host, int(port), source, payloads[name], until, outcomes[name])
+                for _ in range(count)
+            ]
+    for name, source, media_type, count in (
+        ("scan_bomb", BOMB_FROM, "image/jpeg", args.bomb_clients),
+        ("pixel_flood", FLOOD_FROM, "image/png", args.flood_clients),
+    ):
+        if name in args.attacks:
+            outcomes[name], seconds[name] = Counter(), []
+            tasks += [
+                posting_client(
+                    url, source, payloads[name], media_type, domain, until, outcomes[name], seconds[name]
+                )
+                for _ in range(count)
+            ]
+    await asyncio.gather(*tasks)
+    report: dict[str, object] = {name: dict(c) for name, c in outcomes.items()}
+    for name, values in seconds.items():
+        report[f"{name}_p50_s"] = round(pct(values, 50), 2)
+    report["bytes"] = {name: len(payloads[name]) for name in args.attacks}
+    return report
+
+
+def attacker_process(args: argparse.Namespace, url: str, domain: str, channel: Connection) -> None:
+    """The attackers' own process, so that their work (720 MiB of slow bodies, reconnections) does not
+    slow the well-behaved clients' event loop: builds the payloads, says it is ready, receives the end
+    time, attacks, sends back what the attackers got."""
+    host, port = url.removeprefix("http://").split(":")
+    payloads = {
+        "idle_socket": request_head(host, int(port), 1000, domain) + b"\x89PNG\r\n\x1a\n\0\0",
+        "slow_body": request_head(host, int(port), 16 * MiB, domain) + bytes(15 * MiB),
+        "scan_bomb": scan_bomb(args.scan_repeats),
+        "pixel_flood": pixel_flood(args.max_pixels),
+    }
+    channel.send("ready")
+    until = channel.recv()
+    cpu = time.process_time()
+    report = asyncio.run(attack(args, url, domain, until, payloads))
+    report["attackers_cpu_s"] = round(time.process_time() - cpu, 1)
+    channel.send(report)
+
+
 async def run_phase(
     args: argparse.Namespace,
     server: SupervisorProcess,
@@ -220,54 +283,30 @@ async def run_phase(
     domains: list[str],
     attackers: bool,
 ) -> tuple[Phase, dict[str, object]]:
-    host, port = server.url.removeprefix("http://").split(":")
     phase, stop = Phase(), asyncio.Event()
+    child = None
+    if attackers:
+        ours, theirs = multiprocessing.get_context("spawn").Pipe()
+        child = multiprocessing.get_context("spawn").Process(
+            target=attacker_process, args=(args, server.url, domains[0], theirs), daemon=True
+        )
+        child.start()
+        assert await asyncio.to_thread(ours.recv) == "ready"
     sampler = asyncio.create_task(sample_memory(server, phase, stop))
+    server_cpu = sum(cpu_seconds(pid) for pid in server.processes())
     start = time.monotonic()
     until = start + args.duration
-    tasks = [asyncio.create_task(well_behaved(server.url, images, domains, args.clients, until, phase))]
-    outcomes: dict[str, Counter[str]] = {}
-    seconds: dict[str, list[float]] = {}
-    if attackers:
-        idle = request_head(host, int(port), 1000, domains[0]) + b"\x89PNG\r\n\x1a\n\0\0"
-        slow = request_head(host, int(port), 16 * MiB, domains[0]) + bytes(15 * MiB)
-        for name, source, payload, count in (
-            ("idle_socket", IDLE_FROM, idle, args.idle_sockets),
-            ("slow_body", SLOW_FROM, slow, args.slow_bodies),
-        ):
-            if name not in args.attacks:
-                continue
-            outcomes[name] = Counter()
-            tasks += [
-                asyncio.create_task(holding_socket(host, int(port), source, payload, until, outcomes[name]))
-                for _ in range(count)
-            ]
-        bomb = scan_bomb(args.scan_repeats)
-        flood = pixel_flood(args.max_pixels)
-        for name, source, body, media_type, count in (
-            ("scan_bomb", BOMB_FROM, bomb, "image/jpeg", args.bomb_clients),
-            ("pixel_flood", FLOOD_FROM, flood, "image/png", args.flood_clients),
-        ):
-            if name not in args.attacks:
-                continue
-            outcomes[name], seconds[name] = Counter(), []
-            tasks += [
-                asyncio.create_task(
-                    posting_client(
-                        server.url, source, body, media_type, domains[0], until, outcomes[name], seconds[name]
-                    )
-                )
-                for _ in range(count)
-            ]
-        outcomes["sizes"] = Counter({"scan_bomb_bytes": len(bomb), "pixel_flood_bytes": len(flood)})
-    await tasks[0]
+    report: dict[str, object] = {}
+    if child is not None:
+        ours.send(until)
+    await well_behaved(server.url, images, domains, args.clients, until, phase)
     phase.seconds = time.monotonic() - start
-    await asyncio.gather(*tasks[1:])
+    phase.server_cpu_s = sum(cpu_seconds(pid) for pid in server.processes()) - server_cpu
+    if child is not None:
+        report = await asyncio.to_thread(ours.recv)
+        child.join()
     stop.set()
     await sampler
-    report: dict[str, object] = {name: dict(c) for name, c in outcomes.items()}
-    for name, values in seconds.items():
-        report[f"{name}_p50_s"] = round(pct(values, 50), 2)
     return phase, report
 
 
