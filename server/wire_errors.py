@@ -46,6 +46,8 @@ _SERVER: dict[str, type[errors.ServerError]] = {
         errors.BadRequest,
         errors.NotReady,
         errors.EngineUnavailable,
+        errors.StaleVersion,
+        errors.NonFiniteOutput,
     )
 }
 

@@ -2,7 +2,8 @@
 `POST /v1/domains/{domain}/versions/{version}/classify` (a pinned version, loaded on demand).
 
 The body is one raw image (image/jpeg, image/png, image/webp), multipart with one or more image files, or
-JSON with base64 images. The engine resolves the domain's active version; decoding and cropping to
+JSON with base64 images. The engine resolves the domain's active version (cached by the front end, checked
+by the engine when the images are classified); decoding and cropping to
 uint8 run in this front end's thread pool, into shared memory; inference
 goes to the engine serving the domain. Every image of one request uses the same domain version, named in the answer.
 """
@@ -25,7 +26,7 @@ from adapters_store.manifest import Preprocessing
 from domain_format.preprocess import ACCEPTED_MEDIA_TYPES, prepare
 from server.deps import FrontEndDep, require_inference
 from server.engine_client import PixelLease
-from server.errors import BadRequest, MissingDomain, QueueFull, UnsupportedMediaType
+from server.errors import BadRequest, MissingDomain, QueueFull, StaleVersion, UnsupportedMediaType
 from server.frontend import FrontEnd
 from server.schemas import ClassifyJSON, ClassifyResponse, ImageResult, LabelScoreOut, Timing, error_responses
 
@@ -146,7 +147,7 @@ async def _admitted(
     def decode(pre: Preprocessing, lease: PixelLease) -> None:
         decode_into(frontend, pre, images, lease)
 
-    results, prepared = await run_images(frontend, domain, resolved, len(images), decode, k)
+    results, prepared, resolved = await run_images(frontend, domain, resolved, len(images), decode, k)
     done = time.perf_counter()
     return ClassifyResponse(
         domain=domain,
@@ -181,30 +182,47 @@ async def admit(
     return resolved
 
 
+_ATTEMPTS = 3
+"""Tries of a request whose resolved version went stale meanwhile (the last one is served unchecked)."""
+
+
 async def run_images(
     frontend: FrontEnd,
     domain: str,
     resolved: dict[str, Any],
     count: int,
     fill: Callable[[Preprocessing, PixelLease], None],
-    top_k: int,
-) -> tuple[list[list[Any]], float]:
-    """Fill a pixel lease with the request's `count` crops (`fill`, in the decode pool), classify them
-    with the resolved version; per image [[index, label, probability], ...] and when pixels were ready."""
-    pre = Preprocessing.model_validate(resolved["preprocessing"])
-    lease = frontend.engines.lease(count, pre.input_size)
-    try:
-        frontend.images_preparing += count
+    top_k: int | Callable[[int], int],
+) -> tuple[list[list[Any]], float, dict[str, Any]]:
+    """Fill a pixel lease with the request's `count` crops (`fill`, in the decode pool) and classify them
+    with the resolved version; per image [[index, label, probability], ...], when the pixels were ready
+    and the resolve answer that served. `top_k`: a count, or one from the version's class count.
+
+    `resolved` may come from this front end's cache: when the engine finds it stale (another version
+    activated through another front end, or the domain re-created), the request is resolved afresh and
+    its pixels prepared again with that version's preprocessing, so every image uses one version."""
+    for attempt in range(_ATTEMPTS):
+        pre = Preprocessing.model_validate(resolved["preprocessing"])
+        k = top_k if isinstance(top_k, int) else top_k(int(resolved["classes"]))
+        lease = frontend.engines.lease(count, pre.input_size)
         try:
-            await asyncio.get_running_loop().run_in_executor(frontend.pool, fill, pre, lease)
+            frontend.images_preparing += count
+            try:
+                await asyncio.get_running_loop().run_in_executor(frontend.pool, fill, pre, lease)
+            finally:
+                frontend.images_preparing -= count
+            prepared = time.perf_counter()
+            try:
+                results = await frontend.engines.classify(resolved, lease, k, check=attempt < _ATTEMPTS - 1)
+            except StaleVersion:
+                pinned = int(resolved["version"]) if resolved["pinned"] else None
+                resolved = await frontend.engines.resolve(domain, pinned, fresh=True)
+                continue
         finally:
-            frontend.images_preparing -= count
-        prepared = time.perf_counter()
-        results = await frontend.engines.classify(domain, resolved["version"], lease, top_k)
-    finally:
-        lease.release()  # only after the engine's answer: it reads the pixels in place
-    frontend.metrics.images.labels(domain).inc(len(results))
-    return results, prepared
+            lease.release()  # only after the engine's answer: it reads the pixels in place
+        frontend.metrics.images.labels(domain).inc(len(results))
+        return results, prepared, resolved
+    raise AssertionError("unreachable: the last attempt is not checked")
 
 
 TopK = Annotated[int | None, Query(ge=1, description="How many classes to return per image (default 5)")]

@@ -112,7 +112,8 @@ async def model_version_metadata(frontend: FrontEndDep, domain: str, version: Ve
 
 
 async def _ready(frontend: FrontEndDep, domain: str, version: int | None) -> dict[str, Any]:
-    resolved = await frontend.engines.resolve(domain, version)  # 404 for an unknown domain or version
+    # fresh, not this front end's cache: 404 as soon as the domain or version is gone
+    resolved = await frontend.engines.resolve(domain, version, fresh=True)
     return {"name": domain, "version": str(resolved["version"]), "ready": True}
 
 
@@ -152,7 +153,6 @@ async def _infer(request: Request, frontend: FrontEndDep, domain: str, version: 
             max_top_k=settings.max_top_k,
         )
         resolved = await admit(request, frontend, domain, version, parsed.images)
-        classes = int(resolved["classes"])
         encoded, pixels = parsed.encoded, parsed.pixels
 
         def fill(pre: Preprocessing, lease: PixelLease) -> None:
@@ -162,8 +162,10 @@ async def _infer(request: Request, frontend: FrontEndDep, domain: str, version: 
                 assert pixels is not None
                 _fill_from_arrays(pixels, settings.max_image_pixels, pre, lease)
 
-        ranks = parsed.ranks_needed(classes)
-        results, prepared = await run_images(frontend, domain, resolved, parsed.images, fill, ranks)
+        results, prepared, resolved = await run_images(
+            frontend, domain, resolved, parsed.images, fill, parsed.ranks_needed
+        )
+        classes = int(resolved["classes"])
     done = time.perf_counter()
     timing = {
         "total_ms": (done - start) * 1e3,

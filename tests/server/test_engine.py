@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import server.engine
+import server.residency
 from adapters_store import LocalStore
 from domain_format.preprocess import prepare
 from model_artifacts import validate_domain
@@ -101,9 +101,9 @@ def test_single_flight_fetch_shares_one_store_read(
             return super().result(timeout)
 
     monkeypatch.setattr(store, "get", slow_get)
-    monkeypatch.setattr(server.engine, "Future", CountingFuture)
+    monkeypatch.setattr(server.residency, "Future", CountingFuture)
     results: list[object] = []
-    threads = [threading.Thread(target=lambda: results.append(engine._fetch(key))) for _ in range(5)]
+    threads = [threading.Thread(target=lambda: results.append(engine.residency.fetch(key))) for _ in range(5)]
     threads[0].start()
     inside_read.wait()
     for t in threads[1:]:
@@ -182,7 +182,7 @@ def test_prefetch_reads_ahead_and_the_load_uses_it(
 
     monkeypatch.setattr(store, "get", no_reads)
     assert engine.load(key) in (0, 1)
-    assert engine.stats.loads == 1 and engine._staged == {}
+    assert engine.stats.loads == 1 and engine.residency._staged == {}
     engine.prefetch(key)  # resident: nothing to do, nothing read
 
 
