@@ -17,7 +17,8 @@ class EngineConfig(BaseModel):
     channels_last: bool = False
     """channels_last memory format of the backbone and inputs on CUDA (ignored on the CPU)."""
     bank_slots: int = Field(default=16, ge=1, le=4096)
-    """Resident domains (adapter bank slots); least recently used ones are evicted."""
+    """Resident domains (adapter bank slots); least recently used ones are evicted. The bank holds one
+    slot more, the scratch slot an upload is tried in."""
     merged_cache: int = Field(default=4, ge=0)
     """Domains whose merged (folded) weights are kept for single-domain batches (each costs about one
     backbone's conv weights); 0 disables merging."""
