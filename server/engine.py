@@ -190,7 +190,8 @@ class Engine:
     def trial(self, manifest: DomainManifest, tensors: dict[str, Tensor]) -> None:
         """Load an artifact into the scratch slot and run a probe batch through the bank's path and the
         merged one; `ArtifactInvalid` unless it loads and every logit is finite (finite weights can still
-        overflow: BN scales of 1e4 over sqrt(1e-5), layer after layer)."""
+        overflow: BN scales of 1e4 over sqrt(1e-5), layer after layer). Holds the network's lock for
+        one probe forward per path (and the merge), as a bank load does."""
         config = adapter_config(manifest.adapter)
         pre = manifest.preprocessing
         side = pre.input_size
@@ -213,10 +214,7 @@ class Engine:
                 ) from None
             try:
                 for path, forward in (("bank", self.net.forward_slot), ("merged", self.net.forward_merged)):
-                    logits = forward(x, self._scratch)
-                    if not bool(torch.isfinite(torch.softmax(logits.float(), dim=1)).all()) or not bool(
-                        torch.isfinite(logits).all()
-                    ):
+                    if not bool(torch.isfinite(forward(x, self._scratch)).all()):
                         problem = f"a probe batch gives non-finite logits on the {path} path"
                         break
             finally:
@@ -224,7 +222,6 @@ class Engine:
         if problem is not None:
             raise ArtifactInvalid([Problem("tensors", f"the artifact cannot be served: {problem}", "trial")])
 
-    # -- inference --------------------------------------------------------------------------------
     # -- inference --------------------------------------------------------------------------------
     def infer(
         self, keys: Sequence[DomainKey], images: Tensor, top_k: int | Sequence[int] = 5

@@ -204,3 +204,41 @@ def test_batches_split_into_micro_batches_give_the_same_answers(world: TinyWorld
             assert [s.probability for s in pa.top] == pytest.approx([s.probability for s in pb.top], abs=TOL)
     measured = whole.measure_micro_batch(24, largest=8)
     assert measured in (4, 8) and whole.micro_batch(24) == measured and whole.micro_batch(32) is None
+
+
+def test_the_next_batch_is_staged_while_the_current_one_runs(store: LocalStore) -> None:
+    """A saturated engine must not idle between batches: while one runs, the next is formed and staged
+    (stacked, normalised) once the running one is expected to end, not only after it has ended."""
+    running, release, staged_meanwhile = threading.Event(), threading.Event(), threading.Event()
+
+    class HeldEngine(Engine):
+        batches = 0
+
+        def infer(self, keys, images, top_k=5):  # type: ignore[no-untyped-def]
+            self.batches += 1
+            if self.batches == 1:
+                running.set()
+                release.wait(60)  # the first batch runs until the test lets it end
+            return super().infer(keys, images, top_k)
+
+        def network_input(self, keys, pixels):  # type: ignore[no-untyped-def]
+            if running.is_set() and not release.is_set():
+                staged_meanwhile.set()
+            return super().network_input(keys, pixels)
+
+    engine = HeldEngine(store, EngineConfig(bank_slots=2))
+    batcher = Batcher(engine, max_domains_per_batch=2, max_batch_size=8, max_wait_ms=1)
+    pixels = prepare(encode(image(3)), DOMAINS["birds"][2].image_spec(), max_pixels=10**7)
+    key = engine.resolve("birds")
+    batcher.start()
+    try:
+        [first] = batcher.submit(key, [pixels])
+        assert running.wait(60)
+        [second] = batcher.submit(key, [pixels])  # a partial batch, queued while the first runs
+        staged = staged_meanwhile.wait(30)
+        release.set()
+        assert first.result(timeout=60).key == key and second.result(timeout=60).key == key
+    finally:
+        release.set()
+        batcher.stop()
+    assert staged, "the second batch was staged only after the first had ended"
