@@ -24,7 +24,7 @@ from starlette.datastructures import UploadFile
 
 from adapters_store.manifest import Preprocessing
 from domain_format.preprocess import ACCEPTED_MEDIA_TYPES, prepare
-from server.deps import FrontEndDep, require_inference
+from server.deps import FrontEndDep, VersionNumber, require_inference
 from server.engine_client import PixelLease
 from server.errors import BadRequest, MissingDomain, QueueFull, StaleVersion, UnsupportedMediaType
 from server.frontend import FrontEnd
@@ -251,7 +251,7 @@ async def classify_in(
     "/domains/{domain}/versions/{version}/classify", response_model=ClassifyResponse, openapi_extra=_BODY_DOC
 )
 async def classify_version(
-    request: Request, frontend: FrontEndDep, domain: str, version: int, top_k: TopK = None
+    request: Request, frontend: FrontEndDep, domain: str, version: VersionNumber, top_k: TopK = None
 ) -> ClassifyResponse:
     """Classify images with one version of the domain (loaded on demand; 404 once deleted)."""
     return await _classify(request, frontend, domain, top_k, version)

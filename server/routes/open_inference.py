@@ -14,16 +14,16 @@ served.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from PIL import Image
 
 from adapters_store.manifest import Preprocessing
 from domain_format.preprocess import centre_crop, check_pixels, fit
-from server.deps import FrontEndDep, require_inference
+from server.deps import FrontEndDep, VersionNumber, require_inference
 from server.engine_client import PixelLease
 from server.errors import NotReady
 from server.open_inference import (
@@ -45,7 +45,6 @@ router = APIRouter(
 )
 _INFER_ERRORS = error_responses(400, 401, 403, 413, 415, 429, protocol=True)
 
-Version = Annotated[int, Path(ge=1, description="A stored version of the domain")]
 EXTENSIONS = ["binary_tensor_data", "classification"]
 
 
@@ -106,7 +105,9 @@ async def model_metadata(frontend: FrontEndDep, domain: str) -> dict[str, Any]:
 
 
 @router.get("/models/{domain}/versions/{version}")
-async def model_version_metadata(frontend: FrontEndDep, domain: str, version: Version) -> dict[str, Any]:
+async def model_version_metadata(
+    frontend: FrontEndDep, domain: str, version: VersionNumber
+) -> dict[str, Any]:
     """One version's model metadata."""
     return await _metadata(frontend, domain, version)
 
@@ -124,7 +125,7 @@ async def model_ready(frontend: FrontEndDep, domain: str) -> dict[str, Any]:
 
 
 @router.get("/models/{domain}/versions/{version}/ready")
-async def model_version_ready(frontend: FrontEndDep, domain: str, version: Version) -> dict[str, Any]:
+async def model_version_ready(frontend: FrontEndDep, domain: str, version: VersionNumber) -> dict[str, Any]:
     """200 when that version can be served."""
     return await _ready(frontend, domain, version)
 
@@ -225,6 +226,8 @@ async def infer(request: Request, frontend: FrontEndDep, domain: str) -> Respons
     responses=_INFER_ERRORS,
     response_class=_InferResponse,
 )
-async def infer_version(request: Request, frontend: FrontEndDep, domain: str, version: Version) -> Response:
+async def infer_version(
+    request: Request, frontend: FrontEndDep, domain: str, version: VersionNumber
+) -> Response:
     """Classify with one version of the domain (loaded on demand; 404 once deleted)."""
     return await _infer(request, frontend, domain, version)

@@ -173,3 +173,17 @@ def test_an_activation_through_one_front_end_is_served_by_the_others_at_once(
     finally:
         a.close()
         b.close()
+
+
+def test_version_numbers_beyond_the_channel_are_refused_with_422(client: httpx.Client) -> None:
+    """Numbers cross the engine channel as 64-bit integers: a version outside 1..2**63-1 is a 422, never
+    a 500 (the schema fuzz found GET /v2/models/{domain}/versions/2**64 answering 500 over processes)."""
+    huge = 2**64
+    answers = [
+        client.get(f"/v2/models/birds/versions/{huge}"),
+        client.post(f"/v1/domains/birds/versions/{huge}/classify", content=encode(image(1)), headers=PNG),
+        client.post(f"/v1/domains/birds/versions/{-huge}/classify", content=encode(image(1)), headers=PNG),
+        client.delete(f"/v1/domains/birds/versions/{huge}", headers=auth()),
+        client.put("/v1/domains/birds/active", json={"version": huge}, headers=auth()),
+    ]
+    assert [r.status_code for r in answers] == [422] * 5, [r.text for r in answers]
