@@ -1,7 +1,7 @@
 """Domain-affine load balancing against round robin: 3 replicas behind HAProxy, 100 domains (Zipf), 16 bank
 slots per replica, measured side by side in one run on the same store, clients and images.
 
-For each policy (`affine`: consistent hashing on the domain with bounded load; `any`: round robin), a fresh
+For each policy (`affine`: consistent hashing on the domain with bounded load; `roundrobin`), a fresh
 cluster of three `multidomain serve` replicas on one shared store (`deploy/cluster.py`):
   1. warm-up: closed-loop clients through the balancer until the banks have settled;
   2. measurement: the same load; each replica's bank miss rate from its own /metrics (md_bank_misses /
@@ -58,6 +58,7 @@ class Run:
     )
     answers: list[Answer] = field(default_factory=list)
     stop: bool = False
+    started: float = field(default_factory=time.perf_counter)
 
 
 async def client_loop(
@@ -70,7 +71,6 @@ async def client_loop(
         while not run.stop:
             domain = rng.choices(domains, weights)[0]
             index = rng.randrange(len(images))
-            phase = run.phases[run.phase]
             started = time.perf_counter()
             try:
                 r = await client.post(
@@ -79,12 +79,17 @@ async def client_loop(
                     headers={"X-Domain": domain, "Content-Type": "image/png"},
                 )
             except httpx.TransportError as exc:
+                r, failure = None, f"{type(exc).__name__}: {exc}"
+            else:
+                failure = "" if r.status_code == 200 else f"{r.status_code} {r.text[:100]}"
+            # The phase in which the answer (or its failure) came: a request in flight when the replica is
+            # killed fails in the fault phase, though it started before.
+            phase = run.phases[run.phase]
+            if r is None or failure:
                 phase.lost += 1
-                phase.lost_detail.append(f"{domain}: {type(exc).__name__}")
-                continue
-            if r.status_code != 200:
-                phase.lost += 1
-                phase.lost_detail.append(f"{domain}: {r.status_code} {r.text[:100]}")
+                phase.lost_detail.append(
+                    f"{run.phase} +{time.perf_counter() - run.started:.2f} s {domain}: {failure}"
+                )
                 continue
             phase.latencies.append(time.perf_counter() - started)
             phase.images += 1
@@ -128,6 +133,7 @@ async def run_policy(policy: str, store_dir: Path, work: Path, args: argparse.Na
         work_dir=work / policy,
         inference_backend=policy,
         balance_factor=args.balance_factor,
+        lb_log_level=args.lb_log_level,
         bootstrap=False,
         replica_env={
             "MD_BANK_SLOTS": str(args.bank_slots),
@@ -215,7 +221,7 @@ def check_answers(
 
 def lru_model(args: argparse.Namespace, policy: str, batch: int = 8, lookups: int = 200_000) -> float:
     """The miss rate an LRU bank of `bank_slots` would have under the same mix, simulated: domains on a
-    random even partition (`affine`, no spill-over) or dealt round robin (`any`), one lookup per distinct
+    random even partition (`affine`, no spill-over) or dealt round robin (`roundrobin`), one lookup per distinct
     domain per batch of `batch` images (about what each replica batches here). What the bank allows, to
     read the measured ratio against."""
     rng = random.Random(0)
@@ -266,20 +272,25 @@ def main() -> None:
     parser.add_argument("--kill", type=int, default=1, help="index of the replica SIGKILLed mid-run")
     parser.add_argument("--balance-factor", type=int, default=150, help="HAProxy hash-balance-factor (%%)")
     parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument("--lb-log-level", default="warning", help="HAProxy's log level (info: every request)")
+    parser.add_argument(
+        "--work-dir", help="keep the store and every process's log here (default: a temporary directory)"
+    )
     args = parser.parse_args()
 
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-cluster-") as scratch:
+        tmp = args.work_dir or scratch
         store_dir = Path(tmp) / "store"
         build_store(store_dir, args.width, args.size, args.domains, CLASSES)
         results: dict[str, dict[str, Any]] = {}
-        for policy in ("affine", "any"):
+        for policy in ("affine", "roundrobin"):
             result = asyncio.run(run_policy(policy, store_dir, Path(tmp), args))
             answers = result.pop("_answers")
             result.update(check_answers(store_dir, answers, png_images(16, args.size), args.tolerance))
             results[policy] = result
             print(json.dumps(result), flush=True)
-    affine, rr = results["affine"], results["any"]
+    affine, rr = results["affine"], results["roundrobin"]
     miss_ratio = ratio(affine["miss_rate"], rr["miss_rate"])
     throughput_ratio = ratio(affine["images_per_s"], rr["images_per_s"])
     bad = sum(int(r[k]) for r in results.values() for k in ("wrong_version", "wrong_probabilities"))
@@ -304,7 +315,9 @@ def main() -> None:
         "answers_checked": sum(sum(r["answers"].values()) for r in results.values()),
         "wrong_answers": bad,
         "lost_answers": lost,
-        "lru_model_miss_rate_ratio": round(ratio(lru_model(args, "affine"), lru_model(args, "any")), 3),
+        "lru_model_miss_rate_ratio": round(
+            ratio(lru_model(args, "affine"), lru_model(args, "roundrobin")), 3
+        ),
         "ok": miss_ratio <= 1 / 3 and throughput_ratio >= 1.0 and bad == 0 and lost == 0,
     }
     print(json.dumps(summary))
