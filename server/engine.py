@@ -8,7 +8,8 @@
 
 Free of HTTP types: the server, the benchmarks and the reliability suite all drive it directly.
 
-Residency: resident domains live in bank slots keyed by (domain, version), least recently used evicted.
+Residency: resident domains live in bank slots keyed by (domain, version); `server.eviction` picks which
+one leaves for a miss (`bank_eviction`: least frequently used with aging by default, or least recently).
 A miss reads the artifact from the store once, however many callers wait for it (single-flight), then
 copies it into a slot. A batch of one domain runs the merged network (adapters and BN folded into the
 convs; cached for the `merged_cache` most recently used slots); a mixed batch runs the bank path, one
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from residual_adapters import AdapterConfig, DomainMismatch, MultiDomainNet
 from residual_adapters.inputs import normalise
 from server.engine_config import EngineConfig
 from server.errors import DomainUnavailable, EngineError
+from server.eviction import EvictionPolicy, eviction_policy
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -136,6 +138,10 @@ class Engine:
         self._state_lock = threading.Lock()
         """Guards the dictionaries below (short critical sections only)."""
         self._resident: OrderedDict[DomainKey, _Slot] = OrderedDict()  # LRU order: oldest first
+        self._eviction: EvictionPolicy[DomainKey] = eviction_policy(
+            self.config.bank_eviction, self.config.bank_slots
+        )
+        """Picks the victim among the resident (called with the net lock held, like every bank change)."""
         self._merged: OrderedDict[int, None] = OrderedDict()  # slots with merged weights, LRU order
         self._inflight: dict[DomainKey, Future[_Fetched]] = {}
         self._staged: OrderedDict[DomainKey, _Fetched] = OrderedDict()  # prefetched, not yet in the bank
@@ -256,27 +262,29 @@ class Engine:
                     self._staged.popitem(last=False)
 
     def _free_slot(self, keep: set[DomainKey]) -> int:
-        """A free slot index, evicting the least recently used domain not in `keep` if needed."""
+        """A free slot index, evicting the policy's victim among the domains not in `keep` if needed."""
         used = {s.index for s in self._resident.values()}
         for i in range(self.config.bank_slots):
             if i not in used:
                 return i
-        for key, slot in self._resident.items():  # oldest first
-            if key not in keep:
-                del self._resident[key]
-                self._merged.pop(slot.index, None)
-                self.net.bank_clear(slot.index)
-                self.stats.evictions += 1
-                self.events.bank_evict(key)
-                self.events.domain_dropped(key)
-                return slot.index
-        raise EngineError(f"a batch needs more than {self.config.bank_slots} resident domains")
+        candidates = [key for key in self._resident if key not in keep]  # oldest use first
+        if not candidates:
+            raise EngineError(f"a batch needs more than {self.config.bank_slots} resident domains")
+        key = self._eviction.victim(candidates)
+        slot = self._resident.pop(key)
+        self._merged.pop(slot.index, None)
+        self.net.bank_clear(slot.index)
+        self.stats.evictions += 1
+        self.events.bank_evict(key)
+        self.events.domain_dropped(key)
+        return slot.index
 
     def _ensure_resident(self, keys: Sequence[DomainKey]) -> dict[DomainKey, int]:
         """Slots for `keys` (loading misses); call with the net lock held."""
         wanted = set(keys)
         slots: dict[DomainKey, int] = {}
-        for key in dict.fromkeys(keys):
+        for key, requests in Counter(keys).items():  # first-seen order
+            self._eviction.record(key, requests)
             with self._state_lock:
                 slot = self._resident.get(key)
                 if slot is not None:
