@@ -318,6 +318,8 @@ def model_figures(args: argparse.Namespace) -> dict[str, Any]:
             "affine_miss_rate": round(affine.miss_rate, 4),
             "round_robin_miss_rate": round(rr.miss_rate, 4),
             "miss_rate_ratio": round(ratio(affine.miss_rate, rr.miss_rate), 3),
+            "affine_misses_per_image": round(affine.misses_per_image, 4),
+            "round_robin_misses_per_image": round(rr.misses_per_image, 4),
             "misses_per_image_ratio": round(ratio(affine.misses_per_image, rr.misses_per_image), 3),
         }
     affine_bound, rr_bound = static_bound(args, "affine"), static_bound(args, "roundrobin")
