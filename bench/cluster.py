@@ -358,7 +358,12 @@ def main() -> None:
     parser.add_argument("--measure", type=float, default=45.0)
     parser.add_argument("--after-kill", type=float, default=15.0)
     parser.add_argument("--kill", type=int, default=1, help="index of the replica SIGKILLed mid-run")
-    parser.add_argument("--balance-factor", type=int, default=150, help="HAProxy hash-balance-factor (%%)")
+    parser.add_argument(
+        "--balance-factor",
+        type=int,
+        default=ClusterConfig.balance_factor,
+        help="HAProxy hash-balance-factor (%%; default: the shipped one)",
+    )
     parser.add_argument("--tolerance", type=float, default=1e-4)
     parser.add_argument("--lb-log-level", default="warning", help="HAProxy's log level (info: every request)")
     parser.add_argument(

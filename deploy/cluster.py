@@ -124,7 +124,8 @@ class ClusterConfig:
     """0: a free port."""
     inference_backend: str = "affine"
     """HAProxy backend for inference: "affine" (consistent hash on the domain) or "roundrobin"."""
-    balance_factor: int = 150
+    balance_factor: int = 200
+    """HAProxy's hash-balance-factor (%): the shipped default (deploy/haproxy/haproxy.cfg says why)."""
     lb_log_level: str = "warning"
     """HAProxy's log level on its stderr (haproxy.log in `work_dir`): "info" logs every request (httplog)."""
     replica_env: dict[str, str] = field(default_factory=dict)
