@@ -5,13 +5,19 @@ For each policy (`affine`: consistent hashing on the domain with bounded load; `
 cluster of three `multidomain serve` replicas on one shared store (`deploy/cluster.py`):
   1. warm-up: closed-loop clients through the balancer until the banks have settled;
   2. measurement: the same load; each replica's bank miss rate from its own /metrics (md_bank_misses /
-     (hits + misses), the difference over this phase), aggregate images/s and p95 latency;
-  3. fault: one replica SIGKILLed while the load runs on; requests lost (no 200) are counted.
+     (hits + misses), the difference over this phase: one lookup per distinct domain in a batch, as the
+     engine counts) and misses per image, the share of images served away from their domain's main
+     replica (spill-over), aggregate images/s and p95 latency;
+  3. fault: one replica SIGKILLed while the load runs on; requests lost (no 200) are counted, each in
+     the phase its failure came in.
 Every answer of every phase is checked against an offline recomputation with the model library (as
 bench/chaos.py does): its version must be the stored one, its probabilities those of that version.
-The last line is one JSON summary.
+Beside the measured figures, `model`: the same mix simulated with the engine's eviction policies (LRU and
+LFU) and the static bound no policy can beat (each replica keeping its most asked-for domains). The last
+line is one JSON summary.
 
     python -m bench.cluster                       # about 5 minutes on 2 CPU cores
+    python -m bench.cluster --eviction lru --balance-factor 150 --work-dir /tmp/run   # logs kept there
     python -m bench.cluster --warmup 10 --measure 20 --after-kill 10
 """
 
