@@ -10,8 +10,9 @@ Free of HTTP types: the server, the benchmarks and the reliability suite all dri
 
 The engine's parts, each the one owner of its facts:
 - `server.versions.ActiveVersions`: which version serves each domain (cached until the store changes);
-- `server.residency.Residency`: which version is in which bank slot (LRU), single-flight store reads,
-  prefetched artifacts, the merged-weight LRU, and domains deleted meanwhile never loaded;
+- `server.residency.Residency`: which version is in which bank slot (`server.eviction` picks who
+  leaves), single-flight store reads, prefetched artifacts, the merged-weight LRU, and domains deleted
+  meanwhile never loaded;
 - the network (`residual_adapters.MultiDomainNet`): the bank's tensors, merged weights and the padding
   of narrower heads (-inf logits);
 - this module: the backbone, the forward (merged path for a single-domain batch, the bank's mixed path
@@ -110,6 +111,7 @@ class Engine:
         self.residency = Residency(
             store, self.net, slots=self.config.bank_slots, merged_cache=self.config.merged_cache,
             verify_checksums=self.config.verify_checksums, events=self.events,
+            eviction=self.config.bank_eviction,
         )  # fmt: skip
         self.stats: EngineStats = self.residency.stats
         self._micro: dict[int, int] = {}

@@ -1,7 +1,8 @@
 """Residency: which domain version is in which bank slot, and the artifacts on their way in.
 
 The one table of residency (the network's bank holds the tensors; this says whose they are):
-resident versions in least-recently-used order, evicted when a slot is needed. A miss reads the artifact
+resident versions in least-recently-used order; when a slot is needed, `server.eviction` picks the victim
+(`bank_eviction`: least frequently used with aging by default, or least recently used). A miss reads the artifact
 from the store once however many callers wait for it (single-flight); `prefetch` reads a cold domain
 ahead of its batch and stages it, so the inference worker only copies it in. The domains whose merged
 (folded) weights are kept, in LRU order, bounded by `merged_cache`, are this table's too.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from adapters_store.store import AdapterStore
 from model_artifacts import adapter_config
 from residual_adapters import AdapterConfig, DomainMismatch, MultiDomainNet
 from server.errors import DomainUnavailable, EngineError
+from server.eviction import EvictionName, EvictionPolicy, eviction_policy
 from server.versions import DomainKey
 
 
@@ -44,7 +46,7 @@ class EngineEvents:
     def bank_load(self, key: DomainKey, seconds: float) -> None: ...
     def bank_evict(self, key: DomainKey) -> None: ...
     def domain_dropped(self, key: DomainKey) -> None:
-        """A version left the bank (LRU eviction, deletion or a store change)."""
+        """A version left the bank (eviction, deletion or a store change)."""
 
     def resident_changed(self, count: int) -> None: ...
 
@@ -85,6 +87,7 @@ class Residency:
         merged_cache: int,
         verify_checksums: bool,
         events: EngineEvents,
+        eviction: EvictionName = "lfu",
     ) -> None:
         self.store = store
         self.net = net
@@ -95,6 +98,8 @@ class Residency:
         self.stats = EngineStats()
         self._lock = threading.Lock()
         self._resident: OrderedDict[DomainKey, _Slot] = OrderedDict()  # LRU order: oldest first
+        self._eviction: EvictionPolicy[DomainKey] = eviction_policy(eviction, slots)
+        """Picks the victim among the resident (called with the network lock held, like every bank change)."""
         self._merged: OrderedDict[int, None] = OrderedDict()  # slots whose merged weights are kept, LRU
         self._inflight: dict[DomainKey, Future[Fetched]] = {}
         self._staged: OrderedDict[DomainKey, Fetched] = OrderedDict()  # prefetched, not yet in the bank
@@ -159,7 +164,8 @@ class Residency:
         """Slots for `keys`, loading the misses."""
         wanted = set(keys)
         slots: dict[DomainKey, int] = {}
-        for key in dict.fromkeys(keys):
+        for key, requests in Counter(keys).items():  # first-seen order
+            self._eviction.record(key, requests)
             with self._lock:
                 slot = self._resident.get(key)
                 if slot is not None:
@@ -175,7 +181,7 @@ class Residency:
         return slots
 
     def load(self, key: DomainKey, keep: set[DomainKey]) -> int:
-        """Copy `key` into a free slot (evicting the least recently used version not in `keep`)."""
+        """Copy `key` into a free slot (evicting the eviction policy's victim, never one in `keep`)."""
         start = time.perf_counter()
         with self._lock:
             fetched: Fetched | None = self._staged.pop(key, None)
@@ -208,21 +214,22 @@ class Residency:
         return index
 
     def _free_slot(self, keep: set[DomainKey]) -> int:
-        """A free slot index, evicting the least recently used version not in `keep` (lock held)."""
+        """A free slot index, evicting the policy's victim among the versions not in `keep` (lock held)."""
         used = {s.index for s in self._resident.values()}
         for i in range(self.slots):
             if i not in used:
                 return i
-        for key, slot in self._resident.items():  # oldest first
-            if key not in keep:
-                del self._resident[key]
-                self._merged.pop(slot.index, None)
-                self.net.bank_clear(slot.index)
-                self.stats.evictions += 1
-                self.events.bank_evict(key)
-                self.events.domain_dropped(key)
-                return slot.index
-        raise EngineError(f"a batch needs more than {self.slots} resident domains")
+        candidates = [key for key in self._resident if key not in keep]  # oldest use first
+        if not candidates:
+            raise EngineError(f"a batch needs more than {self.slots} resident domains")
+        key = self._eviction.victim(candidates)
+        slot = self._resident.pop(key)
+        self._merged.pop(slot.index, None)
+        self.net.bank_clear(slot.index)
+        self.stats.evictions += 1
+        self.events.bank_evict(key)
+        self.events.domain_dropped(key)
+        return slot.index
 
     def drop(self, domain: str, version: int | None = None) -> int:
         """Drop a deleted domain's versions (all, or one) from the bank and the staged reads, and make

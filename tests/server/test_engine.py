@@ -1,4 +1,5 @@
-"""The engine without HTTP: bank residency, single-flight loads, LRU eviction, version pinning, batching."""
+"""The engine without HTTP: bank residency, single-flight loads, LRU and LFU eviction, version pinning,
+batching."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def test_mixed_batch_rows_equal_each_domain_alone(world: TinyWorld, store: Local
 
 
 def test_lru_eviction_keeps_answers_right(world: TinyWorld, store: LocalStore) -> None:
-    engine = Engine(store, EngineConfig(bank_slots=2, merged_cache=1))
+    engine = Engine(store, EngineConfig(bank_slots=2, merged_cache=1, bank_eviction="lru"))
     order = ["birds", "digits", "textures", "birds", "textures", "digits"]
     for i, name in enumerate(order):
         x = _x(name, i)
@@ -57,6 +58,26 @@ def test_lru_eviction_keeps_answers_right(world: TinyWorld, store: LocalStore) -
     # one merged domain at most: a merged domain is a folded copy of the shared convs, never more
     shared = sum(v.numel() * v.element_size() for v in engine.net.shared_state_dict().values())
     assert 0 < engine.merged_bytes() <= shared
+
+
+@pytest.mark.parametrize(("policy", "loads"), [("lru", 4), ("lfu", 3)])
+def test_frequency_aware_eviction_keeps_a_hot_domain_through_cold_ones(
+    world: TinyWorld, store: LocalStore, policy: str, loads: int
+) -> None:
+    """Two slots; birds asked for by three images, then one-off digits and textures, then birds again. LRU
+    evicts birds for textures (the least recently used) and loads it again; LFU evicts digits (one
+    request against three) and birds is still resident."""
+    engine = Engine(store, EngineConfig(bank_slots=2, merged_cache=1, bank_eviction=policy))
+    steps = [["birds"] * 3, ["digits"], ["textures"], ["birds"]]
+    for i, names in enumerate(steps):
+        keys = [engine.resolve(n) for n in names]
+        xs = torch.stack([_x(n, 10 * i + j) for j, n in enumerate(names)])
+        for name, x, pred in zip(names, xs, engine.infer(keys, xs, top_k=1), strict=True):
+            assert pred.key.domain == name
+            assert pred.top[0].probability == pytest.approx(float(_ref(world, name, x).max()), abs=TOL)
+    assert engine.stats.loads == loads and engine.stats.evictions == loads - 2
+    assert {k.domain for k in engine.resident()} == {"birds", "textures"}
+    assert engine.stats.hits == (1 if policy == "lfu" else 0)
 
 
 def test_a_miss_loads_once_however_many_wait(store: LocalStore) -> None:
