@@ -396,9 +396,7 @@ class Engine:
             if len(distinct) > 1:
                 # Rank only each row's own classes: a saturated softmax gives real classes exactly 0 too,
                 # and they must not tie with the padding of a domain with fewer classes.
-                classes = torch.tensor([len(manifests[k].labels) for k in keys], device=probs.device)
-                pad = torch.arange(probs.shape[1], device=probs.device)[None, :] >= classes[:, None]
-                probs = probs.masked_fill(pad, -1.0)
+                probs = probs.masked_fill(self.net.padding_mask(index, probs.shape[1]), -1.0)
             k_max = min(max(ks), probs.shape[1])
             values, indices = probs.topk(k_max, dim=1)
         values_l, indices_l = values.cpu().tolist(), indices.cpu().tolist()

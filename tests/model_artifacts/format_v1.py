@@ -58,9 +58,7 @@ def write_fixture() -> None:
         preprocessing=Preprocessing(
             input_size=32, resize=36, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], channels="rgb"
         ),
-        provenance=Provenance(
-            dataset="fixture", epochs=0, created_at=datetime(2026, 12, 1, tzinfo=UTC)
-        ),
+        provenance=Provenance(dataset="fixture", epochs=0, created_at=datetime(2026, 12, 1, tzinfo=UTC)),
     )
     write_domain_dir(artifact, FIXTURE)
 
