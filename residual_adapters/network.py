@@ -301,9 +301,9 @@ class MultiDomainNet(nn.Module):
         """Mixed-domain forward through the bank (inference only): row i uses slot domain_index[i].
 
         Returns [B, K_max] logits (K_max: the widest resident head), classes beyond a row's own count set
-        to -inf (`padding_mask` says which). Shared convs run once
-        over the whole batch; rows are sorted by slot once, so each domain's adapters cost one GEMM per
-        layer over its run of rows, and the logits are put back in the caller's order at the end.
+        to -inf (`padding_mask` says which). Shared convs run once over the whole batch; rows are sorted by
+        slot once, so each domain's adapters cost one GEMM per layer over its run of rows, and the logits
+        are put back in the caller's order at the end.
         """
         order = torch.argsort(domain_index, stable=True)
         sorted_index = domain_index[order]

@@ -228,13 +228,12 @@ class DomainUnit(nn.Module):
 
     def _forward_bank(self, x: Tensor, plan: SlotPlan | MixedPlan) -> Tensor:
         bank = self._require_bank()
+        # y is a fresh conv output either way: safe to update in place (inference only)
         if self._runs_depthwise_deltas(bank, plan):
             assert self.conv is not None and bank.depthwise is not None
             y = kernels.depthwise_conv(x, self.conv, bank.depthwise, plan)
         else:
-            y = kernels.as_nhwc(
-                self._conv(x)
-            )  # a fresh conv output: safe to update in place (inference only)
+            y = kernels.as_nhwc(self._conv(x))
         if bank.parallel is not None:
             kernels.add_adapter(y, self._centre(x), bank.parallel, plan)
         if plan.series and bank.series is not None:
