@@ -42,6 +42,7 @@ import torch
 from PIL import Image, ImageFont
 from PIL.ImageDraw import Draw
 
+from domain_format.preprocess import ImageSpec
 from residual_adapters import AdapterConfig, MultiDomainNet
 from training.backbones import load_backbone
 from training.data import DomainData, load_domain_data, load_raw
@@ -121,7 +122,7 @@ def _write_photos(root: Path, per_class: int, seed: int = 0) -> None:
 
 
 def _write_fashion(root: Path, train_per_class: int, val_per_class: int, seed: int = 0) -> None:
-    raw = load_raw("fashion-mnist")
+    raw = load_raw("fashion-mnist", ImageSpec(28, 28, "grayscale"))  # a built-in: the spec is not applied
     assert raw.test_images is not None and raw.test_targets is not None
     g = torch.Generator().manual_seed(seed)
     for split, images, targets, n in (
@@ -159,9 +160,9 @@ def write_folders(data_root: Path) -> None:
 # -- runs ---------------------------------------------------------------------------------------------------
 
 
-def load_data(ds: DataSet, data_root: Path) -> DomainData:
+def load_data(ds: DataSet, data_root: Path, seed: int = 0) -> DomainData:
     source = ds.source if ds.source in ("digits", "textures") else str(data_root / ds.source)
-    return load_domain_data(source, name=ds.name, input_size=INPUT_SIZE, seed=0, **ds.load)
+    return load_domain_data(source, name=ds.name, input_size=INPUT_SIZE, seed=seed, **ds.load)
 
 
 def majority_rate(data: DomainData) -> float:
@@ -173,7 +174,7 @@ OVERRIDES: dict[str, Any] = {}
 
 
 def train_once(
-    net: MultiDomainNet, arch: str, kind: str, data: DomainData, epochs: int, lr: float | None
+    net: MultiDomainNet, arch: str, kind: str, data: DomainData, epochs: int, lr: float | None, seed: int = 0
 ) -> dict[str, Any]:
     recipe = replace(recipe_for(arch, kind), **OVERRIDES)
     cfg = TrainConfig(
@@ -182,10 +183,11 @@ def train_once(
         warmup_epochs=recipe.warmup_epochs,
         clip_grad_norm=recipe.clip_grad_norm,
         bn_warm_start=recipe.bn_warm_start,
+        seed=seed,
         progress=False,
     )
     rank = DEFAULT_LOWRANK_RANK if kind == "lowrank" else None
-    torch.manual_seed(0)  # the new head is drawn from the global RNG, as in the CLI
+    torch.manual_seed(seed)  # the new head is drawn from the global RNG, as in the CLI
     net.add_domain(data.name, AdapterConfig(kind=kind, rank=rank), data.num_classes)  # type: ignore[arg-type]
     started = time.perf_counter()
     try:
@@ -209,7 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for arch in args.backbones:
         net = backbone_for(arch, args.resnet26)
         for ds in datasets:
-            data = load_data(ds, args.data_root)
+            data = load_data(ds, args.data_root, args.seed)
             say(
                 f"{ds.name} ({ds.role}): {data.num_classes} classes, {len(data.train)} train / {len(data.val)} val"
             )
@@ -218,10 +220,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for kind in sorted(kinds, key=lambda k: k != "head"):
                 default_lr = recipe_for(arch, kind).lr
                 rates = args.rates or SWEEPS[arch]
-                sweep = [train_once(net, arch, kind, data, args.epochs, lr) for lr in rates]
+                sweep = [train_once(net, arch, kind, data, args.epochs, lr, args.seed) for lr in rates]
                 same = [s for s in sweep if math.isclose(s["lr"], default_lr)]
                 # The default's flags are the sweep entry's at its rate: the same run, not run twice.
-                default = same[0] if same else train_once(net, arch, kind, data, args.epochs, None)
+                default = same[0] if same else train_once(net, arch, kind, data, args.epochs, None, args.seed)
                 if kind == "head":
                     head = default["accuracy"]
                 best = max(sweep, key=lambda s: s["accuracy"])
@@ -276,6 +278,12 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["parallel", "series", "lowrank", "bn", "head"])
     parser.add_argument("--rates", nargs="+", type=float, default=None, help="override the sweep's rates")
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the split and the new head's draw (the table: 0; choice runs: 0 and 1)",
+    )
     parser.add_argument("--data-root", type=Path, default=ROOT / "runs" / "train-defaults-data")
     parser.add_argument(
         "--resnet26", type=Path, default=ROOT / "training" / "pretrained" / "resnet26-w0.5-mnist" / "backbone"
