@@ -12,7 +12,7 @@ below head-only.
 Data (all offline; the folders are written by this bench under --data-root, once):
 - digits: scikit-learn's 8x8 digits (built-in source).
 - textures: scikit-image brick / grass / gravel patches (built-in source).
-- photos (ImageFolder, RGB PNG): 32 px patches of eight scikit-image colour photos, one class per photo.
+- photos (ImageFolder, RGB PNG): 32 px patches of seven scikit-image colour photos, one class per photo.
 - letters (ImageFolder, grayscale PNG): A-Z rendered in the DejaVu fonts, random size, shift, rotation.
 - fashion (ImageFolder pair train/ + val/, PNG): Fashion-MNIST, train/ from the official training set,
   val/ from the official test set (Debian dataset-fashion-mnist).
