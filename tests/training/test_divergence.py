@@ -91,6 +91,25 @@ def test_every_kind_has_a_recipe_on_both_families() -> None:
     torch.manual_seed(0)
 
 
+def test_a_low_rank_adapter_starts_at_zero_with_only_u_receiving_gradient(more_digits: DomainData) -> None:
+    # Why MobileNetV2's lowrank recipe has no warm-up: U V starts at U = 0, so the first steps move U alone
+    # (V's gradient is U^T dL/dW = 0), and a warm-up would shrink those steps further.
+    assert recipe_for("mobilenet_v2", "lowrank").warmup_epochs == 0
+    net = tiny_net()
+    net.add_domain("low", AdapterConfig(kind="lowrank", rank=2), 10)
+    params = net.domain_parameters("low")
+    us = {k: v for k, v in params.items() if ".adapter." in k and k.endswith(".u")}
+    vs = {k: v for k, v in params.items() if ".adapter." in k and k.endswith(".v")}
+    assert us and len(us) == len(vs) and all(float(u.detach().abs().max()) == 0.0 for u in us.values())
+    net.train()
+    from training.data import BatchMaker
+
+    x = BatchMaker(more_digits.preprocessing, flip=False).centre(more_digits.train.images[:16])
+    torch.nn.functional.cross_entropy(net.forward_domain(x, "low"), more_digits.train.targets[:16]).backward()
+    assert all(v.grad is None or float(v.grad.abs().max()) == 0.0 for v in vs.values())
+    assert sum(float(u.grad.abs().sum()) for u in us.values() if u.grad is not None) > 0
+
+
 def test_bn_warm_start_sets_the_domain_statistics_and_leaves_the_base_alone(digits: DomainData) -> None:
     from training.data import BatchMaker
     from training.trainer import domain_batch_norms, warm_start_batch_norm
