@@ -76,8 +76,11 @@ class EngineClient(ABC):
         """Room for a request's pixels (raises QueueFull when there is none)."""
 
     @abstractmethod
-    async def classify(self, domain: str, version: int, lease: PixelLease, top_k: int) -> list[list[Any]]:
-        """Per image [[index, label, probability], ...] from the engine serving `domain`."""
+    async def classify(
+        self, domain: str, version: int, lease: PixelLease, top_k: int, deadline_s: float | None = None
+    ) -> list[list[Any]]:
+        """Per image [[index, label, probability], ...] from the engine serving `domain`; the engine drops
+        images still queued `deadline_s` seconds from now (DeadlineExceeded)."""
 
     @abstractmethod
     async def start(self) -> None:
@@ -295,10 +298,13 @@ class RemoteEngines(EngineClient):
             )
         return PixelLease(shared.array, shared)
 
-    async def classify(self, domain: str, version: int, lease: PixelLease, top_k: int) -> list[list[Any]]:
+    async def classify(
+        self, domain: str, version: int, lease: PixelLease, top_k: int, deadline_s: float | None = None
+    ) -> list[list[Any]]:
         assert lease.shared is not None
         reply = await self.call(
             self.engine_for(domain), "classify", domain=domain, version=version, slab=self.slab.name,
             offset=lease.shared.offset, count=len(lease.array), side=lease.array.shape[1], top_k=top_k,
+            deadline_s=deadline_s,
         )  # fmt: skip
         return list(reply["results"])

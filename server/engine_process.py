@@ -125,12 +125,20 @@ class EngineProcess:
         return ok(**(result or {}))
 
     async def _classify(
-        self, domain: str, version: int, slab: str, offset: int, count: int, side: int, top_k: int
+        self,
+        domain: str,
+        version: int,
+        slab: str,
+        offset: int,
+        count: int,
+        side: int,
+        top_k: int,
+        deadline_s: float | None = None,
     ) -> Message:
         if self.draining:
             raise EngineUnavailable("the engine is shutting down")
         pixels = self.slabs.view(slab, offset, count, side)
-        futures = self.service.submit(domain, version, pixels, top_k)
+        futures = self.service.submit(domain, version, pixels, top_k, deadline_s)
         predictions = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         log.info("classified %d images in %s version %d", count, domain, version)
         return ok(results=[prediction_values(p) for p in predictions])

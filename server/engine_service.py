@@ -11,6 +11,7 @@ them) before anything is stored.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -104,8 +105,12 @@ class EngineService:
             "retry_after": self.batcher.retry_after(),
         }
 
-    def submit(self, domain: str, version: int, pixels: np.ndarray, top_k: int) -> list[Future[Prediction]]:
-        return self.batcher.submit(DomainKey(domain, version), pixels, top_k)
+    def submit(
+        self, domain: str, version: int, pixels: np.ndarray, top_k: int, deadline_s: float | None = None
+    ) -> list[Future[Prediction]]:
+        """Queue a request's crops; those still queued `deadline_s` seconds from now are dropped."""
+        deadline = None if deadline_s is None else time.monotonic() + deadline_s
+        return self.batcher.submit(DomainKey(domain, version), pixels, top_k, deadline=deadline)
 
     # -- domains ----------------------------------------------------------------------------------
     def upload(

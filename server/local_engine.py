@@ -52,8 +52,10 @@ class LocalEngine(EngineClient):
     def lease(self, count: int, side: int) -> PixelLease:
         return PixelLease(np.empty((count, side, side, 3), dtype=np.uint8))
 
-    async def classify(self, domain: str, version: int, lease: PixelLease, top_k: int) -> list[list[Any]]:
-        futures = self.service.submit(domain, version, lease.array, top_k)
+    async def classify(
+        self, domain: str, version: int, lease: PixelLease, top_k: int, deadline_s: float | None = None
+    ) -> list[list[Any]]:
+        futures = self.service.submit(domain, version, lease.array, top_k, deadline_s)
         predictions = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         log.info("classified %d images in %s version %d", len(lease.array), domain, version)
         return [prediction_values(p) for p in predictions]

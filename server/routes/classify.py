@@ -2,9 +2,13 @@
 `POST /v1/domains/{domain}/versions/{version}/classify` (a pinned version, loaded on demand).
 
 The body is one raw image (image/jpeg, image/png, image/webp), multipart with one or more image files, or
-JSON with base64 images. The engine resolves the domain's active version; decoding and cropping to
-uint8 run in this front end's thread pool, into shared memory; inference
-goes to the engine serving the domain. Every image of one request uses the same domain version, named in the answer.
+JSON with base64 images. The engine resolves the domain's active version; the images' headers are read
+and checked (format, pixels, JPEG scans, decode cost, the request's pixel budget) before any is decoded;
+admission counts the request's images against the queue and its pixels against the decode budget;
+decoding and cropping to uint8 run in this front end's thread pool (`server.decoding`), into shared
+memory; inference goes to the engine serving the domain. Every image of one request uses the same domain
+version, named in the answer. A request has a deadline (`server.lifetime`): past it 504, and work not
+started for it (decoding, or inference still queued) is dropped, as it is when its client has gone.
 """
 
 from __future__ import annotations
@@ -22,18 +26,27 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from adapters_store.manifest import Preprocessing
-from domain_format.preprocess import ACCEPTED_MEDIA_TYPES, prepare
+from domain_format.preprocess import (
+    ACCEPTED_MEDIA_TYPES,
+    ImageHeader,
+    ImageSpec,
+    TooManyPixels,
+    decode,
+    read_header,
+)
+from server.decoding import DecodeStopped
 from server.deps import FrontEndDep, require_inference
 from server.engine_client import PixelLease
 from server.errors import BadRequest, MissingDomain, QueueFull, UnsupportedMediaType
 from server.frontend import FrontEnd
+from server.lifetime import RequestLifetime, request_lifetime
 from server.schemas import ClassifyJSON, ClassifyResponse, ImageResult, LabelScoreOut, Timing, error_responses
 
 router = APIRouter(
     prefix="/v1",
     tags=["classify"],
     dependencies=[Depends(require_inference)],
-    responses=error_responses(400, 401, 403, 404, 413, 415, 422, 429, 503),
+    responses=error_responses(400, 401, 403, 404, 413, 415, 422, 429, 503, 504),
 )
 
 _BODY_DOC: dict[str, Any] = {
@@ -86,13 +99,50 @@ async def _read_images(request: Request, max_images: int) -> tuple[list[bytes], 
     )
 
 
-def decode_into(frontend: FrontEnd, pre: Preprocessing, images: list[bytes], lease: PixelLease) -> None:
-    """Decode and crop each image to uint8 straight into the request's pixel lease (in the thread pool)."""
-    max_pixels, spec = frontend.settings.max_image_pixels, pre.image_spec()
-    for row, data in enumerate(images):
-        # [S, S, 1] for grayscale domains: broadcast into the lease's 3 channels (normalise would
-        # replicate it to three anyway, with the same values)
-        lease.array[row] = prepare(data, spec, max_pixels=max_pixels)
+ImageTask = tuple[Callable[[], None], int]
+"""Decode one image into its row of the lease (run in the decode pool), and the image's pixels."""
+
+
+def read_headers(frontend: FrontEnd, images: list[bytes], spec: ImageSpec) -> list[ImageHeader]:
+    """Every image's header checked (in the header pool), and the request's pixels within its budget,
+    before any pixel is decoded."""
+    settings = frontend.settings
+    headers, pixels = [], 0
+    for data in images:
+        header = read_header(
+            data,
+            spec,
+            max_pixels=settings.max_image_pixels,
+            max_jpeg_scans=settings.max_jpeg_scans,
+            max_decode_bytes=settings.max_image_decode_bytes,
+        )
+        headers.append(header)
+        pixels += header.pixels
+        check_request_pixels(pixels, settings.max_request_pixels, len(images))
+    return headers
+
+
+def check_request_pixels(pixels: int, limit: int, images: int) -> None:
+    if pixels > limit:
+        raise TooManyPixels(
+            f"the request's {images} images have {pixels} pixels or more, over the limit of {limit} per "
+            f"request",
+            max_pixels=limit,
+        )
+
+
+def decode_tasks(headers: list[ImageHeader], spec: ImageSpec, lease: PixelLease) -> list[ImageTask]:
+    """One task per image: decode and crop it to uint8 straight into its row of the pixel lease."""
+
+    def task(row: int, header: ImageHeader) -> Callable[[], None]:
+        def run() -> None:
+            # [S, S, 1] for grayscale domains: broadcast into the lease's 3 channels (normalise would
+            # replicate it to three anyway, with the same values)
+            lease.array[row] = decode(header, spec)
+
+        return run
+
+    return [(task(row, header), header.pixels) for row, header in enumerate(headers)]
 
 
 async def _classify(
@@ -106,7 +156,10 @@ async def _classify(
     # The slot only now that the whole body is here: clients still sending (slowly, or never finishing)
     # hold a connection and their body's share of the buffer, not the capacity of those who have sent.
     with request_slot(frontend):
-        return await _admitted(request, frontend, domain, images, json_top_k, top_k, version, start)
+        async with request_lifetime(request, settings.request_timeout_s) as lifetime:
+            return await _admitted(
+                request, frontend, lifetime, domain, images, json_top_k, top_k, version, start
+            )
 
 
 @contextmanager
@@ -126,6 +179,7 @@ def request_slot(frontend: FrontEnd) -> Iterator[None]:
 async def _admitted(
     request: Request,
     frontend: FrontEnd,
+    lifetime: RequestLifetime,
     domain: str,
     images: list[bytes],
     json_top_k: int | None,
@@ -134,6 +188,7 @@ async def _admitted(
     start: float,
 ) -> ClassifyResponse:
     settings = frontend.settings
+    lifetime.watch_disconnect()
     if len(images) > settings.max_images_per_request:
         raise BadRequest(
             f"{len(images)} images exceed the limit of {settings.max_images_per_request} per request"
@@ -142,11 +197,15 @@ async def _admitted(
     if k > settings.max_top_k:
         raise BadRequest(f"top_k {k} exceeds the limit of {settings.max_top_k}")
     resolved = await admit(request, frontend, domain, version, len(images))
+    spec = Preprocessing.model_validate(resolved["preprocessing"]).image_spec()
+    loop = asyncio.get_running_loop()
+    headers = await loop.run_in_executor(frontend.header_pool, read_headers, frontend, images, spec)
+    pixels = sum(h.pixels for h in headers)
 
-    def decode(pre: Preprocessing, lease: PixelLease) -> None:
-        decode_into(frontend, pre, images, lease)
+    def tasks(lease: PixelLease) -> list[ImageTask]:
+        return decode_tasks(headers, spec, lease)
 
-    results, prepared = await run_images(frontend, domain, resolved, len(images), decode, k)
+    results, prepared = await run_images(frontend, lifetime, domain, resolved, len(images), pixels, tasks, k)
     done = time.perf_counter()
     return ClassifyResponse(
         domain=domain,
@@ -170,6 +229,14 @@ async def admit(
     the request when the engine's queue has no room for its images (429)."""
     resolved = await frontend.engines.resolve(domain, version)
     request.state.metrics_domain = domain  # only existing domains become metric labels
+    check_queue(frontend, resolved, images)
+    return resolved
+
+
+def check_queue(frontend: FrontEnd, resolved: dict[str, Any], images: int) -> None:
+    """429 unless the engine's queue (as of the resolve) has room for the images being decoded here and
+    the request's. Checked at admission and again, on the event loop with no await between, where the
+    request's images start to count (`run_images`): requests admitted meanwhile are then counted."""
     # Admission before decoding: images being decoded count against the queue limit, so requests beyond
     # it are refused at once instead of waiting behind everyone's decoding (the decode pool is unbounded).
     queued, preparing, max_queue = resolved["queued"], frontend.images_preparing, resolved["max_queue"]
@@ -178,29 +245,46 @@ async def admit(
             f"the inference queue is full ({queued} queued, {preparing} being decoded, limit {max_queue})",
             retry_after=resolved["retry_after"],
         )
-    return resolved
 
 
 async def run_images(
     frontend: FrontEnd,
+    lifetime: RequestLifetime,
     domain: str,
     resolved: dict[str, Any],
     count: int,
-    fill: Callable[[Preprocessing, PixelLease], None],
+    pixels: int,
+    tasks: Callable[[PixelLease], list[ImageTask]],
     top_k: int,
 ) -> tuple[list[list[Any]], float]:
-    """Fill a pixel lease with the request's `count` crops (`fill`, in the decode pool), classify them
-    with the resolved version; per image [[index, label, probability], ...] and when pixels were ready."""
+    """Admit the request's `pixels` for decoding (429 beyond this front end's share), fill a pixel lease
+    with its `count` crops (`tasks`, one per image, in the decode scheduler), classify them with the
+    resolved version; per image [[index, label, probability], ...] and when pixels were ready."""
+    check_queue(frontend, resolved, count)
+    if not frontend.pixels_fit(pixels):
+        raise QueueFull(
+            f"this front end is decoding {frontend.pixels_decoding} pixels; the request's {pixels} more "
+            f"would pass its share of {frontend.max_pixels_decoding} (of which a quarter is kept for "
+            f"requests of small images)",
+        )
     pre = Preprocessing.model_validate(resolved["preprocessing"])
     lease = frontend.engines.lease(count, pre.input_size)
     try:
         frontend.images_preparing += count
+        frontend.pixels_decoding += pixels
         try:
-            await asyncio.get_running_loop().run_in_executor(frontend.pool, fill, pre, lease)
+            await frontend.decoder.run(tasks(lease), lifetime.should_stop)
+        except DecodeStopped:
+            raise lifetime.stop_reason() from None
         finally:
             frontend.images_preparing -= count
+            frontend.pixels_decoding -= pixels
+        if lifetime.should_stop():
+            raise lifetime.stop_reason()
         prepared = time.perf_counter()
-        results = await frontend.engines.classify(domain, resolved["version"], lease, top_k)
+        results = await frontend.engines.classify(
+            domain, resolved["version"], lease, top_k, deadline_s=lifetime.remaining()
+        )
     finally:
         lease.release()  # only after the engine's answer: it reads the pixels in place
     frontend.metrics.images.labels(domain).inc(len(results))

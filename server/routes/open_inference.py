@@ -13,7 +13,9 @@ served.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import numpy as np
@@ -22,10 +24,11 @@ from fastapi.responses import Response
 from PIL import Image
 
 from adapters_store.manifest import Preprocessing
-from domain_format.preprocess import centre_crop, check_pixels, fit
+from domain_format.preprocess import ImageSpec, centre_crop, check_pixels, fit
 from server.deps import FrontEndDep, require_inference
 from server.engine_client import PixelLease
 from server.errors import NotReady
+from server.lifetime import request_lifetime
 from server.open_inference import (
     HEADER_LENGTH,
     IMAGE_INPUT,
@@ -35,7 +38,15 @@ from server.open_inference import (
     encode_infer_response,
     parse_infer_request,
 )
-from server.routes.classify import admit, decode_into, request_slot, run_images
+from server.routes.classify import (
+    ImageTask,
+    admit,
+    check_request_pixels,
+    decode_tasks,
+    read_headers,
+    request_slot,
+    run_images,
+)
 from server.schemas import error_responses
 
 router = APIRouter(
@@ -43,7 +54,7 @@ router = APIRouter(
     tags=["open inference (KServe v2)"],
     responses=error_responses(404, 422, 503, protocol=True),
 )
-_INFER_ERRORS = error_responses(400, 401, 403, 413, 415, 429, protocol=True)
+_INFER_ERRORS = error_responses(400, 401, 403, 413, 415, 429, 504, protocol=True)
 
 Version = Annotated[int, Path(ge=1, description="A stored version of the domain")]
 EXTENSIONS = ["binary_tensor_data", "classification"]
@@ -128,42 +139,62 @@ async def model_version_ready(frontend: FrontEndDep, domain: str, version: Versi
     return await _ready(frontend, domain, version)
 
 
-def _fill_from_arrays(pixels: np.ndarray, max_pixels: int, pre: Preprocessing, lease: PixelLease) -> None:
+def _array_tasks(pixels: np.ndarray, max_pixels: int, spec: ImageSpec, lease: PixelLease) -> list[ImageTask]:
     """UINT8 [N, H, W, 3] pixels through the steps decoded images take after decoding (`fit`, then the
-    centre crop), with the decoder's limit on the pixels once resized."""
-    spec = pre.image_spec()
+    centre crop), one task per image, with the decoder's limit on the pixels once resized."""
     height, width = pixels.shape[1:3]
     check_pixels(width, height, spec, max_pixels=max_pixels)
-    for row, array in enumerate(pixels):
-        # [S, S, 1] for grayscale domains broadcasts into the lease's 3 channels, as decoded images do
-        lease.array[row] = centre_crop(fit(Image.fromarray(array, "RGB"), spec), spec.input_size)
+
+    def task(row: int) -> Callable[[], None]:
+        def run() -> None:
+            # [S, S, 1] for grayscale domains broadcasts into the lease's 3 channels, as decoded images do
+            image = Image.fromarray(pixels[row], "RGB")
+            lease.array[row] = centre_crop(fit(image, spec), spec.input_size)
+
+        return run
+
+    return [(task(row), height * width) for row in range(len(pixels))]
 
 
 async def _infer(request: Request, frontend: FrontEndDep, domain: str, version: int | None) -> Response:
     start = time.perf_counter()
     settings = frontend.settings
-    body = await request.body()  # whole, before the slot (see server.routes.classify)
+    request_body = await request.body()  # whole, before the slot (see server.routes.classify)
     with request_slot(frontend):
-        parsed = parse_infer_request(
-            body,
-            request.headers.get(HEADER_LENGTH),
-            max_images=settings.max_images_per_request,
-            max_pixels=settings.max_image_pixels,
-            max_top_k=settings.max_top_k,
-        )
-        resolved = await admit(request, frontend, domain, version, parsed.images)
-        classes = int(resolved["classes"])
-        encoded, pixels = parsed.encoded, parsed.pixels
-
-        def fill(pre: Preprocessing, lease: PixelLease) -> None:
+        async with request_lifetime(request, settings.request_timeout_s) as lifetime:
+            parsed = parse_infer_request(
+                request_body,
+                request.headers.get(HEADER_LENGTH),
+                max_images=settings.max_images_per_request,
+                max_pixels=settings.max_image_pixels,
+                max_top_k=settings.max_top_k,
+            )
+            lifetime.watch_disconnect()
+            resolved = await admit(request, frontend, domain, version, parsed.images)
+            classes = int(resolved["classes"])
+            spec = Preprocessing.model_validate(resolved["preprocessing"]).image_spec()
+            encoded, arrays = parsed.encoded, parsed.pixels
             if encoded is not None:
-                decode_into(frontend, pre, encoded, lease)
+                loop = asyncio.get_running_loop()
+                headers = await loop.run_in_executor(
+                    frontend.header_pool, read_headers, frontend, encoded, spec
+                )
+                pixels = sum(h.pixels for h in headers)
             else:
-                assert pixels is not None
-                _fill_from_arrays(pixels, settings.max_image_pixels, pre, lease)
+                assert arrays is not None
+                pixels = arrays.shape[0] * arrays.shape[1] * arrays.shape[2]
+                check_request_pixels(pixels, settings.max_request_pixels, parsed.images)
 
-        ranks = parsed.ranks_needed(classes)
-        results, prepared = await run_images(frontend, domain, resolved, parsed.images, fill, ranks)
+            def tasks(lease: PixelLease) -> list[ImageTask]:
+                if encoded is not None:
+                    return decode_tasks(headers, spec, lease)
+                assert arrays is not None
+                return _array_tasks(arrays, settings.max_image_pixels, spec, lease)
+
+            ranks = parsed.ranks_needed(classes)
+            results, prepared = await run_images(
+                frontend, lifetime, domain, resolved, parsed.images, pixels, tasks, ranks
+            )
     done = time.perf_counter()
     timing = {
         "total_ms": (done - start) * 1e3,
