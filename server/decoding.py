@@ -2,11 +2,13 @@
 
 A request hands over one task per image. At most `threads` images decode at once; when a thread frees up,
 the next image comes from the request that has had the fewest pixels decoded so far and has none decoding
-now (least attained service). A probe of one small image therefore waits for at most the images already
-decoding (one per thread, each bounded by `max_image_decode_bytes`), never for the rest of a large
-request: with a plain FIFO pool, two requests of 64 images near the pixel limit made a one-image probe
-wait 18.6 s. A large request alone still gets every thread. Under a steady stream of small requests a
-large one can wait; admission (`FrontEnd.max_pixels_decoding`) and its deadline bound that.
+now (least attained service), so a probe never waits for the rest of a large request: with a plain FIFO
+pool, two requests of 64 images near the pixel limit made a one-image probe wait 18.6 s. Images of more
+than `small_pixels` take at most `threads - 1` threads (when there are two or more): one thread is always
+left for small images, so a probe does not even wait for one large decode (up to a few seconds each at
+the pixel limit) but only for other small images. The price: a lone request of large images decodes on
+one thread fewer. Under a steady stream of small requests a large one can wait; admission
+(`FrontEnd.max_pixels_decoding`) and its deadline bound that.
 
 Before each image the request's `should_stop` is asked (its client is gone, its deadline passed): the
 images not yet started are then never decoded (a PIL decode cannot be stopped once running).
@@ -44,11 +46,14 @@ class _Job:
 
 
 class DecodeScheduler:
-    def __init__(self, pool: Executor, threads: int) -> None:
+    def __init__(self, pool: Executor, threads: int, small_pixels: int | None = None) -> None:
         self.pool = pool
         self.threads = threads
+        self.small_pixels = small_pixels
+        """Images of more pixels are large: at most `threads - 1` of them decode at once. None: no limit."""
         self._jobs: list[_Job] = []
         self._decoding = 0
+        self._decoding_large = 0
         self._order = itertools.count()
         self.images_decoded = 0
         self.images_skipped = 0
@@ -98,10 +103,14 @@ class DecodeScheduler:
             else:
                 job.done.set_result(None)
 
+    def _large(self, pixels: int) -> bool:
+        return self.small_pixels is not None and pixels > self.small_pixels
+
     def _next(self) -> _Job | None:
-        idle = [j for j in self._jobs if j.tasks and j.decoding == 0]
-        candidates = idle or [j for j in self._jobs if j.tasks]
-        return min(candidates, key=lambda j: (j.served_pixels, j.order), default=None)
+        large_full = self.threads > 1 and self._decoding_large >= self.threads - 1
+        ready = [j for j in self._jobs if j.tasks and not (large_full and self._large(j.tasks[0][1]))]
+        idle = [j for j in ready if j.decoding == 0]
+        return min(idle or ready, key=lambda j: (j.served_pixels, j.order), default=None)
 
     def _pump(self) -> None:
         while self._decoding < self.threads:
@@ -112,14 +121,17 @@ class DecodeScheduler:
                 self._stop(job, DecodeStopped())
                 continue
             task, pixels = job.tasks.pop(0)
+            large = self._large(pixels)
             job.decoding += 1
             job.served_pixels += pixels
             self._decoding += 1
+            self._decoding_large += large
             running = asyncio.get_running_loop().run_in_executor(self.pool, task)
-            running.add_done_callback(functools.partial(self._finished, job))
+            running.add_done_callback(functools.partial(self._finished, job, large))
 
-    def _finished(self, job: _Job, running: asyncio.Future[None]) -> None:
+    def _finished(self, job: _Job, large: bool, running: asyncio.Future[None]) -> None:
         self._decoding -= 1
+        self._decoding_large -= large
         job.decoding -= 1
         self.images_decoded += 1
         failure = asyncio.CancelledError() if running.cancelled() else running.exception()

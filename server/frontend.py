@@ -18,7 +18,8 @@ Admission limits and where they hold (K = `MD_WORKERS` front ends, E = engines):
   while a quarter of S stays free, so requests of small images are still admitted while large ones fill
   the rest; a front end with nothing to decode admits any request within `max_request_pixels` (which
   may be larger than S). So the server decodes at most K * max(S, max_request_pixels) pixels at once;
-  with the defaults (320 Mpx, K = 2) 160 Mpx per front end, 320 Mpx in all.
+  with the defaults (320 Mpx, K = 2) 160 Mpx per front end, 320 Mpx in all. Images over S / 64 pixels
+  take at most `decode_threads` - 1 decode threads (`server.decoding`): one is kept for small images.
 - A front end's pixel slab bounds its images in flight: a request that does not fit gets 429.
 """
 
@@ -34,7 +35,7 @@ from server.http_metrics import HttpMetrics
 from server.settings import Settings
 
 _SMALL_REQUEST = 64
-"""A request of at most 1/64 of the pixel share is small: it may use the share's reserved quarter."""
+"""A request of at most 1/64 of the pixel share is small (2.5 Mpx with the defaults and K = 2)."""
 
 
 @dataclass
@@ -57,7 +58,7 @@ class FrontEnd:
     decoder: DecodeScheduler = field(init=False)
 
     def __post_init__(self) -> None:
-        self.decoder = DecodeScheduler(self.pool, self.settings.decode_threads)
+        self.decoder = DecodeScheduler(self.pool, self.settings.decode_threads, self.small_request_pixels)
 
     @property
     def max_requests_in_flight(self) -> int:
@@ -68,12 +69,18 @@ class FrontEnd:
         """This front end's share of `max_pixels_decoding`."""
         return math.ceil(self.settings.max_pixels_decoding / self.settings.frontends())
 
+    @property
+    def small_request_pixels(self) -> int:
+        """Requests (and images) of at most this many pixels are small: 1/64 of the share. Small requests
+        may use the share's reserved quarter; one decode thread is kept for small images."""
+        return self.max_pixels_decoding // _SMALL_REQUEST
+
     def pixels_fit(self, pixels: int) -> bool:
         """Whether a request of `pixels` can be admitted for decoding now (the rules above)."""
         if self.pixels_decoding == 0:
             return True
         share = self.max_pixels_decoding
-        limit = share if pixels <= share // _SMALL_REQUEST else share - share // 4
+        limit = share if pixels <= self.small_request_pixels else share - share // 4
         return self.pixels_decoding + pixels <= limit
 
     def close(self) -> None:

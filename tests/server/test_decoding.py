@@ -115,3 +115,21 @@ def test_a_cancelled_request_starts_nothing_more() -> None:
         return order, scheduler.images_skipped
 
     assert asyncio.run(scenario()) == (["first", "after"], 1)
+
+
+def test_one_thread_is_kept_for_small_images_while_large_ones_decode() -> None:
+    async def scenario() -> list[str]:
+        order: list[str] = []
+        gate = threading.Event()
+        with ThreadPoolExecutor(2) as pool:
+            scheduler = DecodeScheduler(pool, threads=2, small_pixels=10)
+            large = [(recorder(order, f"large{i}", gate), 100) for i in range(3)]
+            big = asyncio.create_task(scheduler.run(large, lambda: False))
+            await _started(scheduler, 1)
+            # the large images hold one thread (the other is kept): the probe decodes meanwhile
+            await asyncio.wait_for(scheduler.run([(recorder(order, "probe"), 1)], lambda: False), WAIT_S)
+            gate.set()
+            await big
+        return order
+
+    assert asyncio.run(scenario()) == ["probe", "large0", "large1", "large2"]
