@@ -9,7 +9,7 @@ torch step: ``residual_adapters.inputs.normalise``.
 
 ``prepare`` is three steps, each public for callers that need to stop in between:
 
-1. ``open_image(data, spec, max_pixels=...)``: ``read_header`` then ``decode``. ``read_header`` checks,
+1. ``open_image(data, spec, max_pixels=...)``: ``read_header`` then ``load_pixels``. ``read_header`` checks,
    before any pixel is decoded: JPEG, PNG or WebP only; the pixel count, and the count the image would
    have once its shorter side is resized (a decompression bomb costs nothing); a JPEG's scans (at most
    ``max_jpeg_scans``: a repeated scan multiplies the decode's work, ``domain_format.jpeg``); and what the
@@ -137,7 +137,7 @@ class ImageHeader:
     """An image opened and checked, not yet decoded: what its decode will cost."""
 
     image: Image.Image
-    """Opened by PIL, pixels not loaded (``decode`` loads them)."""
+    """Opened by PIL, pixels not loaded (``load_pixels`` loads them)."""
     passes: float = 1.0
     """Passes the decoder makes over the image: a progressive JPEG's coefficient passes, else 1."""
 
@@ -165,12 +165,12 @@ def prepare(
     header = read_header(
         data, spec, max_pixels=max_pixels, max_jpeg_scans=max_jpeg_scans, max_decode_bytes=max_decode_bytes
     )
-    return decode(header, spec)
+    return decode_header(header, spec)
 
 
-def decode(header: ImageHeader, spec: ImageSpec) -> np.ndarray:
+def decode_header(header: ImageHeader, spec: ImageSpec) -> np.ndarray:
     """A checked header → uint8 [input_size, input_size, C]: decode, fit, centre crop."""
-    return centre_crop(fit(load(header), spec), spec.input_size)
+    return centre_crop(fit(load_pixels(header), spec), spec.input_size)
 
 
 def open_image(
@@ -186,7 +186,7 @@ def open_image(
     header = read_header(
         data, spec, max_pixels=max_pixels, max_jpeg_scans=max_jpeg_scans, max_decode_bytes=max_decode_bytes
     )
-    return load(header)
+    return load_pixels(header)
 
 
 def read_header(
@@ -234,7 +234,7 @@ def read_header(
     return header
 
 
-def load(header: ImageHeader) -> Image.Image:
+def load_pixels(header: ImageHeader) -> Image.Image:
     """Decode a checked image's pixels (CorruptImage for truncated or corrupt data)."""
     try:
         header.image.load()

@@ -31,7 +31,7 @@ from domain_format.preprocess import (
     ImageHeader,
     ImageSpec,
     TooManyPixels,
-    decode,
+    decode_header,
     read_header,
 )
 from server.decoding import DecodeStopped
@@ -138,7 +138,7 @@ def decode_tasks(headers: list[ImageHeader], spec: ImageSpec, lease: PixelLease)
         def run() -> None:
             # [S, S, 1] for grayscale domains: broadcast into the lease's 3 channels (normalise would
             # replicate it to three anyway, with the same values)
-            lease.array[row] = decode(header, spec)
+            lease.array[row] = decode_header(header, spec)
 
         return run
 
