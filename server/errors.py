@@ -76,8 +76,8 @@ class DeadlineExceeded(ServerError):
 
 
 class ClientGone(ServerError):
-    """The client closed its connection before the answer: nothing is sent (499 is only what the request
-    log and metrics record, as nginx records it)."""
+    """The client closed its connection before the answer: nothing is sent (the request log and metrics
+    count it with status "disconnect")."""
 
     status, code = 499, "client_closed_request"
 

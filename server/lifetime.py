@@ -1,9 +1,8 @@
 """A classify request's lifetime: its deadline, and whether its client is still there.
 
-Deadline: `MD_REQUEST_TIMEOUT_S` from the moment the whole body has arrived (reading it has its own deadline,
-`MD_BODY_TIMEOUT_S`), or less
-when the client sends `X-Request-Timeout: <seconds>` (a decimal number of seconds, as `MD_REQUEST_TIMEOUT_S`
-is; a longer one is capped by the setting). One plain header in seconds rather than gRPC's `grpc-timeout`
+Deadline: `MD_REQUEST_TIMEOUT_S` from the moment the whole body has arrived (reading it has its own
+deadline, `MD_BODY_TIMEOUT_S`), or less when the client sends `X-Request-Timeout: <seconds>` (a decimal
+number of seconds, as `MD_REQUEST_TIMEOUT_S` is; a longer one is capped by the setting). One plain header in seconds rather than gRPC's `grpc-timeout`
 unit suffixes: this is a JSON/HTTP API and every other time here is in seconds. When it passes the
 request answers 504 `deadline_exceeded` (the server gave up on the request's behalf, as a gateway does),
 images not yet decoded are never decoded, and the engine drops its images still queued (the remaining
@@ -12,7 +11,7 @@ time travels with them).
 Client gone: once the body is read, the ASGI `receive` channel has nothing left to deliver but
 `http.disconnect`; a watcher waits on it and cancels the request's work when the client hangs up: its
 images not yet decoded are never decoded, its admission (slot, pixels) is given back at once, and an
-in-process engine drops its images still queued. The request ends as 499 (recorded, never sent).
+in-process engine drops its images still queued. The request is counted with status "disconnect".
 """
 
 from __future__ import annotations

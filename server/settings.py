@@ -78,9 +78,10 @@ class Settings(BaseSettings, EngineConfig):
     front end's share is admitted only while a quarter of the share stays free, which is kept for small
     requests; an idle front end admits any request within `max_request_pixels`."""
     request_timeout_s: float | None = Field(default=60.0, gt=0)
-    """Deadline of a classify request, from the moment its whole body has arrived (reading the body has `body_timeout_s`); a client may ask for less with
-    `X-Request-Timeout: <seconds>`. Past it: 504 `deadline_exceeded`, its images not yet decoded are
-    skipped and the engine drops those still queued. None: no deadline."""
+    """Deadline of a classify request, from the moment its whole body has arrived (reading the body has
+    `body_timeout_s`); a client may ask for less with `X-Request-Timeout: <seconds>`. Past it: 504
+    `deadline_exceeded`, its images not yet decoded are skipped and the engine drops those still queued.
+    None: no deadline."""
 
     # -- limits -----------------------------------------------------------------------------------
     max_body_bytes: int = Field(default=16 * MiB, ge=1)
