@@ -1,17 +1,23 @@
 """Domain-affine load balancing against round robin: 3 replicas behind HAProxy, 100 domains (Zipf), 16 bank
 slots per replica, measured side by side in one run on the same store, clients and images.
 
-For each policy (`affine`: consistent hashing on the domain with bounded load; `any`: round robin), a fresh
+For each policy (`affine`: consistent hashing on the domain with bounded load; `roundrobin`), a fresh
 cluster of three `multidomain serve` replicas on one shared store (`deploy/cluster.py`):
   1. warm-up: closed-loop clients through the balancer until the banks have settled;
   2. measurement: the same load; each replica's bank miss rate from its own /metrics (md_bank_misses /
-     (hits + misses), the difference over this phase), aggregate images/s and p95 latency;
-  3. fault: one replica SIGKILLed while the load runs on; requests lost (no 200) are counted.
+     (hits + misses), the difference over this phase: one lookup per distinct domain in a batch, as the
+     engine counts) and misses per image, the share of images served away from their domain's main
+     replica (spill-over), aggregate images/s and p95 latency;
+  3. fault: one replica SIGKILLed while the load runs on; requests lost (no 200) are counted, each in
+     the phase its failure came in.
 Every answer of every phase is checked against an offline recomputation with the model library (as
 bench/chaos.py does): its version must be the stored one, its probabilities those of that version.
-The last line is one JSON summary.
+Beside the measured figures, `model`: the same mix simulated with the engine's eviction policies (LRU and
+LFU) and the static bound no policy can beat (each replica keeping its most asked-for domains). The last
+line is one JSON summary.
 
     python -m bench.cluster                       # about 5 minutes on 2 CPU cores
+    python -m bench.cluster --eviction lru --balance-factor 150 --work-dir /tmp/run   # logs kept there
     python -m bench.cluster --warmup 10 --measure 20 --after-kill 10
 """
 
@@ -27,7 +33,7 @@ import json
 import random
 import tempfile
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +45,8 @@ from adapters_store import LocalStore, manifest_to_json
 from bench.chaos import CLASSES, Answer, Record, recompute
 from bench.harness import build_store, pct, png_images, zipf_weights
 from deploy.cluster import REPLICAS, Cluster, ClusterConfig
+from server.engine_config import EngineConfig
+from server.eviction import EvictionPolicy, eviction_policy
 
 
 @dataclass
@@ -58,6 +66,7 @@ class Run:
     )
     answers: list[Answer] = field(default_factory=list)
     stop: bool = False
+    started: float = field(default_factory=time.perf_counter)
 
 
 async def client_loop(
@@ -70,21 +79,25 @@ async def client_loop(
         while not run.stop:
             domain = rng.choices(domains, weights)[0]
             index = rng.randrange(len(images))
-            phase = run.phases[run.phase]
             started = time.perf_counter()
+            r: httpx.Response | None = None
             try:
                 r = await client.post(
                     f"/v1/classify?top_k={CLASSES}",
                     content=images[index],
                     headers={"X-Domain": domain, "Content-Type": "image/png"},
                 )
+                failure = "" if r.status_code == 200 else f"{r.status_code} {r.text[:100]}"
             except httpx.TransportError as exc:
+                failure = f"{type(exc).__name__}: {exc}"
+            # The phase in which the answer (or its failure) came: a request in flight when the replica is
+            # killed fails in the fault phase, though it started before.
+            phase = run.phases[run.phase]
+            if r is None or failure:
                 phase.lost += 1
-                phase.lost_detail.append(f"{domain}: {type(exc).__name__}")
-                continue
-            if r.status_code != 200:
-                phase.lost += 1
-                phase.lost_detail.append(f"{domain}: {r.status_code} {r.text[:100]}")
+                phase.lost_detail.append(
+                    f"{run.phase} +{time.perf_counter() - run.started:.2f} s {domain}: {failure}"
+                )
                 continue
             phase.latencies.append(time.perf_counter() - started)
             phase.images += 1
@@ -128,9 +141,11 @@ async def run_policy(policy: str, store_dir: Path, work: Path, args: argparse.Na
         work_dir=work / policy,
         inference_backend=policy,
         balance_factor=args.balance_factor,
+        lb_log_level=args.lb_log_level,
         bootstrap=False,
         replica_env={
             "MD_BANK_SLOTS": str(args.bank_slots),
+            "MD_BANK_EVICTION": args.eviction,
             "MD_MERGED_CACHE": "2",
             "MD_DEVICE": "cpu",
             "MD_TORCH_THREADS": "1",
@@ -163,8 +178,8 @@ async def run_policy(policy: str, store_dir: Path, work: Path, args: argparse.Na
         run.phases["fault"].seconds = time.perf_counter() - started
         states_after_kill = cluster.server_states()
 
-    miss_rates, loads_per_image, domains_served = [], [], []
-    hits_total = misses_total = 0.0
+    miss_rates, loads_per_image, domains_served, images_by_replica = [], [], [], []
+    hits_total = misses_total = images_total = 0.0
     for b, a in zip(before, after, strict=True):
         hits, misses = a.hits - b.hits, a.misses - b.misses
         hits_total += hits
@@ -172,15 +187,24 @@ async def run_policy(policy: str, store_dir: Path, work: Path, args: argparse.Na
         miss_rates.append(misses / (hits + misses) if hits + misses else float("nan"))
         by_domain = {d: n - b.images.get(d, 0.0) for d, n in a.images.items()}
         served = sum(by_domain.values())
+        images_total += served
+        images_by_replica.append(by_domain)
         loads_per_image.append((a.loads - b.loads) / served if served else float("nan"))
         domains_served.append(sum(1 for n in by_domain.values() if n > 0))
+    # Images served away from their domain's main replica (the one that served it most): spill-over.
+    away = sum(
+        sum(r.get(d, 0.0) for r in images_by_replica) - max(r.get(d, 0.0) for r in images_by_replica)
+        for d in set().union(*images_by_replica)
+    )
     measure = run.phases["measure"]
     return {
         "policy": policy,
         "miss_rate_per_replica": [round(x, 4) for x in miss_rates],
         "miss_rate": misses_total / (hits_total + misses_total),
+        "misses_per_image": misses_total / images_total,
         "loads_per_image_per_replica": [round(x, 4) for x in loads_per_image],
         "domains_served_per_replica": domains_served,
+        "images_away_from_main_replica": round(away / images_total, 4),
         "images_per_s": measure.images / measure.seconds,
         "p95_ms": pct(measure.latencies, 95) * 1e3,
         "p50_ms": pct(measure.latencies, 50) * 1e3,
@@ -213,34 +237,104 @@ def check_answers(
     }
 
 
-def lru_model(args: argparse.Namespace, policy: str, batch: int = 8, lookups: int = 200_000) -> float:
-    """The miss rate an LRU bank of `bank_slots` would have under the same mix, simulated: domains on a
-    random even partition (`affine`, no spill-over) or dealt round robin (`any`), one lookup per distinct
-    domain per batch of `batch` images (about what each replica batches here). What the bank allows, to
-    read the measured ratio against."""
-    rng = random.Random(0)
+@dataclass
+class ModelRates:
+    miss_rate: float
+    """Misses per lookup (one lookup per distinct domain in a batch, as the engine counts)."""
+    misses_per_image: float
+
+
+def bank_model(
+    args: argparse.Namespace, routing: str, eviction: str, batch: int = 8, images: int = 300_000
+) -> ModelRates:
+    """The bank miss rates the mix allows, simulated with the engine's own eviction policies
+    (server/eviction.py): domains on a random partition (`affine`, no spill-over; the mean of three
+    partitions) or dealt round robin, batches of `batch` images per replica (about what each batches
+    here), after a warm-up of a third of the images."""
+    runs = [_simulate(args, routing, eviction, batch, images, seed) for seed in range(3)]
+    return ModelRates(*(sum(values) / len(runs) for values in zip(*runs, strict=True)))
+
+
+def _simulate(
+    args: argparse.Namespace, routing: str, eviction: str, batch: int, images: int, seed: int
+) -> tuple[float, float]:
+    rng = random.Random(seed)
     weights = zipf_weights(args.domains, args.zipf)
     owner = [rng.randrange(REPLICAS) for _ in range(args.domains)]
-    banks: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(REPLICAS)]
+    policies: list[EvictionPolicy[int]] = [
+        eviction_policy(eviction, args.bank_slots)  # type: ignore[arg-type]
+        for _ in range(REPLICAS)
+    ]
+    banks: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(REPLICAS)]  # oldest use first
     pending: list[list[int]] = [[] for _ in range(REPLICAS)]
-    hits = misses = 0
-    for n, domain in enumerate(rng.choices(range(args.domains), weights, k=lookups)):
-        replica = owner[domain] if policy == "affine" else n % REPLICAS
+    lookups = misses = counted = 0
+    for n, domain in enumerate(rng.choices(range(args.domains), weights, k=images)):
+        replica = owner[domain] if routing == "affine" else n % REPLICAS
         pending[replica].append(domain)
         if len(pending[replica]) < batch:
             continue
-        bank = banks[replica]
-        for d in set(pending[replica]):
+        bank, policy = banks[replica], policies[replica]
+        in_batch = Counter(pending[replica])
+        for d, requests in in_batch.items():  # as Engine._ensure_resident
+            policy.record(d, requests)
             hit = d in bank
-            bank[d] = None
-            bank.move_to_end(d)
-            if len(bank) > args.bank_slots:
-                bank.popitem(last=False)
-            if n > lookups // 3:  # after a warm-up
-                hits += hit
+            if hit:
+                bank.move_to_end(d)
+            else:
+                if len(bank) >= args.bank_slots:
+                    del bank[policy.victim([k for k in bank if k not in in_batch])]
+                bank[d] = None
+            if n > images // 3:
+                lookups += 1
                 misses += not hit
+        if n > images // 3:
+            counted += len(pending[replica])
         pending[replica] = []
-    return misses / (hits + misses)
+    return misses / lookups, misses / counted
+
+
+def static_bound(args: argparse.Namespace, routing: str) -> float:
+    """Misses per image of the best any policy can do in steady state: each replica keeps the
+    `bank_slots` domains it is asked for most (the mean over the same three random partitions)."""
+    weights = zipf_weights(args.domains, args.zipf)
+    if routing != "affine":
+        return 1 - sum(sorted(weights, reverse=True)[: args.bank_slots])
+    bounds = []
+    for seed in range(3):
+        rng = random.Random(seed)
+        owner = [rng.randrange(REPLICAS) for _ in range(args.domains)]
+        kept = sum(
+            sum(
+                sorted((w for w, o in zip(weights, owner, strict=True) if o == r), reverse=True)[
+                    : args.bank_slots
+                ]
+            )
+            for r in range(REPLICAS)
+        )
+        bounds.append(1 - kept)
+    return sum(bounds) / len(bounds)
+
+
+def model_figures(args: argparse.Namespace) -> dict[str, Any]:
+    """The model's rates and hashing / round robin ratios, per eviction policy, beside the static bound."""
+    out: dict[str, Any] = {}
+    for eviction in ("lru", "lfu"):
+        affine, rr = bank_model(args, "affine", eviction), bank_model(args, "roundrobin", eviction)
+        out[eviction] = {
+            "affine_miss_rate": round(affine.miss_rate, 4),
+            "round_robin_miss_rate": round(rr.miss_rate, 4),
+            "miss_rate_ratio": round(ratio(affine.miss_rate, rr.miss_rate), 3),
+            "affine_misses_per_image": round(affine.misses_per_image, 4),
+            "round_robin_misses_per_image": round(rr.misses_per_image, 4),
+            "misses_per_image_ratio": round(ratio(affine.misses_per_image, rr.misses_per_image), 3),
+        }
+    affine_bound, rr_bound = static_bound(args, "affine"), static_bound(args, "roundrobin")
+    out["static_bound"] = {
+        "affine_misses_per_image": round(affine_bound, 4),
+        "round_robin_misses_per_image": round(rr_bound, 4),
+        "ratio": round(ratio(affine_bound, rr_bound), 3),
+    }
+    return out
 
 
 def ratio(a: float, b: float) -> float:
@@ -257,6 +351,12 @@ def main() -> None:
         "--zipf", type=float, default=1.1, help="Zipf exponent of the domain mix (as bench/chaos.py)"
     )
     parser.add_argument("--bank-slots", type=int, default=16)
+    parser.add_argument(
+        "--eviction",
+        choices=("lru", "lfu"),
+        default=EngineConfig.model_fields["bank_eviction"].default,
+        help="the replicas' bank eviction policy (MD_BANK_EVICTION; default: the server's)",
+    )
     parser.add_argument("--clients", type=int, default=24)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--width", type=float, default=0.25)
@@ -264,22 +364,32 @@ def main() -> None:
     parser.add_argument("--measure", type=float, default=45.0)
     parser.add_argument("--after-kill", type=float, default=15.0)
     parser.add_argument("--kill", type=int, default=1, help="index of the replica SIGKILLed mid-run")
-    parser.add_argument("--balance-factor", type=int, default=150, help="HAProxy hash-balance-factor (%%)")
+    parser.add_argument(
+        "--balance-factor",
+        type=int,
+        default=ClusterConfig.balance_factor,
+        help="HAProxy hash-balance-factor (%%; default: the shipped one)",
+    )
     parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument("--lb-log-level", default="warning", help="HAProxy's log level (info: every request)")
+    parser.add_argument(
+        "--work-dir", help="keep the store and every process's log here (default: a temporary directory)"
+    )
     args = parser.parse_args()
 
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-cluster-") as scratch:
+        tmp = args.work_dir or scratch
         store_dir = Path(tmp) / "store"
         build_store(store_dir, args.width, args.size, args.domains, CLASSES)
         results: dict[str, dict[str, Any]] = {}
-        for policy in ("affine", "any"):
+        for policy in ("affine", "roundrobin"):
             result = asyncio.run(run_policy(policy, store_dir, Path(tmp), args))
             answers = result.pop("_answers")
             result.update(check_answers(store_dir, answers, png_images(16, args.size), args.tolerance))
             results[policy] = result
             print(json.dumps(result), flush=True)
-    affine, rr = results["affine"], results["any"]
+    affine, rr = results["affine"], results["roundrobin"]
     miss_ratio = ratio(affine["miss_rate"], rr["miss_rate"])
     throughput_ratio = ratio(affine["images_per_s"], rr["images_per_s"])
     bad = sum(int(r[k]) for r in results.values() for k in ("wrong_version", "wrong_probabilities"))
@@ -290,6 +400,8 @@ def main() -> None:
         "domains": args.domains,
         "zipf": args.zipf,
         "bank_slots": args.bank_slots,
+        "eviction": args.eviction,
+        "balance_factor": args.balance_factor,
         "clients": args.clients,
         "affine_miss_rate": round(float(affine["miss_rate"]), 4),
         "round_robin_miss_rate": round(float(rr["miss_rate"]), 4),
@@ -304,7 +416,11 @@ def main() -> None:
         "answers_checked": sum(sum(r["answers"].values()) for r in results.values()),
         "wrong_answers": bad,
         "lost_answers": lost,
-        "lru_model_miss_rate_ratio": round(ratio(lru_model(args, "affine"), lru_model(args, "any")), 3),
+        "affine_misses_per_image": round(float(affine["misses_per_image"]), 4),
+        "round_robin_misses_per_image": round(float(rr["misses_per_image"]), 4),
+        "misses_per_image_ratio": round(ratio(affine["misses_per_image"], rr["misses_per_image"]), 3),
+        "affine_images_away_from_main_replica": affine["images_away_from_main_replica"],
+        "model": model_figures(args),
         "ok": miss_ratio <= 1 / 3 and throughput_ratio >= 1.0 and bad == 0 and lost == 0,
     }
     print(json.dumps(summary))

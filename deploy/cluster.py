@@ -123,8 +123,11 @@ class ClusterConfig:
     stats_port: int = 0
     """0: a free port."""
     inference_backend: str = "affine"
-    """HAProxy backend for inference: "affine" (consistent hash on the domain) or "any" (round robin)."""
-    balance_factor: int = 150
+    """HAProxy backend for inference: "affine" (consistent hash on the domain) or "roundrobin"."""
+    balance_factor: int = 200
+    """HAProxy's hash-balance-factor (%): the shipped default (deploy/haproxy/haproxy.cfg says why)."""
+    lb_log_level: str = "warning"
+    """HAProxy's log level on its stderr (haproxy.log in `work_dir`): "info" logs every request (httplog)."""
     replica_env: dict[str, str] = field(default_factory=dict)
     """MD_* settings for every replica (bank slots, tokens, ...), over those of this process's environment."""
     bootstrap: bool = True
@@ -210,6 +213,7 @@ class Cluster:
                 "MD_LB_CERT": str(self.certificate),
                 "MD_LB_INFERENCE": c.inference_backend,
                 "MD_LB_BALANCE_FACTOR": str(c.balance_factor),
+                "MD_LB_LOG_LEVEL": c.lb_log_level,
                 **{f"MD_REPLICA_{i + 1}": f"{c.host}:{p}" for i, p in enumerate(self.replica_ports)},
             }
         )

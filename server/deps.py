@@ -1,4 +1,4 @@
-"""FastAPI dependencies: the front end's state and the token checks.
+"""FastAPI dependencies: the front end's state, the token checks and the version path parameter.
 
 All `async def`: FastAPI runs plain `def` dependencies in its thread pool, a thread hop per dependency
 per request for what is a dictionary lookup and a string comparison.
@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
 from server.auth import check_token
 from server.errors import NotReady
 from server.frontend import FrontEnd
+from server.schemas import MAX_VERSION
 
 
 async def get_frontend(request: Request) -> FrontEnd:
@@ -23,6 +24,7 @@ async def get_frontend(request: Request) -> FrontEnd:
 
 
 FrontEndDep = Annotated[FrontEnd, Depends(get_frontend)]
+VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION, description="A stored version of the domain")]
 
 
 async def require_admin(request: Request, frontend: FrontEndDep) -> None:

@@ -8,12 +8,16 @@
 
 Free of HTTP types: the server, the benchmarks and the reliability suite all drive it directly.
 
-Residency: resident domains live in bank slots keyed by (domain, version), least recently used evicted.
-A miss reads the artifact from the store once, however many callers wait for it (single-flight), then
-copies it into a slot. A batch of one domain runs the merged network (adapters and BN folded into the
-convs; cached for the `merged_cache` most recently used slots); a mixed batch runs the bank path, one
-gather per layer. Activating a new version changes what `resolve` returns; a key already resolved keeps
-its version to the end, so an answer never mixes versions.
+The engine's parts, each the one owner of its facts:
+- `server.versions.ActiveVersions`: which version serves each domain (cached until the store changes);
+- `server.residency.Residency`: which version is in which bank slot (`server.eviction` picks who
+  leaves), single-flight store reads, prefetched artifacts, the merged-weight LRU, and domains deleted
+  meanwhile never loaded;
+- the network (`residual_adapters.MultiDomainNet`): the bank's tensors, merged weights and the padding
+  of narrower heads (-inf logits);
+- this module: the backbone, the forward (merged path for a single-domain batch, the bank's mixed path
+  otherwise, split into the measured micro-batch), the answers (top-k, non-finite rows refused) and the
+  trial of an uploaded artifact in a scratch slot.
 
 Thread safety: `infer` and bank changes are serialised by one lock (a network runs one forward at a
 time). Store reads can happen outside it: `prefetch` (called by the server from its decode threads) reads
@@ -22,36 +26,41 @@ and parses a cold domain's artifact while the worker runs other batches, so the 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load as load_safetensors  # safetensors only: never pickle
 from torch import Tensor
 
-from adapters_store.errors import VersionNotFound
+from adapters_store.errors import ArtifactInvalid, Problem, VersionNotFound
 from adapters_store.manifest import DomainManifest
 from adapters_store.store import AdapterStore
 from adapters_store.validation import DomainSpec
 from model_artifacts import BackboneRefused, adapter_config, backbone_network, spec_for
-from residual_adapters import AdapterConfig, DomainMismatch, MultiDomainNet
+from residual_adapters import DomainMismatch, MultiDomainNet
 from residual_adapters.inputs import normalise
 from server.engine_config import EngineConfig
-from server.errors import DomainUnavailable, EngineError
+from server.errors import EngineError, NonFiniteOutput
+from server.residency import EngineEvents, EngineStats, Residency
+from server.versions import ActiveVersions, DomainKey
+
+__all__ = [
+    "DomainKey",
+    "Engine",
+    "EngineConfig",
+    "EngineEvents",
+    "EngineStats",
+    "LabelScore",
+    "Prediction",
+    "pick_device",
+    "process_rss_bytes",
+]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True, order=True)
-class DomainKey:
-    """One version of one domain: what a bank slot holds and what a request is served with."""
-
-    domain: str
-    version: int
 
 
 @dataclass(frozen=True)
@@ -69,42 +78,6 @@ class Prediction:
     top: list[LabelScore]
 
 
-class EngineEvents:
-    """Hooks the engine calls; the server's metrics override them. The defaults do nothing."""
-
-    def bank_hit(self, key: DomainKey) -> None: ...
-    def bank_miss(self, key: DomainKey) -> None: ...
-    def bank_load(self, key: DomainKey, seconds: float) -> None: ...
-    def bank_evict(self, key: DomainKey) -> None: ...
-    def domain_dropped(self, key: DomainKey) -> None:
-        """A version left the bank (LRU eviction, deletion or a store change)."""
-
-    def resident_changed(self, count: int) -> None: ...
-
-
-@dataclass
-class _Slot:
-    index: int
-    key: DomainKey
-    manifest: DomainManifest
-
-
-@dataclass
-class _Fetched:
-    manifest: DomainManifest
-    config: AdapterConfig
-    tensors: dict[str, Tensor]
-
-
-@dataclass
-class EngineStats:
-    hits: int = 0
-    misses: int = 0
-    loads: int = 0
-    evictions: int = 0
-    load_seconds: list[float] = field(default_factory=list)
-
-
 def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,7 +93,6 @@ class Engine:
         self.store = store
         self.config = config or EngineConfig()
         self.events = events or EngineEvents()
-        self.stats = EngineStats()
         self.device = pick_device(self.config.device)
         on_cuda = self.device.type == "cuda"
         self.dtype = _DTYPES[self.config.dtype] if on_cuda else torch.float32
@@ -129,19 +101,19 @@ class Engine:
         )
         self.net, self.backbone_name = self._load_backbone()
         self.fingerprint = self.net.fingerprint()
-        self.net.enable_bank(self.config.bank_slots)
+        # One slot more than the residency uses: the scratch slot an upload is tried in.
+        self.net.enable_bank(self.config.bank_slots + 1)
+        self._scratch = self.config.bank_slots
 
         self._net_lock = threading.Lock()
         """Held for every forward and bank change, so a slot never changes under a forward that reads it."""
-        self._state_lock = threading.Lock()
-        """Guards the dictionaries below (short critical sections only)."""
-        self._resident: OrderedDict[DomainKey, _Slot] = OrderedDict()  # LRU order: oldest first
-        self._merged: OrderedDict[int, None] = OrderedDict()  # slots with merged weights, LRU order
-        self._inflight: dict[DomainKey, Future[_Fetched]] = {}
-        self._staged: OrderedDict[DomainKey, _Fetched] = OrderedDict()  # prefetched, not yet in the bank
-        self._active: dict[str, tuple[DomainKey, DomainManifest]] = {}
-        self._revision = store.revision()
-        self._revision_checked = time.monotonic()
+        self.versions = ActiveVersions(store, self.config.revision_poll_s)
+        self.residency = Residency(
+            store, self.net, slots=self.config.bank_slots, merged_cache=self.config.merged_cache,
+            verify_checksums=self.config.verify_checksums, events=self.events,
+            eviction=self.config.bank_eviction,
+        )  # fmt: skip
+        self.stats: EngineStats = self.residency.stats
         self._micro: dict[int, int] = {}
         """Input side -> the micro-batch measured best at warm-up."""
         self.warm = False
@@ -164,177 +136,93 @@ class Engine:
         """The tensors a domain manifest implies on this backbone (the upload validator's `spec_for`)."""
         return spec_for(self.net)(manifest)
 
-    # -- which version serves a domain ------------------------------------------------------------
+    # -- which version serves a domain (server.versions) -------------------------------------------
     def notice_store_change(self) -> None:
         """Forget cached active versions (after this process wrote to the store)."""
-        with self._state_lock:
-            self._active.clear()
-            self._revision = self.store.revision()
-            self._revision_checked = time.monotonic()
-
-    def _poll_revision(self) -> None:
-        now = time.monotonic()
-        if now - self._revision_checked < self.config.revision_poll_s:
-            return
-        revision = self.store.revision()
-        with self._state_lock:
-            self._revision_checked = now
-            if revision != self._revision:  # another process (or replica's admin) changed the store
-                self._revision = revision
-                self._active.clear()
+        self.versions.notice_store_change()
 
     def resolve(self, domain: str) -> DomainKey:
         """The key of the domain's active version; raises the store's DomainNotFound/VersionNotFound."""
-        return self.resolve_with_manifest(domain)[0]
+        return self.versions.resolve(domain)[0]
 
     def resolve_with_manifest(self, domain: str) -> tuple[DomainKey, DomainManifest]:
-        self._poll_revision()
-        with self._state_lock:
-            cached = self._active.get(domain)
-        if cached is not None:
-            return cached
-        stored = self.store.get(domain)
-        entry = (DomainKey(domain, stored.version), stored.manifest)
-        with self._state_lock:
-            self._active[domain] = entry
-        return entry
+        return self.versions.resolve(domain)
+
+    def cached_active(self, domain: str) -> tuple[DomainKey, DomainManifest] | None:
+        """`resolve_with_manifest` when it needs no store read, else None (for an event loop)."""
+        return self.versions.cached(domain)
+
+    def cached_manifest(self, key: DomainKey) -> DomainManifest | None:
+        """`manifest(key)` when it is resident or active (no store read), else None."""
+        resident = self.residency.manifest(key)
+        if resident is not None:
+            return resident
+        active = self.versions.cached(key.domain)
+        return active[1] if active is not None and active[0] == key else None
 
     def manifest(self, key: DomainKey) -> DomainManifest:
-        with self._state_lock:
-            slot = self._resident.get(key)
-            active = self._active.get(key.domain)
-        if slot is not None:
-            return slot.manifest
-        if active is not None and active[0] == key:
-            return active[1]
-        return self.store.get(key.domain, key.version).manifest
+        cached = self.cached_manifest(key)
+        return cached if cached is not None else self.store.get(key.domain, key.version).manifest
 
-    # -- residency --------------------------------------------------------------------------------
+    # -- residency (server.residency) -------------------------------------------------------------
     def resident(self) -> list[DomainKey]:
-        with self._state_lock:
-            return list(self._resident)
+        return self.residency.resident()
 
     def is_resident(self, domain: str) -> bool:
-        with self._state_lock:
-            return any(k.domain == domain for k in self._resident)
-
-    def _fetch(self, key: DomainKey) -> _Fetched:
-        """Read one artifact from the store; concurrent callers for the same key share one read."""
-        with self._state_lock:
-            future = self._inflight.get(key)
-            owner = future is None
-            if owner:
-                future = self._inflight[key] = Future()
-        assert future is not None
-        if not owner:
-            return future.result()
-        try:
-            stored = self.store.get(key.domain, key.version)
-            data = stored.read_tensor_bytes(verify=self.config.verify_checksums)
-            tensors = load_safetensors(data)
-            config = adapter_config(stored.manifest.adapter)
-            fetched = _Fetched(stored.manifest, config, tensors)
-            future.set_result(fetched)
-            return fetched
-        except BaseException as exc:
-            future.set_exception(exc)
-            raise
-        finally:
-            with self._state_lock:
-                self._inflight.pop(key, None)
+        return any(k.domain == domain for k in self.residency.resident())
 
     def prefetch(self, key: DomainKey) -> None:
         """Read a non-resident domain from the store ahead of its batch (no-op when resident or staged)."""
-        with self._state_lock:
-            if key in self._resident or key in self._staged:
-                return
-        fetched = self._fetch(key)
-        with self._state_lock:
-            if key not in self._resident:
-                self._staged[key] = fetched
-                while len(self._staged) > self.config.bank_slots:  # bounded: forget the oldest
-                    self._staged.popitem(last=False)
-
-    def _free_slot(self, keep: set[DomainKey]) -> int:
-        """A free slot index, evicting the least recently used domain not in `keep` if needed."""
-        used = {s.index for s in self._resident.values()}
-        for i in range(self.config.bank_slots):
-            if i not in used:
-                return i
-        for key, slot in self._resident.items():  # oldest first
-            if key not in keep:
-                del self._resident[key]
-                self._merged.pop(slot.index, None)
-                self.net.bank_clear(slot.index)
-                self.stats.evictions += 1
-                self.events.bank_evict(key)
-                self.events.domain_dropped(key)
-                return slot.index
-        raise EngineError(f"a batch needs more than {self.config.bank_slots} resident domains")
-
-    def _ensure_resident(self, keys: Sequence[DomainKey]) -> dict[DomainKey, int]:
-        """Slots for `keys` (loading misses); call with the net lock held."""
-        wanted = set(keys)
-        slots: dict[DomainKey, int] = {}
-        for key in dict.fromkeys(keys):
-            with self._state_lock:
-                slot = self._resident.get(key)
-                if slot is not None:
-                    self._resident.move_to_end(key)
-            if slot is not None:
-                self.stats.hits += 1
-                self.events.bank_hit(key)
-                slots[key] = slot.index
-                continue
-            self.stats.misses += 1
-            self.events.bank_miss(key)
-            slots[key] = self._load(key, wanted)
-        return slots
-
-    def _load(self, key: DomainKey, keep: set[DomainKey]) -> int:
-        start = time.perf_counter()
-        with self._state_lock:
-            staged = self._staged.pop(key, None)
-        fetched = staged if staged is not None else self._fetch(key)
-        with self._state_lock:
-            index = self._free_slot(keep)
-        try:
-            self.net.bank_load(index, fetched.config, fetched.tensors)
-        except (DomainMismatch, ValueError, KeyError) as exc:
-            raise DomainUnavailable(
-                f"{key.domain} v{key.version} cannot be loaded into the bank: {exc}"
-            ) from exc
-        with self._state_lock:
-            self._resident[key] = _Slot(index, key, fetched.manifest)
-            count = len(self._resident)
-        seconds = time.perf_counter() - start
-        self.stats.loads += 1
-        self.stats.load_seconds.append(seconds)
-        del self.stats.load_seconds[:-1000]
-        self.events.bank_load(key, seconds)
-        self.events.resident_changed(count)
-        return index
+        self.residency.prefetch(key)
 
     def load(self, key: DomainKey) -> int:
         """Make `key` resident (a no-op when it is) and return its slot."""
         with self._net_lock:
-            return self._ensure_resident([key])[key]
+            return self.residency.ensure([key])[key]
 
     def evict(self, domain: str, version: int | None = None) -> int:
-        """Drop a domain's resident versions (all, or one); returns how many slots were freed."""
-        with self._net_lock, self._state_lock:
-            gone = [k for k in self._resident if k.domain == domain and version in (None, k.version)]
-            for key in gone:
-                slot = self._resident.pop(key)
-                self._merged.pop(slot.index, None)
-                self.net.bank_clear(slot.index)
-            self._active.pop(domain, None)
-            count = len(self._resident)
-        for key in gone:
-            self.events.domain_dropped(key)
-        if gone:
-            self.events.resident_changed(count)
-        return len(gone)
+        """Drop a deleted domain's versions (all, or one): out of the bank, and never loaded again from
+        a read begun before now; returns how many slots were freed."""
+        with self._net_lock:
+            freed = self.residency.drop(domain, version)
+        self.versions.forget(domain)
+        return freed
+
+    # -- trying an upload -------------------------------------------------------------------------
+    def trial(self, manifest: DomainManifest, tensors: dict[str, Tensor]) -> None:
+        """Load an artifact into the scratch slot and run a probe batch through the bank's path and the
+        merged one; `ArtifactInvalid` unless it loads and every logit is finite (finite weights can still
+        overflow: BN scales of 1e4 over sqrt(1e-5), layer after layer). Holds the network's lock for
+        one probe forward per path (and the merge), as a bank load does."""
+        config = adapter_config(manifest.adapter)
+        pre = manifest.preprocessing
+        side = pre.input_size
+        g = torch.Generator().manual_seed(0)
+        probe = torch.stack(
+            [
+                torch.full((side, side, 3), 128, dtype=torch.uint8),
+                torch.randint(0, 256, (side, side, 3), generator=g, dtype=torch.uint8),
+            ]
+        ).to(self.device)
+        x = normalise(probe, pre.mean, pre.std, layout="nhwc").to(self.dtype)
+        x = x.contiguous(memory_format=self.memory_format)
+        problem: str | None = None
+        with self._net_lock, torch.inference_mode():
+            try:
+                self.net.bank_load(self._scratch, config, tensors)
+            except (DomainMismatch, ValueError, KeyError, RuntimeError) as exc:
+                raise ArtifactInvalid(
+                    [Problem("tensors", f"the bank cannot load it: {exc}", "load")]
+                ) from None
+            try:
+                for path, forward in (("bank", self.net.forward_slot), ("merged", self.net.forward_merged)):
+                    if not bool(torch.isfinite(forward(x, self._scratch)).all()):
+                        problem = f"a probe batch gives non-finite logits on the {path} path"
+                        break
+            finally:
+                self.net.bank_clear(self._scratch)
+        if problem is not None:
+            raise ArtifactInvalid([Problem("tensors", f"the artifact cannot be served: {problem}", "trial")])
 
     # -- inference --------------------------------------------------------------------------------
     def infer(
@@ -343,7 +231,7 @@ class Engine:
         """Classify a batch: row i with domain version keys[i]. Images are preprocessed [B, 3, S, S]."""
         if len(keys) != images.shape[0]:
             raise ValueError(f"{len(keys)} keys for {images.shape[0]} images")
-        return self._infer(keys, lambda _: images.to(self.device, self.dtype, non_blocking=True), top_k)
+        return self._infer(keys, lambda: images.to(self.device, self.dtype, non_blocking=True), top_k)
 
     def infer_pixels(
         self, keys: Sequence[DomainKey], pixels: Tensor, top_k: int | Sequence[int] = 5
@@ -372,17 +260,13 @@ class Engine:
         return x
 
     def _infer(
-        self,
-        keys: Sequence[DomainKey],
-        prepare: Callable[[dict[DomainKey, DomainManifest]], Tensor],
-        top_k: int | Sequence[int],
+        self, keys: Sequence[DomainKey], prepare: Callable[[], Tensor], top_k: int | Sequence[int]
     ) -> list[Prediction]:
         ks = [top_k] * len(keys) if isinstance(top_k, int) else list(top_k)
         with self._net_lock, torch.inference_mode():
-            slots = self._ensure_resident(keys)
-            with self._state_lock:
-                manifests = {k: self._resident[k].manifest for k in slots}
-            x = prepare(manifests).contiguous(memory_format=self.memory_format)
+            slots = self.residency.ensure(keys)
+            manifests = {k: self.manifest(k) for k in slots}  # resident now: no store read
+            x = prepare().contiguous(memory_format=self.memory_format)
             distinct = list(slots)
             step = self.micro_batch(x.shape[-1]) or x.shape[0]
             if len(distinct) == 1:
@@ -393,25 +277,27 @@ class Engine:
                     [self.net(c, i) for c, i in zip(x.split(step), index.split(step), strict=True)]
                 )
             probs = torch.softmax(logits.float(), dim=1)
-            if len(distinct) > 1:
-                # Rank only each row's own classes: a saturated softmax gives real classes exactly 0 too,
-                # and they must not tie with the padding of a domain with fewer classes.
-                classes = torch.tensor([len(manifests[k].labels) for k in keys], device=probs.device)
-                pad = torch.arange(probs.shape[1], device=probs.device)[None, :] >= classes[:, None]
-                probs = probs.masked_fill(pad, -1.0)
+            # Ranked by logit, not probability: a saturated softmax gives real classes exactly 0 too, and
+            # they must not tie with the padding of narrower heads (the network's -inf logits).
             k_max = min(max(ks), probs.shape[1])
-            values, indices = probs.topk(k_max, dim=1)
-        values_l, indices_l = values.cpu().tolist(), indices.cpu().tolist()
-        out = []
+            ranked = logits.float().topk(k_max, dim=1).indices
+            values = probs.gather(1, ranked)
+            finite = torch.isfinite(probs).all(dim=1)
+        values_l, indices_l, finite_l = values.cpu().tolist(), ranked.cpu().tolist(), finite.cpu().tolist()
+        out: list[Prediction | None] = []
         for row, key in enumerate(keys):
+            if not finite_l[row]:
+                out.append(None)
+                continue
             labels = manifests[key].labels
-            k = min(ks[row], len(labels))
-            top = [
-                LabelScore(i, labels[i], p)
-                for i, p in zip(indices_l[row][:k], values_l[row][:k], strict=True)
-            ]
-            out.append(Prediction(key, top))
-        return out
+            ranks = [(i, p) for i, p in zip(indices_l[row], values_l[row], strict=True) if i < len(labels)]
+            out.append(Prediction(key, [LabelScore(i, labels[i], p) for i, p in ranks[: ks[row]]]))
+        if any(p is None for p in out):
+            bad = sorted({f"{k.domain} v{k.version}" for k, p in zip(keys, out, strict=True) if p is None})
+            raise NonFiniteOutput(
+                f"the network's output for {', '.join(bad)} is not finite (NaN or infinite logits)", out
+            )
+        return out  # type: ignore[return-value]
 
     def micro_batch(self, side: int) -> int | None:
         """The batch the device runs best at this input side (measured at warm-up), None: any size."""
@@ -448,16 +334,9 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
     def _forward_single(self, x: Tensor, slot: int) -> Tensor:
-        if self.config.merged_cache <= 0:
-            return self.net.forward_slot(x, slot)
-        with self._state_lock:
-            if slot in self._merged:
-                self._merged.move_to_end(slot)
-            else:
-                self._merged[slot] = None
-                while len(self._merged) > self.config.merged_cache:
-                    self.net.unmerge(self._merged.popitem(last=False)[0])
-        return self.net.forward_merged(x, slot)
+        if self.residency.use_merged(slot):
+            return self.net.forward_merged(x, slot)
+        return self.net.forward_slot(x, slot)
 
     def warm_up(self, largest_batch: int | None = None, domains: Sequence[str] | None = None) -> None:
         """One forward through each path so the first request pays no one-off costs, with two of `domains`
@@ -503,6 +382,4 @@ def process_rss_bytes() -> int:
             pages = int(f.read().split()[1])
     except (OSError, ValueError, IndexError):
         return 0
-    import os
-
     return pages * os.sysconf("SC_PAGE_SIZE")

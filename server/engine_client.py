@@ -28,13 +28,17 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from server.errors import EngineUnavailable, QueueFull
+from adapters_store.errors import DomainNotFound, VersionNotFound
+from server.errors import EngineUnavailable, QueueFull, StaleVersion
 from server.logs import current_request_id
 from server.protocol import BadMessage, Message, affinity, announce, decode, encode
 from server.shm import Lease, PixelSlab
 from server.wire_errors import from_wire
 
 log = logging.getLogger("server.engine_client")
+
+_RESOLVE_CACHE = 4096
+"""Most resolve answers a front end keeps (then it starts afresh)."""
 
 
 class PixelLease:
@@ -54,6 +58,12 @@ class EngineClient(ABC):
     """What routes need from the engines; every method raises the server's or store's own errors."""
 
     count: int = 1
+
+    def __init__(self) -> None:
+        self._resolved: dict[tuple[str, int | None], Message] = {}
+        """(domain, pinned version or None) -> the engine's resolve answer."""
+        self._queue_state: dict[int, tuple[int, int]] = {}
+        """engine -> (images queued, retry-after seconds) from its latest answer."""
 
     @abstractmethod
     def ready(self) -> bool:
@@ -75,12 +85,40 @@ class EngineClient(ABC):
     def lease(self, count: int, side: int) -> PixelLease:
         """Room for a request's pixels (raises QueueFull when there is none)."""
 
-    @abstractmethod
     async def classify(
-        self, domain: str, version: int, lease: PixelLease, top_k: int, deadline_s: float | None = None
+        self,
+        resolved: Message,
+        lease: PixelLease,
+        top_k: int,
+        *,
+        check: bool = True,
+        deadline_s: float | None = None,
     ) -> list[list[Any]]:
-        """Per image [[index, label, probability], ...] from the engine serving `domain`; the engine drops
-        images still queued `deadline_s` seconds from now (DeadlineExceeded)."""
+        """Per image [[index, label, probability], ...] from the engine serving the domain, with the
+        version `resolved` names (from `resolve`); `check`: the engine refuses with `StaleVersion` when that
+        is no longer the domain's active version (or, pinned, no longer stored as it was); the engine
+        drops images still queued `deadline_s` seconds from now (DeadlineExceeded)."""
+        domain = str(resolved["domain"])
+        engine = self.engine_for(domain)
+        try:
+            reply = await self._classify(
+                engine, domain, int(resolved["version"]), lease, top_k,
+                sha256=str(resolved["sha256"]) if check else None, pinned=bool(resolved["pinned"]),
+                deadline_s=deadline_s,
+            )  # fmt: skip
+        except (StaleVersion, DomainNotFound, VersionNotFound):
+            self.forget(domain)
+            raise
+        self._queue_state[engine] = (int(reply["queued"]), int(reply["retry_after"]))
+        return list(reply["results"])
+
+    @abstractmethod
+    async def _classify(
+        self, engine: int, domain: str, version: int, lease: PixelLease, top_k: int, *,
+        sha256: str | None, pinned: bool, deadline_s: float | None = None,
+    ) -> Message:  # fmt: skip
+        """The engine's classify reply: `results`, the `version` served and its queue's state; the engine
+        drops images still queued `deadline_s` seconds from now (DeadlineExceeded)."""
 
     @abstractmethod
     async def start(self) -> None:
@@ -94,9 +132,26 @@ class EngineClient(ABC):
     def engine_for(self, domain: str) -> int:
         return affinity(domain, self.count)
 
-    async def resolve(self, domain: str, version: int | None = None) -> Message:
-        """The active version (or the pinned `version`) with its preprocessing and the queue's state."""
-        return await self.call(self.engine_for(domain), "resolve", domain=domain, version=version)
+    async def resolve(self, domain: str, version: int | None = None, *, fresh: bool = False) -> Message:
+        """The active version (or the pinned `version`) with its preprocessing, and the engine's queue
+        state as of its latest answer. Cached per front end (`fresh`: ask the engine): the engine checks
+        a cached answer when the request is classified (`StaleVersion`), so the cache saves a round trip
+        per request and is never trusted for which version serves."""
+        engine = self.engine_for(domain)
+        cached = None if fresh else self._resolved.get((domain, version))
+        if cached is None:
+            cached = await self.call(engine, "resolve", domain=domain, version=version)
+            if len(self._resolved) >= _RESOLVE_CACHE:
+                self._resolved.clear()  # bounded: a flood of pinned versions cannot grow it
+            self._resolved[(domain, version)] = cached
+            self._queue_state[engine] = (int(cached["queued"]), int(cached["retry_after"]))
+        queued, retry_after = self._queue_state.get(engine, (0, 1))
+        return {**cached, "queued": queued, "retry_after": retry_after}
+
+    def forget(self, domain: str) -> None:
+        """Drop the domain's cached resolves (after a change through this front end, or an error)."""
+        for key in [k for k in self._resolved if k[0] == domain]:
+            self._resolved.pop(key, None)
 
     async def upload(
         self, domain: str, manifest: bytes, tensors: bytes, filename: str | None, activate: bool
@@ -105,16 +160,21 @@ class EngineClient(ABC):
             self.engine_for(domain), "upload", domain=domain, manifest=manifest, tensors=tensors,
             filename=filename, activate=activate,
         )  # fmt: skip
+        self.forget(domain)
         await self._announce(domain, None, evict=False)
         return int(reply["version"])
 
     async def activate(self, domain: str, version: int | None) -> int:
         reply = await self.call(self.engine_for(domain), "activate", domain=domain, version=version)
+        self.forget(domain)
         await self._announce(domain, None, evict=False)
         return int(reply["version"])
 
     async def delete(self, domain: str, version: int | None) -> None:
-        await self.call(self.engine_for(domain), "delete", domain=domain, version=version)
+        try:
+            await self.call(self.engine_for(domain), "delete", domain=domain, version=version)
+        finally:
+            self.forget(domain)
         await self._announce(domain, version, evict=True)
 
     async def _announce(self, domain: str, version: int | None, evict: bool) -> None:
@@ -142,15 +202,20 @@ class EngineClient(ABC):
         detail["resident_versions"] = sorted({v for r in replies for v in r["domain"]["resident_versions"]})
         return detail
 
-    async def metrics_texts(self) -> list[bytes]:
-        """Each ready engine's own Prometheus text (an engine that is down contributes nothing)."""
-        out = []
+    async def metrics_texts(self) -> tuple[list[bytes], set[str] | None]:
+        """Each ready engine's own Prometheus text (an engine that is down contributes nothing), and the
+        store's domains as an engine lists them (None when no engine answered): series of any other
+        domain (deleted) are left out of /metrics."""
+        out, domains = [], None
         for i in range(self.count):
             try:
-                out.append(bytes((await self.call(i, "metrics"))["text"]))
+                reply = await self.call(i, "metrics")
             except EngineUnavailable:
                 out.append(b"")
-        return out
+                continue
+            out.append(bytes(reply["text"]))
+            domains = {str(d) for d in reply.get("domains", [])}
+        return out, domains
 
 
 class _Connection:
@@ -182,6 +247,7 @@ class RemoteEngines(EngineClient):
     def __init__(
         self, endpoints: list[str], slab: PixelSlab, *, timeout_s: float = 120.0, name: str = "frontend"
     ) -> None:
+        super().__init__()
         self.endpoints = endpoints
         self.count = len(endpoints)
         self.slab = slab
@@ -298,13 +364,13 @@ class RemoteEngines(EngineClient):
             )
         return PixelLease(shared.array, shared)
 
-    async def classify(
-        self, domain: str, version: int, lease: PixelLease, top_k: int, deadline_s: float | None = None
-    ) -> list[list[Any]]:
+    async def _classify(
+        self, engine: int, domain: str, version: int, lease: PixelLease, top_k: int, *,
+        sha256: str | None, pinned: bool, deadline_s: float | None = None,
+    ) -> Message:  # fmt: skip
         assert lease.shared is not None
-        reply = await self.call(
-            self.engine_for(domain), "classify", domain=domain, version=version, slab=self.slab.name,
+        return await self.call(
+            engine, "classify", domain=domain, version=version, slab=self.slab.name,
             offset=lease.shared.offset, count=len(lease.array), side=lease.array.shape[1], top_k=top_k,
-            deadline_s=deadline_s,
+            sha256=sha256, pinned=pinned, deadline_s=deadline_s,
         )  # fmt: skip
-        return list(reply["results"])

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from server.eviction import EvictionName
+
 
 class EngineConfig(BaseModel):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
@@ -17,7 +19,12 @@ class EngineConfig(BaseModel):
     channels_last: bool = False
     """channels_last memory format of the backbone and inputs on CUDA (ignored on the CPU)."""
     bank_slots: int = Field(default=16, ge=1, le=4096)
-    """Resident domains (adapter bank slots); least recently used ones are evicted."""
+    """Resident domains (adapter bank slots); `bank_eviction` picks which one leaves for a new one. The
+    bank holds one slot more, the scratch slot an upload is tried in."""
+    bank_eviction: EvictionName = "lfu"
+    """Which resident domain a miss evicts (server/eviction.py): "lfu", the one with the fewest recent
+    requests (counts kept for every domain seen, halved every 10 x bank_slots requests), so a Zipf tail
+    of one-off domains does not push the hot ones out; or "lru", the least recently used."""
     merged_cache: int = Field(default=4, ge=0)
     """Domains whose merged (folded) weights are kept for single-domain batches (each costs about one
     backbone's conv weights); 0 disables merging."""

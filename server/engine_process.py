@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextvars
+import functools
 import logging
 import os
 import signal
@@ -57,7 +58,7 @@ class EngineProcess:
             "store_changed": s.store_changed,
             "listing": lambda: {"domains": s.listing()},
             "describe": lambda domain, version=None: {"domain": s.describe(domain, version)},
-            "metrics": lambda: {"text": s.metrics_text()},
+            "metrics": lambda: {"text": s.metrics_text(), "domains": s.store.list_domains()},
         }
 
     async def serve(self) -> None:
@@ -133,15 +134,28 @@ class EngineProcess:
         count: int,
         side: int,
         top_k: int,
+        sha256: str | None = None,
+        pinned: bool = False,
         deadline_s: float | None = None,
     ) -> Message:
         if self.draining:
             raise EngineUnavailable("the engine is shutting down")
+        service = self.service
+        # The check of the front end's cached resolve runs here on the event loop when the engine's own
+        # cache answers it (the common case: no thread hop per request), else in the pool.
+        key = service.serving_key(domain, version, sha256, pinned, may_block=False)
+        if key is None:
+            loop = asyncio.get_running_loop()
+            check = functools.partial(service.serving_key, domain, version, sha256, pinned)
+            key = await loop.run_in_executor(self.pool, contextvars.copy_context().run, check)
+        assert key is not None
         pixels = self.slabs.view(slab, offset, count, side)
-        futures = self.service.submit(domain, version, pixels, top_k, deadline_s)
+        futures = service.submit(domain, version, pixels, top_k, deadline_s)
         predictions = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-        log.info("classified %d images in %s version %d", count, domain, version)
-        return ok(results=[prediction_values(p) for p in predictions])
+        log.debug("classified %d images in %s version %d", count, domain, version)
+        return ok(
+            results=[prediction_values(p) for p in predictions], version=version, **service.queue_state()
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

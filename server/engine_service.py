@@ -5,8 +5,8 @@ the in-process transport (`server.engine_client.LocalEngine`) calls them directl
 the channel's: str, int, float, lists, dicts, bytes, and numpy uint8 pixels for `submit`.
 
 It owns the store, the engine, the batcher and the engine's metrics; uploads are validated against the
-running backbone here (it alone has the model) and trial-loaded (tensors parsed as the bank will load
-them) before anything is stored.
+running backbone here (it alone has the model) and tried (loaded into a scratch bank slot and run on a
+probe batch: refused unless the logits are finite) before anything is stored.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors  # safetensors only: never pickle
 
 from adapters_store.errors import ArtifactInvalid, Problem, VersionNotFound
-from adapters_store.manifest import AdapterSettings
+from adapters_store.manifest import DomainManifest
 from adapters_store.open import open_store
 from adapters_store.store import AdapterStore
 from adapters_store.validation import validate_domain_artifact
@@ -29,6 +29,7 @@ from model_artifacts import adapter_config
 from server.batcher import Batcher
 from server.engine import DomainKey, Engine, EngineConfig, Prediction
 from server.engine_metrics import EngineMetrics
+from server.errors import StaleVersion
 from server.protocol import affinity
 from server.settings import Settings
 
@@ -98,12 +99,48 @@ class EngineService:
         return {
             "domain": key.domain,
             "version": key.version,
+            "pinned": version is not None,
+            "sha256": manifest.sha256,
             "preprocessing": manifest.preprocessing.model_dump(mode="json"),
             "classes": len(manifest.labels),
+            **self.queue_state(),
+        }
+
+    def queue_state(self) -> dict[str, int]:
+        """What a front end's admission reads (sent with every resolve and classify answer)."""
+        return {
             "queued": self.batcher.depth,
             "max_queue": self.batcher.max_queue,
             "retry_after": self.batcher.retry_after(),
         }
+
+    def serving_key(
+        self, domain: str, version: int, sha256: str | None, pinned: bool, *, may_block: bool = True
+    ) -> DomainKey | None:
+        """The key a classify request is served with, once checked: a front end resolves from its cache,
+        so the version its pixels were prepared for (`version`, whose tensors have `sha256`) must still be
+        the active one (or, `pinned`, still be stored as it was). Raises `StaleVersion` when it is not (the
+        front end resolves again and prepares the pixels anew), the store's errors when it is gone.
+        `sha256` None: serve `version` unchecked. With `may_block` False, None when checking needs a store
+        read (the caller runs it again off its event loop)."""
+        key = DomainKey(domain, version)
+        if sha256 is None:
+            return key
+        if pinned:
+            manifest = self.engine.cached_manifest(key)
+            if manifest is None:
+                if not may_block:
+                    return None
+                manifest = self.engine.manifest(key)
+            current = (key, manifest)
+        else:
+            cached = self.engine.cached_active(domain)
+            if cached is None and not may_block:
+                return None
+            current = cached if cached is not None else self.engine.resolve_with_manifest(domain)
+        if current[0] != key or current[1].sha256 != sha256:
+            raise StaleVersion(f"{domain} v{version} is no longer what the request resolved to")
+        return key
 
     def submit(
         self, domain: str, version: int, pixels: np.ndarray, top_k: int, deadline_s: float | None = None
@@ -128,18 +165,20 @@ class EngineService:
         if validated.manifest.domain != domain:
             msg = f"the manifest is for domain {validated.manifest.domain!r}, uploaded to {domain!r}"
             raise ArtifactInvalid([Problem("manifest.domain", msg, "domain")])
-        self._trial_load(validated.manifest.adapter, tensors)
+        self._trial(validated.manifest, tensors)
         version = self.store.put(validated, activate=activate)
         engine.notice_store_change()
         return version
 
-    def _trial_load(self, adapter: AdapterSettings, tensors: bytes) -> None:
-        """Parse the tensors and adapter config exactly as a bank load will (no slot is touched)."""
+    def _trial(self, manifest: DomainManifest, tensors: bytes) -> None:
+        """Parse the tensors as a bank load will, then load them into the engine's scratch slot and run a
+        probe batch (`Engine.trial`): refused unless every logit is finite."""
         try:
-            adapter_config(adapter)
-            load_safetensors(tensors)
+            adapter_config(manifest.adapter)
+            parsed = load_safetensors(tensors)
         except (ValueError, KeyError, TypeError) as exc:
             raise ArtifactInvalid([Problem("tensors", f"the bank cannot load it: {exc}", "load")]) from None
+        self.engine.trial(manifest, parsed)
 
     def activate(self, domain: str, version: int | None) -> int:
         """Activate `version`, or roll back when it is None."""

@@ -92,6 +92,26 @@ class EngineUnavailable(ServerError):
     status, code = 503, "engine_unavailable"
 
 
+class StaleVersion(ServerError):
+    """A front end's cached resolve is out of date (another version was activated, or the domain was
+    re-created): the front end resolves again and retries, so a client sees this only after repeated
+    races with activations."""
+
+    status, code = 409, "stale_version"
+
+
+class NonFiniteOutput(ServerError):
+    """The network's output for some rows of a batch is NaN or infinite (weights or an input that
+    overflow float): those rows fail, never answered with null probabilities; the others are answered.
+    `predictions`: the batch's answers, None for the failed rows (engine-side only; not sent)."""
+
+    status, code = 500, "non_finite_output"
+
+    def __init__(self, message: str, predictions: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.predictions = predictions or []
+
+
 class EngineError(Exception):
     """Base class of the engine's own failures (no HTTP meaning of their own)."""
 

@@ -6,10 +6,11 @@ Admission limits and where they hold (K = `MD_WORKERS` front ends, E = engines):
   K * ceil(limit / K). Requests still arriving are bounded by the connection limits and the body
   buffer (`server.connection_limits`), not by this.
 - `max_queue` is enforced exactly by each engine when images are submitted (its queue is global to all
-  front ends). Before decoding, a front end also refuses when the engine's queue (as of this request's
-  resolve) plus the images this front end is decoding plus the request's would pass it, so overload is
-  refused before decoding; other front ends' images being decoded are not seen there, so up to K times
-  the limit can be decoded at once and the excess gets 429 at submit.
+  front ends). Before decoding, a front end also refuses when the engine's queue (as of the engine's
+  latest answer to this front end: every resolve and classify answer carries it) plus the images this
+  front end is decoding plus the request's would pass it, so overload is refused before decoding;
+  other front ends' images being decoded are not seen there, so up to K times the limit can be decoded
+  at once and the excess gets 429 at submit.
 - `max_pixels_decoding` is split like `max_requests_in_flight`: each front end admits requests while the
   pixels it has admitted and not yet decoded, the request's included, stay within its share S =
   ceil(limit / K) (429 with Retry-After beyond it). Decoding is what costs here, and it grows with pixels,

@@ -41,14 +41,34 @@ class HttpMetrics:
         self.requests.labels(*values).inc()
         self.latency.labels(*values).observe(seconds)
 
-    def render(self, engine_texts: list[bytes]) -> bytes:
+    def render(self, engine_texts: list[bytes], domains: set[str] | None = None) -> bytes:
+        """The front ends' series (summed) and the engines'; with `domains` (the store's), series labelled
+        with any other domain are left out: a deleted domain's counters leave /metrics with it (the
+        multiprocess files cannot forget a label set, so it is filtered here)."""
         if self.multiprocess:
             summed = CollectorRegistry()
             MultiProcessCollector(summed)  # every front end's files, this one's included
             own = generate_latest(summed)
         else:
             own = generate_latest(self.registry)
+        if domains is not None:
+            own = _without_domains(own, domains)
         return own + merge_engine_metrics(engine_texts)
+
+
+def _without_domains(text: bytes, domains: set[str]) -> bytes:
+    """`text` less the samples whose `domain` label names a domain not in `domains` ("" is kept)."""
+    families = []
+    for family in text_string_to_metric_families(text.decode()):
+        kept = [
+            s for s in family.samples if s.labels.get("domain", "") in domains or not s.labels.get("domain")
+        ]
+        out = Metric(family.name, family.documentation, family.type, family.unit)
+        out.samples = kept
+        families.append(out)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families))  # type: ignore[arg-type]
+    return generate_latest(registry)
 
 
 class _Families:

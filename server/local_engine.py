@@ -24,6 +24,7 @@ log = logging.getLogger("server.local_engine")
 
 class LocalEngine(EngineClient):
     def __init__(self, service: EngineService) -> None:
+        super().__init__()
         self.service = service
         self.count = 1
         self._ops: dict[str, Callable[..., Any]] = {
@@ -34,7 +35,7 @@ class LocalEngine(EngineClient):
             "store_changed": service.store_changed,
             "listing": lambda: {"domains": service.listing()},
             "describe": lambda domain, version=None: {"domain": service.describe(domain, version)},
-            "metrics": lambda: {"text": service.metrics_text()},
+            "metrics": lambda: {"text": service.metrics_text(), "domains": service.store.list_domains()},
         }
 
     def ready(self) -> bool:
@@ -52,13 +53,18 @@ class LocalEngine(EngineClient):
     def lease(self, count: int, side: int) -> PixelLease:
         return PixelLease(np.empty((count, side, side, 3), dtype=np.uint8))
 
-    async def classify(
-        self, domain: str, version: int, lease: PixelLease, top_k: int, deadline_s: float | None = None
-    ) -> list[list[Any]]:
-        futures = self.service.submit(domain, version, lease.array, top_k, deadline_s)
+    async def _classify(
+        self, engine: int, domain: str, version: int, lease: PixelLease, top_k: int, *,
+        sha256: str | None, pinned: bool, deadline_s: float | None = None,
+    ) -> Message:  # fmt: skip
+        service = self.service
+        if service.serving_key(domain, version, sha256, pinned, may_block=False) is None:
+            await asyncio.to_thread(service.serving_key, domain, version, sha256, pinned)
+        futures = service.submit(domain, version, lease.array, top_k, deadline_s)
         predictions = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-        log.info("classified %d images in %s version %d", len(lease.array), domain, version)
-        return [prediction_values(p) for p in predictions]
+        log.debug("classified %d images in %s version %d", len(lease.array), domain, version)
+        return {"results": [prediction_values(p) for p in predictions], "version": version,
+                **service.queue_state()}  # fmt: skip
 
     async def refresh(self) -> None:
         """Nothing to do: `info` is read from the service each time."""

@@ -5,10 +5,10 @@ as the streamed bytes pass the limit, so memory never holds more than the limit.
 body's bytes in the front end's body buffer (`server.connection_limits`) before reading them, refusing
 with 503 `body_buffer_full` what does not fit (this client's share or the whole buffer).
 `RequestRecords` gives every request its `X-Request-Id` (`server.logs`) and echoes it, records the
-request's route, domain and status with its latency, logs one line for it, and names the front-end
-process that answered in an `x-md-frontend` header. A client that left before its answer began (its
-body cut short) is counted with status "disconnect" and logged at debug level; one whose body missed
-the deadline, with the 408 the protocol sent it.
+request's route, domain and status with its latency, logs one line for it (DEBUG; WARNING for a
+5xx), and names the front-end process that answered in an `x-md-frontend` header. A client that left
+before its answer began (its body cut short) is counted with status "disconnect" and logged at debug
+level; one whose body missed the deadline, with the 408 the protocol sent it.
 """
 
 from __future__ import annotations
@@ -153,6 +153,9 @@ class RequestRecords:
             route_label = getattr(route, "path", "unmatched")
             domain = scope.get("state", {}).get("metrics_domain", "")
             self.metrics.observe_request(route_label, domain, status, seconds)
-            level = logging.DEBUG if status == "disconnect" else logging.INFO
-            log.log(level, "%s %s %s %.1f ms", scope["method"], scope["path"], status, seconds * 1e3)
+            # One line per request only at DEBUG (at INFO it cost every request a formatted write);
+            # server errors stay visible, with the request's ID; a disconnect is DEBUG too.
+            level = logging.WARNING if isinstance(status, int) and status >= 500 else logging.DEBUG
+            if log.isEnabledFor(level):
+                log.log(level, "%s %s %s %.1f ms", scope["method"], scope["path"], status, seconds * 1e3)
             reset_request_id(token)

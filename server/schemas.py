@@ -6,6 +6,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_VERSION = 2**63 - 1
+"""Largest version number a request may name: numbers cross the engine channel as msgpack's 64-bit
+integers, so a larger one is refused with 422 instead of failing there (a 500 the schema fuzz found)."""
+
 
 class LabelScoreOut(BaseModel):
     label: str
@@ -76,7 +80,7 @@ class ActivateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    version: int | None = Field(default=None, ge=1)
+    version: int | None = Field(default=None, ge=1, le=MAX_VERSION)
     rollback: bool = False
 
 

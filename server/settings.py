@@ -49,8 +49,7 @@ class Settings(BaseSettings, EngineConfig):
     engine_timeout_s: float = Field(default=120.0, gt=0)
     """A front end answers 503 when an engine has not answered a request in this time."""
 
-    # -- engine (and the fields inherited from EngineConfig: device, dtype, channels_last, bank_slots,
-    # merged_cache, revision_poll_s, verify_checksums, micro_batch) -----------------------------------
+    # -- engine (beyond the fields inherited from EngineConfig, declared there only) ---------------------
     torch_threads: int | None = Field(default=None, ge=1)
     """Intra-op threads for the CPU forward; None keeps torch's default."""
     warmup: bool = True

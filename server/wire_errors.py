@@ -47,6 +47,8 @@ _SERVER: dict[str, type[errors.ServerError]] = {
         errors.DeadlineExceeded,
         errors.NotReady,
         errors.EngineUnavailable,
+        errors.StaleVersion,
+        errors.NonFiniteOutput,
     )
 }
 

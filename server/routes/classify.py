@@ -2,13 +2,14 @@
 `POST /v1/domains/{domain}/versions/{version}/classify` (a pinned version, loaded on demand).
 
 The body is one raw image (image/jpeg, image/png, image/webp), multipart with one or more image files, or
-JSON with base64 images. The engine resolves the domain's active version; the images' headers are read
-and checked (format, pixels, JPEG scans, decode cost, the request's pixel budget) before any is decoded;
-admission counts the request's images against the queue and its pixels against the decode budget;
-decoding and cropping to uint8 run in this front end's thread pool (`server.decoding`), into shared
-memory; inference goes to the engine serving the domain. Every image of one request uses the same domain
-version, named in the answer. A request has a deadline (`server.lifetime`): past it 504, and work not
-started for it (decoding, or inference still queued) is dropped, as it is when its client has gone.
+JSON with base64 images. The engine resolves the domain's active version (cached by the front end, checked
+by the engine when the images are classified); the images' headers are read and checked (format, pixels,
+JPEG scans, decode cost, the request's pixel budget) before any is decoded; admission counts the
+request's images against the queue and its pixels against the decode budget; decoding and cropping to
+uint8 run in this front end's thread pool (`server.decoding`), into shared memory; inference goes to the
+engine serving the domain. Every image of one request uses the same domain version, named in the answer.
+A request has a deadline (`server.lifetime`): past it 504, and work not started for it (decoding, or
+inference still queued) is dropped, as it is when its client has gone.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import asyncio
 import base64
 import binascii
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
@@ -35,9 +36,9 @@ from domain_format.preprocess import (
     read_header,
 )
 from server.decoding import DecodeStopped
-from server.deps import FrontEndDep, require_inference
+from server.deps import FrontEndDep, VersionNumber, require_inference
 from server.engine_client import PixelLease
-from server.errors import BadRequest, MissingDomain, QueueFull, UnsupportedMediaType
+from server.errors import BadRequest, MissingDomain, QueueFull, StaleVersion, UnsupportedMediaType
 from server.frontend import FrontEnd
 from server.lifetime import RequestLifetime, request_lifetime
 from server.schemas import ClassifyJSON, ClassifyResponse, ImageResult, LabelScoreOut, Timing, error_responses
@@ -131,6 +132,19 @@ def check_request_pixels(pixels: int, limit: int, images: int) -> None:
         )
 
 
+DecodePlan = tuple[int, Callable[[PixelLease], list[ImageTask]]]
+"""A request's pixels (width x height summed over its images, from their headers) and its decode tasks
+into a lease."""
+
+
+async def plan_decoding(frontend: FrontEnd, images: list[bytes], spec: ImageSpec) -> DecodePlan:
+    """The encoded images' headers read and checked with `spec` (in the header pool, off the event loop
+    and apart from decoding), and their decode tasks."""
+    loop = asyncio.get_running_loop()
+    headers = await loop.run_in_executor(frontend.header_pool, read_headers, frontend, images, spec)
+    return sum(h.pixels for h in headers), lambda lease: decode_tasks(headers, spec, lease)
+
+
 def decode_tasks(headers: list[ImageHeader], spec: ImageSpec, lease: PixelLease) -> list[ImageTask]:
     """One task per image: decode and crop it to uint8 straight into its row of the pixel lease."""
 
@@ -197,15 +211,11 @@ async def _admitted(
     if k > settings.max_top_k:
         raise BadRequest(f"top_k {k} exceeds the limit of {settings.max_top_k}")
     resolved = await admit(request, frontend, domain, version, len(images))
-    spec = Preprocessing.model_validate(resolved["preprocessing"]).image_spec()
-    loop = asyncio.get_running_loop()
-    headers = await loop.run_in_executor(frontend.header_pool, read_headers, frontend, images, spec)
-    pixels = sum(h.pixels for h in headers)
 
-    def tasks(lease: PixelLease) -> list[ImageTask]:
-        return decode_tasks(headers, spec, lease)
+    async def plan(spec: ImageSpec) -> DecodePlan:
+        return await plan_decoding(frontend, images, spec)
 
-    results, prepared = await run_images(frontend, lifetime, domain, resolved, len(images), pixels, tasks, k)
+    results, prepared, resolved = await run_images(frontend, lifetime, domain, resolved, len(images), plan, k)
     done = time.perf_counter()
     return ClassifyResponse(
         domain=domain,
@@ -234,9 +244,10 @@ async def admit(
 
 
 def check_queue(frontend: FrontEnd, resolved: dict[str, Any], images: int) -> None:
-    """429 unless the engine's queue (as of the resolve) has room for the images being decoded here and
-    the request's. Checked at admission and again, on the event loop with no await between, where the
-    request's images start to count (`run_images`): requests admitted meanwhile are then counted."""
+    """429 unless the engine's queue (as of its latest answer to this front end) has room for the images
+    being decoded here and the request's. Checked at admission and again, on the event loop with no await
+    between, where the request's images start to count (`run_images`, on every attempt): requests
+    admitted meanwhile are then counted."""
     # Admission before decoding: images being decoded count against the queue limit, so requests beyond
     # it are refused at once instead of waiting behind everyone's decoding (the decode pool is unbounded).
     queued, preparing, max_queue = resolved["queued"], frontend.images_preparing, resolved["max_queue"]
@@ -247,48 +258,72 @@ def check_queue(frontend: FrontEnd, resolved: dict[str, Any], images: int) -> No
         )
 
 
+_ATTEMPTS = 3
+"""Tries of a request whose resolved version went stale meanwhile (the last one is served unchecked)."""
+
+
 async def run_images(
     frontend: FrontEnd,
     lifetime: RequestLifetime,
     domain: str,
     resolved: dict[str, Any],
     count: int,
-    pixels: int,
-    tasks: Callable[[PixelLease], list[ImageTask]],
-    top_k: int,
-) -> tuple[list[list[Any]], float]:
-    """Admit the request's `pixels` for decoding (429 beyond this front end's share), fill a pixel lease
-    with its `count` crops (`tasks`, one per image, in the decode scheduler), classify them with the
-    resolved version; per image [[index, label, probability], ...] and when pixels were ready."""
-    check_queue(frontend, resolved, count)
-    if not frontend.pixels_fit(pixels):
-        raise QueueFull(
-            f"this front end is decoding {frontend.pixels_decoding} pixels; the request's {pixels} more "
-            f"would pass its share of {frontend.max_pixels_decoding} (of which a quarter is kept for "
-            f"requests of small images)",
-        )
-    pre = Preprocessing.model_validate(resolved["preprocessing"])
-    lease = frontend.engines.lease(count, pre.input_size)
-    try:
-        frontend.images_preparing += count
-        frontend.pixels_decoding += pixels
+    plan: Callable[[ImageSpec], Awaitable[DecodePlan]],
+    top_k: int | Callable[[int], int],
+) -> tuple[list[list[Any]], float, dict[str, Any]]:
+    """Admit the request for decoding, fill a pixel lease with its `count` crops (the tasks of `plan`, one
+    per image, in the decode scheduler) and classify them with the resolved version; per image [[index,
+    label, probability], ...], when the pixels were ready and the resolve answer that served. `plan`:
+    the request's pixels and decode tasks for a version's image spec (its headers read and checked);
+    `top_k`: a count, or one from the version's class count.
+
+    Admission is checked where the request's images and pixels start to count, on the event loop with no
+    await between: the engine's queue has room for its images and this front end's decode budget for its
+    pixels (429 beyond its share), which are charged until its decoding ends.
+
+    `resolved` may come from this front end's cache: when the engine finds it stale (another version
+    activated through another front end, or the domain re-created), the request is resolved afresh and
+    its pixels planned and prepared again with that version's preprocessing, so every image uses one
+    version; each attempt is admitted, and its pixels charged, anew (the last one's charge was given back
+    when its decoding ended)."""
+    for attempt in range(_ATTEMPTS):
+        pre = Preprocessing.model_validate(resolved["preprocessing"])
+        k = top_k if isinstance(top_k, int) else top_k(int(resolved["classes"]))
+        pixels, tasks = await plan(pre.image_spec())
+        check_queue(frontend, resolved, count)
+        if not frontend.pixels_fit(pixels):
+            raise QueueFull(
+                f"this front end is decoding {frontend.pixels_decoding} pixels; the request's {pixels} more "
+                f"would pass its share of {frontend.max_pixels_decoding} (of which a quarter is kept for "
+                f"requests of small images)",
+            )
+        lease = frontend.engines.lease(count, pre.input_size)
         try:
-            await frontend.decoder.run(tasks(lease), lifetime.should_stop)
-        except DecodeStopped:
-            raise lifetime.stop_reason() from None
+            frontend.images_preparing += count
+            frontend.pixels_decoding += pixels
+            try:
+                await frontend.decoder.run(tasks(lease), lifetime.should_stop)
+            except DecodeStopped:
+                raise lifetime.stop_reason() from None
+            finally:
+                frontend.images_preparing -= count
+                frontend.pixels_decoding -= pixels
+            if lifetime.should_stop():
+                raise lifetime.stop_reason()
+            prepared = time.perf_counter()
+            try:
+                results = await frontend.engines.classify(
+                    resolved, lease, k, check=attempt < _ATTEMPTS - 1, deadline_s=lifetime.remaining()
+                )
+            except StaleVersion:
+                pinned = int(resolved["version"]) if resolved["pinned"] else None
+                resolved = await frontend.engines.resolve(domain, pinned, fresh=True)
+                continue
         finally:
-            frontend.images_preparing -= count
-            frontend.pixels_decoding -= pixels
-        if lifetime.should_stop():
-            raise lifetime.stop_reason()
-        prepared = time.perf_counter()
-        results = await frontend.engines.classify(
-            domain, resolved["version"], lease, top_k, deadline_s=lifetime.remaining()
-        )
-    finally:
-        lease.release()  # only after the engine's answer: it reads the pixels in place
-    frontend.metrics.images.labels(domain).inc(len(results))
-    return results, prepared
+            lease.release()  # only after the engine's answer: it reads the pixels in place
+        frontend.metrics.images.labels(domain).inc(len(results))
+        return results, prepared, resolved
+    raise AssertionError("unreachable: the last attempt is not checked")
 
 
 TopK = Annotated[int | None, Query(ge=1, description="How many classes to return per image (default 5)")]
@@ -317,7 +352,7 @@ async def classify_in(
     "/domains/{domain}/versions/{version}/classify", response_model=ClassifyResponse, openapi_extra=_BODY_DOC
 )
 async def classify_version(
-    request: Request, frontend: FrontEndDep, domain: str, version: int, top_k: TopK = None
+    request: Request, frontend: FrontEndDep, domain: str, version: VersionNumber, top_k: TopK = None
 ) -> ClassifyResponse:
     """Classify images with one version of the domain (loaded on demand; 404 once deleted)."""
     return await _classify(request, frontend, domain, top_k, version)

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from adapters_store.bundle import unpack_bundle
-from server.deps import FrontEndDep, require_admin, require_inference
+from server.deps import FrontEndDep, VersionNumber, require_admin, require_inference
 from server.errors import BadRequest, UnsupportedMediaType
 from server.schemas import (
     ActivateRequest,
@@ -163,7 +163,7 @@ async def set_active(request: Request, frontend: FrontEndDep, domain: str) -> Ac
     responses=error_responses(409),
     dependencies=[Depends(require_admin)],
 )
-async def delete_version(frontend: FrontEndDep, domain: str, version: int) -> DeleteResponse:
+async def delete_version(frontend: FrontEndDep, domain: str, version: VersionNumber) -> DeleteResponse:
     """Delete one version (not the active one: 409)."""
     await frontend.engines.delete(domain, version)
     return DeleteResponse(domain=domain, deleted=[version])

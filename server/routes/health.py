@@ -41,5 +41,5 @@ async def readyz(request: Request) -> Ready:
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition: this server's front ends (summed) and each engine (label `engine`)."""
     frontend: FrontEnd | None = getattr(request.app.state, "frontend", None)
-    texts = await frontend.engines.metrics_texts() if frontend is not None else []
-    return Response(request.app.state.metrics.render(texts), media_type=CONTENT_TYPE_LATEST)
+    texts, domains = await frontend.engines.metrics_texts() if frontend is not None else ([], None)
+    return Response(request.app.state.metrics.render(texts, domains), media_type=CONTENT_TYPE_LATEST)

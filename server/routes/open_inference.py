@@ -13,19 +13,17 @@ served.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from PIL import Image
 
-from adapters_store.manifest import Preprocessing
 from domain_format.preprocess import ImageSpec, centre_crop, check_pixels, fit
-from server.deps import FrontEndDep, require_inference
+from server.deps import FrontEndDep, VersionNumber, require_inference
 from server.engine_client import PixelLease
 from server.errors import NotReady
 from server.lifetime import request_lifetime
@@ -39,15 +37,16 @@ from server.open_inference import (
     parse_infer_request,
 )
 from server.routes.classify import (
+    DecodePlan,
     ImageTask,
     admit,
     check_request_pixels,
-    decode_tasks,
-    read_headers,
+    plan_decoding,
     request_slot,
     run_images,
 )
 from server.schemas import error_responses
+from server.settings import Settings
 
 router = APIRouter(
     prefix="/v2",
@@ -56,7 +55,6 @@ router = APIRouter(
 )
 _INFER_ERRORS = error_responses(400, 401, 403, 413, 415, 429, 504, protocol=True)
 
-Version = Annotated[int, Path(ge=1, description="A stored version of the domain")]
 EXTENSIONS = ["binary_tensor_data", "classification"]
 
 
@@ -117,13 +115,16 @@ async def model_metadata(frontend: FrontEndDep, domain: str) -> dict[str, Any]:
 
 
 @router.get("/models/{domain}/versions/{version}")
-async def model_version_metadata(frontend: FrontEndDep, domain: str, version: Version) -> dict[str, Any]:
+async def model_version_metadata(
+    frontend: FrontEndDep, domain: str, version: VersionNumber
+) -> dict[str, Any]:
     """One version's model metadata."""
     return await _metadata(frontend, domain, version)
 
 
 async def _ready(frontend: FrontEndDep, domain: str, version: int | None) -> dict[str, Any]:
-    resolved = await frontend.engines.resolve(domain, version)  # 404 for an unknown domain or version
+    # fresh, not this front end's cache: 404 as soon as the domain or version is gone
+    resolved = await frontend.engines.resolve(domain, version, fresh=True)
     return {"name": domain, "version": str(resolved["version"]), "ready": True}
 
 
@@ -134,26 +135,31 @@ async def model_ready(frontend: FrontEndDep, domain: str) -> dict[str, Any]:
 
 
 @router.get("/models/{domain}/versions/{version}/ready")
-async def model_version_ready(frontend: FrontEndDep, domain: str, version: Version) -> dict[str, Any]:
+async def model_version_ready(frontend: FrontEndDep, domain: str, version: VersionNumber) -> dict[str, Any]:
     """200 when that version can be served."""
     return await _ready(frontend, domain, version)
 
 
-def _array_tasks(pixels: np.ndarray, max_pixels: int, spec: ImageSpec, lease: PixelLease) -> list[ImageTask]:
+def _array_plan(pixels: np.ndarray, settings: Settings, spec: ImageSpec) -> DecodePlan:
     """UINT8 [N, H, W, 3] pixels through the steps decoded images take after decoding (`fit`, then the
-    centre crop), one task per image, with the decoder's limit on the pixels once resized."""
-    height, width = pixels.shape[1:3]
-    check_pixels(width, height, spec, max_pixels=max_pixels)
+    centre crop), one task per image, within the request's pixel budget and with the decoder's limit on
+    the pixels once resized."""
+    count, height, width = pixels.shape[:3]
+    check_request_pixels(count * height * width, settings.max_request_pixels, count)
+    check_pixels(width, height, spec, max_pixels=settings.max_image_pixels)
 
-    def task(row: int) -> Callable[[], None]:
-        def run() -> None:
-            # [S, S, 1] for grayscale domains broadcasts into the lease's 3 channels, as decoded images do
-            image = Image.fromarray(pixels[row], "RGB")
-            lease.array[row] = centre_crop(fit(image, spec), spec.input_size)
+    def tasks(lease: PixelLease) -> list[ImageTask]:
+        def task(row: int) -> Callable[[], None]:
+            def run() -> None:
+                # [S, S, 1] for grayscale domains broadcasts into the lease's 3 channels, as decoded images do
+                image = Image.fromarray(pixels[row], "RGB")
+                lease.array[row] = centre_crop(fit(image, spec), spec.input_size)
 
-        return run
+            return run
 
-    return [(task(row), height * width) for row in range(len(pixels))]
+        return [(task(row), height * width) for row in range(count)]
+
+    return count * height * width, tasks
 
 
 async def _infer(request: Request, frontend: FrontEndDep, domain: str, version: int | None) -> Response:
@@ -171,30 +177,18 @@ async def _infer(request: Request, frontend: FrontEndDep, domain: str, version: 
             )
             lifetime.watch_disconnect()
             resolved = await admit(request, frontend, domain, version, parsed.images)
-            classes = int(resolved["classes"])
-            spec = Preprocessing.model_validate(resolved["preprocessing"]).image_spec()
             encoded, arrays = parsed.encoded, parsed.pixels
-            if encoded is not None:
-                loop = asyncio.get_running_loop()
-                headers = await loop.run_in_executor(
-                    frontend.header_pool, read_headers, frontend, encoded, spec
-                )
-                pixels = sum(h.pixels for h in headers)
-            else:
-                assert arrays is not None
-                pixels = arrays.shape[0] * arrays.shape[1] * arrays.shape[2]
-                check_request_pixels(pixels, settings.max_request_pixels, parsed.images)
 
-            def tasks(lease: PixelLease) -> list[ImageTask]:
+            async def plan(spec: ImageSpec) -> DecodePlan:
                 if encoded is not None:
-                    return decode_tasks(headers, spec, lease)
+                    return await plan_decoding(frontend, encoded, spec)
                 assert arrays is not None
-                return _array_tasks(arrays, settings.max_image_pixels, spec, lease)
+                return _array_plan(arrays, settings, spec)
 
-            ranks = parsed.ranks_needed(classes)
-            results, prepared = await run_images(
-                frontend, lifetime, domain, resolved, parsed.images, pixels, tasks, ranks
+            results, prepared, resolved = await run_images(
+                frontend, lifetime, domain, resolved, parsed.images, plan, parsed.ranks_needed
             )
+            classes = int(resolved["classes"])
     done = time.perf_counter()
     timing = {
         "total_ms": (done - start) * 1e3,
@@ -254,6 +248,8 @@ async def infer(request: Request, frontend: FrontEndDep, domain: str) -> Respons
     responses=_INFER_ERRORS,
     response_class=_InferResponse,
 )
-async def infer_version(request: Request, frontend: FrontEndDep, domain: str, version: Version) -> Response:
+async def infer_version(
+    request: Request, frontend: FrontEndDep, domain: str, version: VersionNumber
+) -> Response:
     """Classify with one version of the domain (loaded on demand; 404 once deleted)."""
     return await _infer(request, frontend, domain, version)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import httpx
+import psutil
 import pytest
 from PIL import Image
 
@@ -104,3 +105,12 @@ def answer_problem(r: httpx.Response, version: int, want: dict[int, float]) -> s
     if set(got) != set(want) or any(abs(got[k] - want[k]) > TOL for k in want):
         return f"probabilities {got}, expected {want}"
     return None
+
+
+def engine_pids(cluster: Cluster, index: int) -> list[int]:
+    """Replica `index`'s engine process(es): stopping one (SIGSTOP) makes its front ends hold requests
+    (read whole, never answered), which the balancer counts against that replica."""
+    process = cluster.replicas[index]
+    assert process is not None
+    children = psutil.Process(process.pid).children(recursive=True)
+    return [p.pid for p in children if "server.engine_process" in " ".join(p.cmdline())]

@@ -1,6 +1,6 @@
 """SIGKILL one replica under load: the balancer routes around it (HAProxy retries the requests the dead
-replica dropped and its /readyz check marks it down), no answer comes from a wrong version, and no upload
-that was acknowledged is lost. The replica is restarted afterwards for the other tests."""
+replica dropped and its /readyz check marks it down), no classify fails, no answer comes from a wrong
+version, and no upload that was acknowledged is lost. The replica is restarted afterwards for the other tests."""
 
 from __future__ import annotations
 
@@ -132,12 +132,9 @@ def test_sigkill_one_replica_under_load(cluster: Cluster, world: TinyWorld) -> N
             cluster.wait_servers({victim_name: "UP"})
 
     # Routed around: once its health check failed nothing was sent to the dead replica, and every answer
-    # is from version 1 with the model library's probabilities. HAProxy retries (retry-on) most requests
-    # the dead replica dropped; one caught mid-exchange may still fail (HAProxy 2.6 closes the client
-    # connection), but only while the replica was dying and before the health check had noticed.
-    dying = [f for f in load.failures if f[0] <= load.down_at and f[1] >= load.kill_at]
-    assert dying == load.failures, load.failures[:5]
-    assert len(load.failures) <= CLIENTS
+    # is from version 1 with the model library's probabilities. Not one classify failed: HAProxy holds
+    # each inference request whole and sends the ones the dead replica dropped to another (retry-on).
+    assert load.failures == [], load.failures[:5]
     assert victim_name not in load.served_after_down and load.served_after_down, load.served_after_down
     # No acknowledged upload lost: each is listed with exactly its bytes, under its own number. An upload
     # may fail only if it was in flight when the replica died (it is then stored whole or not at all).

@@ -1,5 +1,5 @@
-"""Fixtures: the server tests' tiny resnet26 world (width 0.125, 24 px), an app on a temp store, and the
-hostile corpus generated into a temp directory."""
+"""Fixtures: the server tests' tiny resnet26 world (width 0.125, 24 px), the multi-process server on a
+temp store (one per test module), and the hostile corpus generated into a temp directory."""
 
 from __future__ import annotations
 
@@ -10,16 +10,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import safetensors.numpy
 import torch
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from adapters_store import LocalStore
-from server.app import create_app
 from tests.reliability.hostile_corpus import ImageCase, UploadCase, ValidArtifact, load_corpus, write_corpus
-from tests.server.conftest import TOL, TinyWorld, encode, image, make_store, settings_for, world
+from tests.server.conftest import TOL, TinyWorld, encode, image, make_store, start_processes, world
 
 __all__ = ["world"]  # re-exported fixture: pytest finds it through this module
 
@@ -38,7 +37,8 @@ def store_snapshot(store: LocalStore) -> tuple[int, dict[str, str]]:
 
 @dataclass
 class Served:
-    client: TestClient
+    client: httpx.Client
+    """Over loopback HTTP to the multi-process server (supervisor, two front ends, an engine)."""
     store: LocalStore
     world: TinyWorld
     probe: bytes
@@ -65,13 +65,18 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(world: TinyWorld, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The serving path as deployed: uploads validated and tried by the engine process, images decoded by
+    the front ends, over the channel and shared memory."""
     store = make_store(world, tmp_path_factory.mktemp("hostile") / "store")
-    settings = settings_for(store, max_image_pixels=MAX_PIXELS, max_body_bytes=8 * 1024 * 1024)
+    running = start_processes(store, workers=2, max_image_pixels=MAX_PIXELS, max_body_bytes=8 * 1024 * 1024)
     probe_image = image(seed=123)
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        served = Served(client, store, world, encode(probe_image), world.reference("birds", probe_image))
-        served.assert_still_correct()
-        yield served
+    try:
+        with httpx.Client(base_url=running.url, timeout=120) as client:
+            served = Served(client, store, world, encode(probe_image), world.reference("birds", probe_image))
+            served.assert_still_correct()
+            yield served
+    finally:
+        assert running.stop() == 0
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Fuzzing the server with schemathesis from its own OpenAPI schema: no 5xx, no answer outside the schema.
 
 A bounded number of examples per operation and generation mode (data that fits the schema, and data
-that does not), against the tiny resnet26 app on a temp store. Admin calls carry the token, so uploads,
+that does not), against the multi-process server (front ends and an engine) serving the tiny
+resnet26 on a temp store. Admin calls carry the token, so uploads,
 activations and deletes really run. Hypothesis drives each operation's strategy directly: schemathesis's
 lazy pytest fixture loader does not work with pytest 9 (`'Function' object has no attribute '_nodeid'`).
 
@@ -23,7 +24,6 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
-from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_headers_conformance,
@@ -31,8 +31,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from server.app import create_app
-from tests.server.conftest import ADMIN, TinyWorld, make_store, settings_for
+from tests.server.conftest import ADMIN, TinyWorld, make_store, start_processes
 
 EXAMPLES = {GenerationMode.POSITIVE: 15, GenerationMode.NEGATIVE: 8}
 CHECKS = [
@@ -51,9 +50,11 @@ def api_schema(
     world: TinyWorld, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[schemathesis.BaseSchema]:
     store = make_store(world, Path(tmp_path_factory.mktemp("fuzz")) / "store")
-    app = create_app(settings_for(store, max_body_bytes=256 * 1024))
-    yield schemathesis.openapi.from_asgi("/openapi.json", app)
-    asgi.shutdown_lifespans()  # schemathesis started the app's lifespan (backbone, batcher) once
+    running = start_processes(store, workers=2, max_body_bytes=256 * 1024)  # the serving path as deployed
+    try:
+        yield schemathesis.openapi.from_url(f"{running.url}/openapi.json")
+    finally:
+        assert running.stop() == 0
 
 
 def _error_envelope_problem(response: schemathesis.Response) -> str | None:

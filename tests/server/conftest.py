@@ -229,11 +229,15 @@ def start_processes(
     workers: int = 2,
     devices: str | None = None,
     stderr: IO[str] | None = None,
+    log_level: str | None = None,
     **overrides: object,
 ) -> Processes:
     """Start the supervisor on a free loopback port; return once every front end reached every engine.
-    `stderr`: where every process's log lines go (default: this process's stderr)."""
+    `stderr`: where every process's log lines go (default: this process's stderr); `log_level`: its
+    children's (MD_LOG_LEVEL; default info)."""
     env = _environment(store, workers, devices, overrides)
+    if log_level is not None:
+        env["MD_LOG_LEVEL"] = log_level
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.supervisor"],
         env=env,

@@ -21,6 +21,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from adapters_store import LocalStore
+from model_artifacts import validate_domain
 from server.app import create_app
 from server.frontend import FrontEnd
 from server.serving import ServerThread
@@ -194,6 +196,27 @@ def test_admission_counts_pixels_and_keeps_room_for_small_requests(world: TinyWo
             assert small.result(ANSWER_S).status_code == 200
         assert frontend.pixels_decoding == 0
         assert post(server, big).status_code == 200  # the budget was given back
+
+
+def test_a_stale_resolve_is_decoded_again_with_its_pixels_charged_once(
+    world: TinyWorld, tmp_path: Path
+) -> None:
+    """The front end's cached resolve goes stale when another writer activates a version: the request is
+    planned, admitted and decoded again for the new version. The first attempt's pixels are given back
+    when its decoding ends: charged twice, this large request would be refused (429) by its own retry."""
+    big = encode(image(4, (400, 300)))  # 120 000 pixels: 60 % of the share below, so large
+    with serving(world, tmp_path, decode_threads=1, max_pixels_decoding=200_000) as (server, frontend):
+        first = post(server, big)
+        assert first.status_code == 200 and first.json()["version"] == 1  # cached: v1
+        other = LocalStore(tmp_path / "store")  # another writer on the served store (e.g. the store CLI)
+        art = world.artifacts["birds_v2"]
+        other.put(validate_domain(art.manifest, art.tensors, world.net), activate=True)
+        decoded = frontend.decoder.images_decoded
+        answer = post(server, big)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["version"] == 2
+        assert frontend.decoder.images_decoded == decoded + 2  # for v1, found stale, then for v2
+        assert frontend.pixels_decoding == 0 and frontend.images_preparing == 0
 
 
 # -- deadlines and clients gone ------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The engine without HTTP: bank residency, single-flight loads, LRU eviction, version pinning, batching."""
+"""The engine without HTTP: bank residency, single-flight loads, LRU and LFU eviction, version pinning,
+batching."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import server.engine
+import server.residency
 from adapters_store import LocalStore
 from domain_format.preprocess import prepare
 from model_artifacts import validate_domain
@@ -45,7 +46,7 @@ def test_mixed_batch_rows_equal_each_domain_alone(world: TinyWorld, store: Local
 
 
 def test_lru_eviction_keeps_answers_right(world: TinyWorld, store: LocalStore) -> None:
-    engine = Engine(store, EngineConfig(bank_slots=2, merged_cache=1))
+    engine = Engine(store, EngineConfig(bank_slots=2, merged_cache=1, bank_eviction="lru"))
     order = ["birds", "digits", "textures", "birds", "textures", "digits"]
     for i, name in enumerate(order):
         x = _x(name, i)
@@ -57,6 +58,26 @@ def test_lru_eviction_keeps_answers_right(world: TinyWorld, store: LocalStore) -
     # one merged domain at most: a merged domain is a folded copy of the shared convs, never more
     shared = sum(v.numel() * v.element_size() for v in engine.net.shared_state_dict().values())
     assert 0 < engine.merged_bytes() <= shared
+
+
+@pytest.mark.parametrize(("policy", "loads"), [("lru", 4), ("lfu", 3)])
+def test_frequency_aware_eviction_keeps_a_hot_domain_through_cold_ones(
+    world: TinyWorld, store: LocalStore, policy: str, loads: int
+) -> None:
+    """Two slots; birds asked for by three images, then one-off digits and textures, then birds again. LRU
+    evicts birds for textures (the least recently used) and loads it again; LFU evicts digits (one
+    request against three) and birds is still resident."""
+    engine = Engine(store, EngineConfig(bank_slots=2, merged_cache=1, bank_eviction=policy))
+    steps = [["birds"] * 3, ["digits"], ["textures"], ["birds"]]
+    for i, names in enumerate(steps):
+        keys = [engine.resolve(n) for n in names]
+        xs = torch.stack([_x(n, 10 * i + j) for j, n in enumerate(names)])
+        for name, x, pred in zip(names, xs, engine.infer(keys, xs, top_k=1), strict=True):
+            assert pred.key.domain == name
+            assert pred.top[0].probability == pytest.approx(float(_ref(world, name, x).max()), abs=TOL)
+    assert engine.stats.loads == loads and engine.stats.evictions == loads - 2
+    assert {k.domain for k in engine.resident()} == {"birds", "textures"}
+    assert engine.stats.hits == (1 if policy == "lfu" else 0)
 
 
 def test_a_miss_loads_once_however_many_wait(store: LocalStore) -> None:
@@ -101,9 +122,9 @@ def test_single_flight_fetch_shares_one_store_read(
             return super().result(timeout)
 
     monkeypatch.setattr(store, "get", slow_get)
-    monkeypatch.setattr(server.engine, "Future", CountingFuture)
+    monkeypatch.setattr(server.residency, "Future", CountingFuture)
     results: list[object] = []
-    threads = [threading.Thread(target=lambda: results.append(engine._fetch(key))) for _ in range(5)]
+    threads = [threading.Thread(target=lambda: results.append(engine.residency.fetch(key))) for _ in range(5)]
     threads[0].start()
     inside_read.wait()
     for t in threads[1:]:
@@ -182,7 +203,7 @@ def test_prefetch_reads_ahead_and_the_load_uses_it(
 
     monkeypatch.setattr(store, "get", no_reads)
     assert engine.load(key) in (0, 1)
-    assert engine.stats.loads == 1 and engine._staged == {}
+    assert engine.stats.loads == 1 and engine.residency._staged == {}
     engine.prefetch(key)  # resident: nothing to do, nothing read
 
 
@@ -204,3 +225,41 @@ def test_batches_split_into_micro_batches_give_the_same_answers(world: TinyWorld
             assert [s.probability for s in pa.top] == pytest.approx([s.probability for s in pb.top], abs=TOL)
     measured = whole.measure_micro_batch(24, largest=8)
     assert measured in (4, 8) and whole.micro_batch(24) == measured and whole.micro_batch(32) is None
+
+
+def test_the_next_batch_is_staged_while_the_current_one_runs(store: LocalStore) -> None:
+    """A saturated engine must not idle between batches: while one runs, the next is formed and staged
+    (stacked, normalised) once the running one is expected to end, not only after it has ended."""
+    running, release, staged_meanwhile = threading.Event(), threading.Event(), threading.Event()
+
+    class HeldEngine(Engine):
+        batches = 0
+
+        def infer(self, keys, images, top_k=5):  # type: ignore[no-untyped-def]
+            self.batches += 1
+            if self.batches == 1:
+                running.set()
+                release.wait(60)  # the first batch runs until the test lets it end
+            return super().infer(keys, images, top_k)
+
+        def network_input(self, keys, pixels):  # type: ignore[no-untyped-def]
+            if running.is_set() and not release.is_set():
+                staged_meanwhile.set()
+            return super().network_input(keys, pixels)
+
+    engine = HeldEngine(store, EngineConfig(bank_slots=2))
+    batcher = Batcher(engine, max_domains_per_batch=2, max_batch_size=8, max_wait_ms=1)
+    pixels = prepare(encode(image(3)), DOMAINS["birds"][2].image_spec(), max_pixels=10**7)
+    key = engine.resolve("birds")
+    batcher.start()
+    try:
+        [first] = batcher.submit(key, [pixels])
+        assert running.wait(60)
+        [second] = batcher.submit(key, [pixels])  # a partial batch, queued while the first runs
+        staged = staged_meanwhile.wait(30)
+        release.set()
+        assert first.result(timeout=60).key == key and second.result(timeout=60).key == key
+    finally:
+        release.set()
+        batcher.stop()
+    assert staged, "the second batch was staged only after the first had ended"

@@ -46,7 +46,7 @@ def test_bad_ids_are_refused_naming_the_header(client: httpx.Client, bad: str) -
 
 def test_every_log_record_of_a_request_names_it(store: LocalStore, caplog: pytest.LogCaptureFixture) -> None:
     with TestClient(create_app(settings_for(store))) as client:
-        caplog.set_level(logging.INFO)
+        caplog.set_level(logging.DEBUG)  # the per-request lines are DEBUG
         caplog.clear()
         assert _classify(client, **{"X-Request-Id": "req-42"}).status_code == 200
         assert client.get("/v1/domains/nope", headers={"X-Request-Id": "req-43"}).status_code == 404
@@ -68,7 +68,7 @@ def test_json_lines_format() -> None:
 def test_json_logs_of_front_end_and_engine_processes(store: LocalStore, tmp_path: Path) -> None:
     log_path = tmp_path / "server.log"
     with log_path.open("w") as log_file:
-        running = start_processes(store, workers=1, stderr=log_file, log_json=True)
+        running = start_processes(store, workers=1, stderr=log_file, log_level="debug", log_json=True)
         try:
             with httpx.Client(base_url=running.url, timeout=60) as client:
                 assert _classify(client, **{"X-Request-Id": "multi-7"}).status_code == 200
