@@ -26,11 +26,29 @@ from pydantic import (
 
 from adapters_store.errors import ArtifactInvalid, Problem
 from adapters_store.strict_json import StrictJSONError, loads_strict
-from domain_format.kinds import DEFAULT_ALLOCATION, DEFAULT_POINTWISE_BUDGET, DEFAULT_RANK, AdapterKind
+from domain_format.kinds import (
+    DEFAULT_ALLOCATION,
+    DEFAULT_POINTWISE_BUDGET,
+    DEFAULT_RANK,
+    KINDS_WITH_DEPTHWISE,
+    AdapterKind,
+)
 from domain_format.preprocess import Channels, ImageSpec, Interpolation
 
 FORMAT_VERSION: Literal[1] = 1
-"""Bumped on any incompatible change of either manifest; readers refuse versions they do not know."""
+"""The format of backbone manifests and of domain artifacts without depthwise deltas. Bumped on any
+incompatible change; readers refuse versions they do not know."""
+DomainFormatVersion = Literal[1, 2]
+"""Domain artifact formats this reader knows: 1, and 2 = an artifact that carries depthwise kernel deltas
+(kind ``depthwise``: ``<unit>.depthwise.weight`` tensors), which a format-1 reader could not serve."""
+DEPTHWISE_FORMAT_VERSION: Literal[2] = 2
+
+
+def domain_format_version(kind: AdapterKind) -> DomainFormatVersion:
+    """The format version a domain artifact of ``kind`` is written with (and must say it has): 2 for kinds
+    with depthwise deltas, 1 for every other, so artifacts any earlier reader can serve keep format 1."""
+    return DEPTHWISE_FORMAT_VERSION if kind in KINDS_WITH_DEPTHWISE else FORMAT_VERSION
+
 
 MANIFEST_NAME = "manifest.json"
 DOMAIN_TENSORS_NAME = "adapter.safetensors"
@@ -155,7 +173,8 @@ class DomainManifest(BaseModel):
 
     model_config = _STRICT
 
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: DomainFormatVersion = FORMAT_VERSION
+    """1, or 2 for an artifact with depthwise deltas (``domain_format_version`` of its kind: exactly)."""
     domain: DomainName
     version: int = Field(default=0, ge=0)
     """Assigned by the store on put; 0 (or absent) in an uploaded manifest."""
@@ -172,6 +191,16 @@ class DomainManifest(BaseModel):
     """sha256 of adapter.safetensors (lowercase hex)."""
     dtype: TensorDtype = "float32"
     """Floating dtype of every tensor; a spec's ``float32`` means this dtype."""
+
+    @model_validator(mode="after")
+    def _format_fits_kind(self) -> DomainManifest:
+        needed = domain_format_version(self.adapter.kind)
+        if self.format_version != needed:
+            raise ValueError(
+                f"format_version {self.format_version} does not fit adapter kind {self.adapter.kind!r}, "
+                f"which is format {needed} (format 2 is exactly the artifacts with depthwise deltas)"
+            )
+        return self
 
 
 class ArchitectureConfig(BaseModel):

@@ -20,13 +20,14 @@ from collections.abc import Callable
 
 import torch
 
+from domain_format.kinds import KINDS_WITH_ADAPTERS
 from residual_adapters import AdapterConfig, MultiDomainNet, create_backbone
 
 MODELS = {"resnet26": 64, "mobilenet_v2": 224}
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build(name: str, domains: int, device: str, dtype: torch.dtype) -> MultiDomainNet:
+def build(name: str, domains: int, device: str, dtype: torch.dtype, kind: str = "parallel") -> MultiDomainNet:
     torch.manual_seed(0)
     weights = None
     if name == "mobilenet_v2":
@@ -38,10 +39,12 @@ def build(name: str, domains: int, device: str, dtype: torch.dtype) -> MultiDoma
             pass  # random weights time the same
     net = create_backbone(name, weights=weights, classifier_domain=None)
     for d in range(domains):
-        net.add_domain(f"d{d}", AdapterConfig(kind="parallel"), num_classes=10)
+        net.add_domain(f"d{d}", AdapterConfig(kind=kind), num_classes=10)  # type: ignore[arg-type]
         with torch.no_grad():
             for key, t in net.domain_parameters(f"d{d}").items():
-                if ".adapter." in key or key.startswith("head."):
+                # spelled out, not residual_adapters.is_adapter_tensor: bench.engine_ab runs this file
+                # against trees from before that function
+                if ".adapter." in key or ".depthwise." in key or key.startswith("head."):
                     t.normal_(0, 0.01)
     net.eval().to(device=device, dtype=dtype)
     net.load_domains_into_bank()
@@ -105,7 +108,7 @@ def variants(
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, float]:
     size = MODELS[name]
     device, dtype = args.device, PRECISIONS[args.dtype]
-    net = build(name, args.domains, device, dtype)
+    net = build(name, args.domains, device, dtype, args.kind)
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
     forwards = variants(net, size, args.batch, args.domains, device, dtype, args.channels_last)
@@ -113,7 +116,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, float]:
     result = {f"{k}_ips": round(v, 1) for k, v in ips.items()}
     result.update({f"{k}_vs_plain": round(v / ips["plain"], 3) for k, v in ips.items() if k != "plain"})
     print(
-        f"{name} @{size}px batch {args.batch}, {args.domains} domains, {device} {args.dtype}:",
+        f"{name} @{size}px batch {args.batch}, {args.domains} {args.kind} domains, {device} {args.dtype}:",
         json.dumps(result),
     )
     return result
@@ -126,6 +129,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(PRECISIONS), default="fp32")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--domains", type=int, default=10)
+    parser.add_argument(
+        "--kind", default="parallel", choices=sorted(KINDS_WITH_ADAPTERS), help="the domains' adapter kind"
+    )
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -141,6 +147,7 @@ def main() -> None:
         "dtype": args.dtype,
         "batch": args.batch,
         "domains": args.domains,
+        "kind": args.kind,
     }
     for name in args.models:
         summary[name] = bench_model(name, args)

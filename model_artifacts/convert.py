@@ -27,6 +27,7 @@ from adapters_store.manifest import (
     DomainManifest,
     Preprocessing,
     Provenance,
+    domain_format_version,
     manifest_to_json,
 )
 from adapters_store.validation import (
@@ -168,6 +169,7 @@ def domain_artifact(
         )
     tensor_bytes = tensors_to_bytes(net.domain_state(name), dtype)
     manifest = DomainManifest(
+        format_version=domain_format_version(info.config.kind),
         domain=domain or name,
         labels=list(labels),
         backbone=str(net.architecture["name"]),

@@ -3,8 +3,11 @@
     x ──► W (shared, frozen) ──► z ──(+)──► BN_d ──► y          parallel: (+) adds A_d ∗ x (1x1, conv stride)
     └──────────── A_d ────────────┘                             series:   (+) adds A_d ∗ BN'_d(z)
 
+    x ──► (W + D_d) ──► BN_d ──► y                              depthwise conv (kind depthwise): a delta
+                                                                D_d of W's own shape, [C, 1, kh, kw]
+
 `A_d` is a 1x1 matrix, full or low-rank (U_d V_d). It starts at zero so a new domain starts as the base
-network; a low-rank V starts random so the gradient reaches U (as LoRA does).
+network; a low-rank V starts random so the gradient reaches U (as LoRA does). `D_d` starts at zero too.
 """
 
 from __future__ import annotations
@@ -20,6 +23,13 @@ AdapterShape = tuple[str, int, int, int | None]
 
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 """The tensors of one BN, as a domain spec names them (`<unit>.bn.<tensor>`)."""
+
+
+def is_adapter_tensor(name: str) -> bool:
+    """Whether a domain tensor (by spec name) is an adapter's: a 1x1 matrix (`<unit>.adapter.*`) or a
+    depthwise kernel delta (`<unit>.depthwise.weight`), as opposed to BN and head tensors."""
+    dotted = f".{name}"
+    return ".adapter." in dotted or ".depthwise." in dotted
 
 
 class AdapterMatrix(nn.Module):
@@ -43,8 +53,17 @@ class AdapterMatrix(nn.Module):
         return F.conv2d(F.conv2d(x, self.v[:, :, None, None]), self.u[:, :, None, None])
 
 
+class DepthwiseDelta(nn.Module):
+    """A per-domain delta `weight` of a depthwise conv's kernel shape [C, 1, kh, kw]: y = (W + D) * x."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(shape))
+
+
 class DomainUnitParams(nn.Module):
-    """One domain's tensors at one conv+BN unit: its BN, and optionally an adapter (parallel or series)."""
+    """One domain's tensors at one conv+BN unit: its BN, and optionally an adapter (parallel or series)
+    or, at a depthwise conv, a delta of its kernel."""
 
     def __init__(
         self,
@@ -53,6 +72,7 @@ class DomainUnitParams(nn.Module):
         *,
         domain_bn: bool,
         adapter: AdapterShape | None,
+        depthwise: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         self.bn: nn.BatchNorm2d | None = None
@@ -68,3 +88,4 @@ class DomainUnitParams(nn.Module):
             self.adapter = AdapterMatrix(c_out, c_in, rank)
             if mode == "series":
                 self.series_bn = nn.BatchNorm2d(c_out, eps=base_bn.eps)
+        self.depthwise: DepthwiseDelta | None = None if depthwise is None else DepthwiseDelta(depthwise)

@@ -13,6 +13,7 @@ from domain_format.kinds import (
     DEFAULT_POINTWISE_BUDGET,
     DEFAULT_RANK,
     KINDS_WITH_ADAPTERS,
+    KINDS_WITH_DEPTHWISE,
     KINDS_WITH_DOMAIN_BN,
     AdapterKind,
 )
@@ -42,7 +43,8 @@ class AdapterConfig:
     allocation: str | list[str] = DEFAULT_ALLOCATION
     """Which units get adapters: all, none, shallow, middle, deep (thirds of the adaptable units in depth
     order), shallow+deep, "range:A-B" (fractions, e.g. "range:0.25-0.75"), or an explicit list of unit names.
-    Every unit keeps its domain BN whatever the allocation."""
+    Every unit keeps its domain BN whatever the allocation. Depthwise deltas (kind `depthwise`) follow the
+    same allocation over the depthwise convs, in their own depth order (a list names them directly)."""
 
     pointwise_budget: float = DEFAULT_POINTWISE_BUDGET
     """1x1 convolutions get low-rank adapters so a domain stays small: rank = ceil(budget * Cout*Cin/(Cout+Cin)),
@@ -66,6 +68,11 @@ class AdapterConfig:
     @property
     def has_adapters(self) -> bool:
         return self.kind in KINDS_WITH_ADAPTERS
+
+    @property
+    def has_depthwise(self) -> bool:
+        """Whether depthwise convs get a per-domain kernel delta (see `AdapterKind`)."""
+        return self.kind in KINDS_WITH_DEPTHWISE
 
     @property
     def has_domain_bn(self) -> bool:

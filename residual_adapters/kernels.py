@@ -8,12 +8,19 @@ Two ways to apply a slot's adapter to its rows, chosen per call (`SlotPlan.strat
                     where per-domain launches would dominate at these sizes.
 
 Activations are channels-last so a [B, C, H, W] tensor is a [B*H*W, C] matrix without a copy.
+
+A depthwise conv with per-domain kernel deltas runs each row through its own kernel W + D_slot instead of
+the shared conv (a depthwise conv's cost does not depend on whose kernel it is): one conv per run of rows
+(segments), or all rows at once as the groups of one grouped conv (gather).
+
+Heads: each run of rows through its own slot's head, the logits assembled into [B, K] (K the widest
+resident head's class count), columns beyond a row's own classes -inf: padding only in the output.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from residual_adapters.bank import HeadBank, SlotMatrices
 from residual_adapters.plan import MixedPlan, Segment, SlotPlan
@@ -68,15 +75,46 @@ def _add_segments(
             seg_y.addmm_(inner, matrices.buffer("u")[slot].t())
 
 
+def depthwise_conv(x: Tensor, conv: nn.Conv2d, deltas: Tensor, plan: BankPlan) -> Tensor:
+    """The depthwise `conv` with each row's kernel W + deltas[slot(row)] ([slots, C, 1, kh, kw]; zero for
+    slots without a delta), channels-last."""
+    weight = conv.weight.detach()
+
+    def conv_with(kernel: Tensor, rows: Tensor, groups: int, bias: Tensor | None) -> Tensor:
+        return torch.nn.functional.conv2d(
+            rows, kernel, bias, conv.stride, conv.padding, conv.dilation, groups
+        )
+
+    if isinstance(plan, SlotPlan):
+        return as_nhwc(conv_with(weight + deltas[plan.slot], x, conv.groups, conv.bias))
+    if plan.strategy == "gather":  # the batch's rows as the groups of one conv: one kernel launch
+        b, c, h, w = x.shape
+        kernels = (weight[None] + deltas[plan.slot_index]).reshape(-1, *weight.shape[1:])
+        bias = None if conv.bias is None else conv.bias.repeat(b)
+        y = conv_with(kernels, x.contiguous().view(1, b * c, h, w), b * conv.groups, bias)
+        return as_nhwc(y.view(b, -1, *y.shape[2:]))
+    parts = [
+        conv_with(weight + deltas[slot], x[start:end], conv.groups, conv.bias)
+        for slot, start, end in plan.segments
+    ]
+    return as_nhwc(torch.cat(parts))
+
+
 def slot_logits(head: HeadBank, x: Tensor, slot: int) -> Tensor:
     """Every row through one slot's head: exactly its classes, [B, K_slot]."""
-    k = head.classes[slot]
-    return torch.nn.functional.linear(x, head.weight[slot, :k], head.bias[slot, :k])
+    return torch.nn.functional.linear(x, head.weight(slot), head.bias(slot))
 
 
-def mixed_logits(head: HeadBank, x: Tensor, slot_index: Tensor) -> Tensor:
-    """Each row through its own slot's head, [B, K_max]; classes beyond a row's own count are -inf."""
-    logits = torch.bmm(head.weight[slot_index], x[:, :, None])[:, :, 0] + head.bias[slot_index]
-    classes = torch.tensor(head.classes, device=x.device)[slot_index]
-    pad = torch.arange(logits.shape[1], device=x.device)[None, :] >= classes[:, None]
-    return logits.masked_fill(pad, float("-inf"))
+def mixed_logits(head: HeadBank, x: Tensor, segments: tuple[Segment, ...]) -> Tensor:
+    """Each run of rows through its own slot's head, [B, K_max] (K_max: the widest resident head); classes
+    beyond a row's own count are -inf. Only the output is padded: no slot's head is ever widened."""
+    logits = x.new_full((x.shape[0], head.max_classes), float("-inf"))
+    for slot, start, end in segments:
+        k = head.classes(slot)
+        logits[start:end, :k] = torch.nn.functional.linear(x[start:end], head.weight(slot), head.bias(slot))
+    return logits
+
+
+def class_padding_mask(classes: Tensor, width: int) -> Tensor:
+    """[B, width] bool: True in the columns beyond each row's own class count (`classes`, [B])."""
+    return torch.arange(width, device=classes.device)[None, :] >= classes[:, None]

@@ -2,6 +2,7 @@
 
 BN (eval):  y = x * scale + shift,  scale = gamma / sqrt(var + eps),  shift = beta - mean * scale
 parallel:   W' = W + A at the centre tap (A is 1x1, so W*x + A*x = W'*x for 'same' padding)
+depthwise:  W' = W + D (D has W's shape: a convolution is linear in its kernel)
 series:     y = z + A (s' z + t')  =  (I + A diag(s')) z + A t'     (z = W*x)
 then BN:    W'' = W' * scale (per output channel),  b'' = b' * scale + shift
 """
@@ -26,9 +27,11 @@ def merge_conv(
     shift: Tensor,
     parallel: Tensor | None,
     series: tuple[Tensor, Tensor, Tensor] | None,
+    depthwise: Tensor | None = None,
 ) -> MergedConv:
     """One unit's folded (weight, bias) from its folded BN (`scale`, `shift`, [C]), a parallel adapter
-    [C_out, C_in], and a series adapter with its folded inner BN (A [C_out, C_out], s' [C_out], t' [C_out]).
+    [C_out, C_in], a series adapter with its folded inner BN (A [C_out, C_out], s' [C_out], t' [C_out]),
+    and a depthwise conv's kernel delta (W's shape).
 
     A BN-only unit (no conv) folds to per-channel (scale, shift).
     """
@@ -39,6 +42,8 @@ def merge_conv(
     kh, kw = w.shape[2] // 2, w.shape[3] // 2
     if parallel is not None:
         w[:, :, kh, kw] += parallel
+    if depthwise is not None:
+        w += depthwise
     if series is not None:
         a, inner_scale, inner_shift = series
         m = torch.eye(a.shape[0], dtype=a.dtype, device=a.device) + a * inner_scale[None, :]

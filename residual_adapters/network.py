@@ -24,7 +24,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from residual_adapters.adapters import BN_TENSORS, AdapterShape
+from residual_adapters import kernels
+from residual_adapters.adapters import BN_TENSORS, AdapterShape, is_adapter_tensor
 from residual_adapters.bank import HeadBank, UnitBank
 from residual_adapters.config import AdapterConfig, pointwise_rank, select_units
 from residual_adapters.plan import (
@@ -123,6 +124,19 @@ class MultiDomainNet(nn.Module):
     def adaptable_units(self) -> list[str]:
         return [u.name for u in self.units if u.adaptable]
 
+    def depthwise_units(self) -> list[str]:
+        """Units whose conv is depthwise: where kind `depthwise` puts its kernel deltas, in depth order."""
+        return [u.name for u in self.units if u.depthwise]
+
+    def unit_depthwise(self, unit: DomainUnit, config: AdapterConfig) -> bool:
+        """Whether `unit` gets a depthwise kernel delta for `config`."""
+        if not config.has_depthwise or not unit.depthwise:
+            return False
+        names = self.depthwise_units()
+        if isinstance(config.allocation, list):
+            return unit.name in config.allocation
+        return unit.name in select_units(config.allocation, names)
+
     def unit_adapter(self, unit: DomainUnit, config: AdapterConfig) -> AdapterShape | None:
         """Where and how big the adapter at `unit` is for `config` (None: BN only)."""
         if not config.has_adapters or not unit.adaptable or unit.name not in self._selected(config):
@@ -143,7 +157,11 @@ class MultiDomainNet(nn.Module):
         return (mode, c_out, c_in, rank)
 
     def _selected(self, config: AdapterConfig) -> set[str]:
-        return select_units(config.allocation, self.adaptable_units())
+        allocation = config.allocation
+        if isinstance(allocation, list) and config.has_depthwise:  # a list may name depthwise units too
+            depthwise = set(self.depthwise_units())
+            allocation = [name for name in allocation if name not in depthwise]
+        return select_units(allocation, self.adaptable_units())
 
     def check_ranks(self, config: AdapterConfig) -> None:
         """Raise ValueError for adapter ranks this network cannot hold: `unit_ranks` naming a unit that takes
@@ -195,6 +213,10 @@ class MultiDomainNet(nn.Module):
             if mode == "series":
                 for k in BN_TENSORS:
                     spec[f"{unit.name}.series_bn.{k}"] = ((c_out,), "float32")
+        for unit in self.units:  # after the adapters: a spec lists them in a stable, readable order
+            if self.unit_depthwise(unit, config):
+                assert unit.conv is not None
+                spec[f"{unit.name}.depthwise.weight"] = (tuple(unit.conv.weight.shape), "float32")
         spec["head.weight"] = ((num_classes, self.head.in_features), "float32")
         spec["head.bias"] = ((num_classes,), "float32")
         return spec
@@ -206,7 +228,12 @@ class MultiDomainNet(nn.Module):
             raise ValueError(f"domain {name!r} already exists")
         device = next(self.body.parameters()).device
         for unit in self.units:
-            unit.add_domain(name, domain_bn=config.has_domain_bn, adapter=self.unit_adapter(unit, config))
+            unit.add_domain(
+                name,
+                domain_bn=config.has_domain_bn,
+                adapter=self.unit_adapter(unit, config),
+                depthwise=self.unit_depthwise(unit, config),
+            )
         self.head.add_domain(name, num_classes)
         self.domains[name] = DomainInfo(config, num_classes)
         self.to(device)
@@ -273,9 +300,10 @@ class MultiDomainNet(nn.Module):
     def forward(self, x: Tensor, domain_index: Tensor) -> Tensor:
         """Mixed-domain forward through the bank (inference only): row i uses slot domain_index[i].
 
-        Returns [B, K_max] logits, classes beyond a row's own count set to -inf. Shared convs run once
-        over the whole batch; rows are sorted by slot once, so each domain's adapters cost one GEMM per
-        layer over its run of rows, and the logits are put back in the caller's order at the end.
+        Returns [B, K_max] logits (K_max: the widest resident head), classes beyond a row's own count set
+        to -inf (`padding_mask` says which). Shared convs run once over the whole batch; rows are sorted by
+        slot once, so each domain's adapters cost one GEMM per layer over its run of rows, and the logits
+        are put back in the caller's order at the end.
         """
         order = torch.argsort(domain_index, stable=True)
         sorted_index = domain_index[order]
@@ -287,8 +315,14 @@ class MultiDomainNet(nn.Module):
             start += count
         if len(segments) == 1:
             return self._pad(self.forward_slot(x, segments[0].slot))
-        series = any(self.slots[s.slot].config.kind == "series" for s in segments)  # type: ignore[union-attr]
-        plan = MixedPlan(sorted_index, tuple(segments), series=series, strategy=self._strategy(x))
+        configs = [self._slot(s.slot).config for s in segments]
+        plan = MixedPlan(
+            sorted_index,
+            tuple(segments),
+            series=any(c.kind == "series" for c in configs),
+            strategy=self._strategy(x),
+            depthwise=any(c.has_depthwise for c in configs),
+        )
         with running(plan):
             logits = self.body(x[order])
         out = torch.empty_like(logits)
@@ -304,11 +338,21 @@ class MultiDomainNet(nn.Module):
         k_max = self._head_bank().max_classes
         return torch.nn.functional.pad(logits, (0, k_max - logits.shape[1]), value=float("-inf"))
 
+    def padding_mask(self, domain_index: Tensor, width: int) -> Tensor:
+        """[B, width] bool, True in the columns of `forward`'s logits beyond row i's own class count (slot
+        domain_index[i]): the one place that knows which columns are a row's classes."""
+        head = self._head_bank()
+        classes = torch.tensor([head.classes(s) for s in range(head.slots)], device=domain_index.device)
+        return kernels.class_padding_mask(classes[domain_index], width)
+
     @torch.no_grad()
     def forward_slot(self, x: Tensor, slot: int) -> Tensor:
         """A single-domain batch through the bank, unmerged (inference only) -> [B, K]."""
-        series = self._slot(slot).config.kind == "series"
-        with running(SlotPlan(slot, series=series, strategy=self._strategy(x))):
+        config = self._slot(slot).config
+        plan = SlotPlan(
+            slot, series=config.kind == "series", strategy=self._strategy(x), depthwise=config.has_depthwise
+        )
+        with running(plan):
             return self.body(x)  # type: ignore[no-any-return]
 
     def forward_merged(self, x: Tensor, slot: int) -> Tensor:
@@ -354,19 +398,29 @@ class MultiDomainNet(nn.Module):
             raise IndexError(f"bank slot {slot} out of range 0..{len(self.slots) - 1}")
         num_classes = int(tensors["head.bias"].shape[0]) if "head.bias" in tensors else 0
         check_tensors(self.domain_spec(config, num_classes), tensors)
-        self.slots[slot] = None  # a failure half-way leaves the slot empty, never half-loaded
-        self.unmerge(slot)
-        for unit in self.units:
-            prefix = f"{unit.name}."
-            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            unit.bank_load(slot, own, self.unit_adapter(unit, config))
-        self.head.bank_load(slot, tensors["head.weight"], tensors["head.bias"])
+        self._release(slot)  # a failure half-way leaves the slot empty, never half-loaded
+        try:
+            for unit in self.units:
+                prefix = f"{unit.name}."
+                own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+                unit.bank_load(slot, own, self.unit_adapter(unit, config))
+            self.head.bank_load(slot, tensors["head.weight"], tensors["head.bias"])
+        except BaseException:
+            self._release(slot)
+            raise
         self.slots[slot] = DomainInfo(config, num_classes)
 
     def bank_clear(self, slot: int) -> None:
+        """Empty a slot; its head and any storage only it used are released (the bank shrinks back)."""
         self._slot(slot)
+        self._release(slot)
+
+    def _release(self, slot: int) -> None:
         self.slots[slot] = None
         self.unmerge(slot)
+        for unit in self.units:
+            unit.bank_clear(slot)
+        self._head_bank().clear(slot)
 
     def load_domains_into_bank(self) -> dict[str, int]:
         """Copy every trainable domain into the bank, in order (domain i -> slot i)."""
@@ -418,7 +472,7 @@ class MultiDomainNet(nn.Module):
                 n *= d
             if "running_" in name:
                 continue
-            role = "head" if name.startswith("head.") else "adapter" if ".adapter." in name else "bn"
+            role = "head" if name.startswith("head.") else "adapter" if is_adapter_tensor(name) else "bn"
             counts[role] += n
         return counts
 

@@ -6,9 +6,10 @@ its type, so a unit can only read the fields its kind of forward sets:
 
     forward_base(x)            BasePlan()                             base BN, the imported classifier
     forward_domain(x, name)    DomainPlan(domain)                     one domain's trainable modules
-    forward_slot(x, slot)      SlotPlan(slot, series, strategy)       one bank slot, unmerged
+    forward_slot(x, slot)      SlotPlan(slot, series, strategy,       one bank slot, unmerged
+                                        depthwise)
     forward(x, domain_index)   MixedPlan(slot_index, segments,        the bank, each row its own slot
-                                         series, strategy)
+                                         series, strategy, depthwise)
     forward_merged(x, slot)    MergedPlan(slot, weights)              one slot's folded conv weights
 
 Why ambient at all: the units sit deep inside torchvision's own module code (`Bottleneck.forward`,
@@ -64,6 +65,8 @@ class SlotPlan:
     series: bool
     """Whether the slot's domain has series adapters (else that path is skipped)."""
     strategy: MixedStrategy
+    depthwise: bool = False
+    """Whether the slot's domain has depthwise kernel deltas (else depthwise convs run shared)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,6 +80,8 @@ class MixedPlan:
     series: bool
     """Whether any row's domain has series adapters (else that path is skipped)."""
     strategy: MixedStrategy
+    depthwise: bool = False
+    """Whether any row's domain has depthwise kernel deltas (else depthwise convs run shared)."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -8,7 +8,7 @@ each forward on the plan of the current call (see `plan`):
     BasePlan    shared conv, base BN               (head: the imported classifier)
     DomainPlan  shared conv + the domain's modules (head: the domain's linear)
     SlotPlan    shared conv + bank kernels, one slot
-    MixedPlan   shared conv + bank kernels, per-row slots
+    MixedPlan   shared conv + bank kernels, per-row slots (a depthwise conv with deltas: each row's kernel)
     MergedPlan  one conv with the slot's folded weights (see `merge`)
 """
 
@@ -117,6 +117,12 @@ class DomainUnit(nn.Module):
         )
 
     @property
+    def depthwise(self) -> bool:
+        """Whether the conv is depthwise (groups = C_in > 1): it can take a kernel delta of its own shape."""
+        c = self.conv
+        return c is not None and c.groups > 1 and c.groups == c.in_channels
+
+    @property
     def pointwise(self) -> bool:
         return self.conv is not None and tuple(self.conv.kernel_size) == (1, 1)
 
@@ -129,10 +135,23 @@ class DomainUnit(nn.Module):
         s = self.stride
         return x if s == 1 else x[:, :, ::s, ::s]
 
-    def add_domain(self, name: str, *, domain_bn: bool, adapter: AdapterShape | None) -> None:
+    def add_domain(
+        self, name: str, *, domain_bn: bool, adapter: AdapterShape | None, depthwise: bool = False
+    ) -> None:
+        if depthwise and not self.depthwise:
+            raise ValueError(f"unit {self.name} is not a depthwise conv: it takes no depthwise delta")
         self.domains[name] = DomainUnitParams(
-            self.channels, self.base_bn, domain_bn=domain_bn, adapter=adapter
+            self.channels,
+            self.base_bn,
+            domain_bn=domain_bn,
+            adapter=adapter,
+            depthwise=self._kernel_shape if depthwise else None,
         )
+
+    @property
+    def _kernel_shape(self) -> tuple[int, ...]:
+        assert self.conv is not None
+        return tuple(self.conv.weight.shape)
 
     # -- dispatch -----------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -162,7 +181,11 @@ class DomainUnit(nn.Module):
             )
         p = self.domains[domain]
         assert isinstance(p, DomainUnitParams)
-        if p.adapter is None:
+        if p.depthwise is not None:
+            c = self.conv
+            assert c is not None
+            y = F.conv2d(x, c.weight + p.depthwise.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+        elif p.adapter is None:
             y = self._conv(x)
         elif p.series_bn is not None:
             y = self._conv(x)
@@ -187,7 +210,8 @@ class DomainUnit(nn.Module):
         series_rank = (
             pointwise_rank(self.channels, self.channels, pointwise_budget) if self.pointwise else None
         )
-        self.bank = UnitBank(self.name, slots, self.base_bn.weight, parallel, series_rank)
+        depthwise_shape = self._kernel_shape if self.depthwise else None
+        self.bank = UnitBank(self.name, slots, self.base_bn.weight, parallel, series_rank, depthwise_shape)
 
     def _require_bank(self) -> UnitBank:
         if self.bank is None:
@@ -198,9 +222,18 @@ class DomainUnit(nn.Module):
         """Copy one domain's tensors (names relative to this unit) into `slot`, folding its BN."""
         self._require_bank().load(slot, tensors, adapter, self.base_bn)
 
+    def bank_clear(self, slot: int) -> None:
+        """Forget `slot`'s adapters (storage no slot uses any more is released)."""
+        self._require_bank().clear(slot)
+
     def _forward_bank(self, x: Tensor, plan: SlotPlan | MixedPlan) -> Tensor:
         bank = self._require_bank()
-        y = kernels.as_nhwc(self._conv(x))  # a fresh conv output: safe to update in place (inference only)
+        # y is a fresh conv output either way: safe to update in place (inference only)
+        if self._runs_depthwise_deltas(bank, plan):
+            assert self.conv is not None and bank.depthwise is not None
+            y = kernels.depthwise_conv(x, self.conv, bank.depthwise, plan)
+        else:
+            y = kernels.as_nhwc(self._conv(x))
         if bank.parallel is not None:
             kernels.add_adapter(y, self._centre(x), bank.parallel, plan)
         if plan.series and bank.series is not None:
@@ -211,11 +244,25 @@ class DomainUnit(nn.Module):
             kernels.add_adapter(y, t, bank.series, plan)
         return torch.addcmul(kernels.per_row(bank.shift, plan), y, kernels.per_row(bank.scale, plan))
 
+    @staticmethod
+    def _runs_depthwise_deltas(bank: UnitBank, plan: SlotPlan | MixedPlan) -> bool:
+        if not plan.depthwise or bank.depthwise is None:
+            return False
+        return not isinstance(plan, SlotPlan) or bank.depthwise_delta(plan.slot) is not None
+
     def merge(self, slot: int) -> MergedConv:
-        """This unit's weights for `slot` with its adapters in the centre tap and its BN folded in."""
+        """This unit's weights for `slot` with its adapters in the centre tap (or its depthwise delta in the
+        kernel) and its BN folded in."""
         bank = self._require_bank()
         parallel = bank.parallel.matrix(slot) if bank.parallel is not None else None
-        return merge_conv(self.conv, bank.scale[slot], bank.shift[slot], parallel, bank.series_terms(slot))
+        return merge_conv(
+            self.conv,
+            bank.scale[slot],
+            bank.shift[slot],
+            parallel,
+            bank.series_terms(slot),
+            bank.depthwise_delta(slot),
+        )
 
     def _forward_merged(self, x: Tensor, plan: MergedPlan) -> Tensor:
         if self not in plan.weights:
@@ -249,7 +296,7 @@ class DomainHead(nn.Module):
         self.domains[name] = head
 
     def enable_bank(self, slots: int, like: Tensor) -> None:
-        """Allocate `slots` empty heads on `like`'s device and dtype; they grow to the largest class count."""
+        """`slots` empty heads on `like`'s device and dtype; each slot's head has its own class count."""
         self.bank = HeadBank(slots, self.in_features, like)
 
     def _require_bank(self) -> HeadBank:
@@ -259,6 +306,9 @@ class DomainHead(nn.Module):
 
     def bank_load(self, slot: int, weight: Tensor, bias: Tensor) -> None:
         self._require_bank().load(slot, weight, bias)
+
+    def bank_clear(self, slot: int) -> None:
+        self._require_bank().clear(slot)
 
     def forward(self, x: Tensor) -> Tensor:
         plan: ForwardPlan = current_plan("head")
@@ -271,5 +321,5 @@ class DomainHead(nn.Module):
         if isinstance(plan, SlotPlan | MergedPlan):
             return kernels.slot_logits(self._require_bank(), x, plan.slot)
         if isinstance(plan, MixedPlan):
-            return kernels.mixed_logits(self._require_bank(), x, plan.slot_index)
+            return kernels.mixed_logits(self._require_bank(), x, plan.segments)
         raise ForwardPlanError(f"head: {plan!r} is not a forward plan")

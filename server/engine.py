@@ -177,13 +177,15 @@ class Engine:
 
     def load(self, key: DomainKey) -> int:
         """Make `key` resident (a no-op when it is) and return its slot."""
-        with self._net_lock:
+        # Every bank change runs in inference mode: the bank's tensors are made by forwards and loads
+        # in it, and torch refuses in-place changes to such tensors outside it.
+        with self._net_lock, torch.inference_mode():
             return self.residency.ensure([key])[key]
 
     def evict(self, domain: str, version: int | None = None) -> int:
         """Drop a deleted domain's versions (all, or one): out of the bank, and never loaded again from
         a read begun before now; returns how many slots were freed."""
-        with self._net_lock:
+        with self._net_lock, torch.inference_mode():
             freed = self.residency.drop(domain, version)
         self.versions.forget(domain)
         return freed

@@ -105,11 +105,12 @@ class Settings(BaseSettings, EngineConfig):
     max_images_per_request: int = Field(default=64, ge=1)
     max_top_k: int = Field(default=100, ge=1)
     max_classes: int = Field(default=1000, ge=1)
-    """Most classes (labels) of an uploaded domain; more gets 422. Every bank slot is as wide as the
-    widest resident head, so one wide head costs bank_slots x (features + 1) x 4 bytes per class for
-    every slot: 82 KB a class on MobileNetV2 (1280 features) at 16 slots, 16 KB on ResNet-26 (256). The
-    default fits ImageNet-1k, the largest Decathlon domain (about 82 MB of bank on MobileNetV2); a
-    10,000-class head cost +691 MB and slowed every other domain's batches 2x."""
+    """Most classes (labels) of an uploaded domain; more gets 422. A head costs only its own bank slot,
+    (features + 1) x 4 bytes a class (5 KB on MobileNetV2's 1280 features, 1 KB on ResNet-26's 256), and is
+    released when its domain leaves the bank; a mixed batch's logits are as wide as the widest resident
+    head. The default fits ImageNet-1k, the largest Decathlon domain (about 5 MB of head on MobileNetV2);
+    when every slot was padded to the widest head, a 10,000-class head cost +691 MB and slowed every other
+    domain's batches 2x."""
     max_input_size: int = Field(default=512, ge=1)
     """Largest `preprocessing.input_size` of an uploaded domain (its `resize` may be at most twice it);
     more gets 422. Set it to what the backbone was built for: ResNet-26 is trained at 64, MobileNetV2 at

@@ -81,6 +81,10 @@ def adapter_matrices(net: MultiDomainNet, name: str) -> dict[str, DenseAdapter]:
         raise CompressionError(
             f"domain {name!r} has series adapters; SVD compression applies to parallel ones"
         )
+    if info.config.has_depthwise:
+        raise CompressionError(
+            f"domain {name!r} has depthwise deltas; SVD compression applies to parallel and low-rank domains"
+        )
     if not info.config.has_adapters:
         raise CompressionError(f"domain {name!r} (kind {info.config.kind}) has no adapters to compress")
     state = net.domain_state(name)

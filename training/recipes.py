@@ -62,4 +62,8 @@ def recipe_for(arch: str, kind: str) -> Recipe:
     """The default settings for training a ``kind`` domain (or ``finetune``) on an ``arch`` backbone."""
     if kind not in (*ADAPTER_KINDS, FINETUNE):
         raise ValueError(f"unknown kind {kind!r}; expected one of {(*ADAPTER_KINDS, FINETUNE)}")
+    if (
+        kind == "depthwise"
+    ):  # parallel adapters plus tiny depthwise deltas: parallel's rate, not measured apart
+        kind = "parallel"
     return _MEASURED[(family(arch), kind)]

@@ -9,7 +9,7 @@ What is trained is a *parameter selection* on a ``MultiDomainNet`` domain:
   run it on a copy (``finetune_copy``), never on the served backbone.
 
 Recipe (the paper's, scaled to any epoch count): SGD momentum 0.9, step decay x0.1 at 2/3 and x0.1
-again at 5/6 of the epochs (80 and 100 of 120), weight decay per group (``.adapter.`` tensors get
+again at 5/6 of the epochs (80 and 100 of 120), weight decay per group (adapter tensors, ``.adapter.`` and ``.depthwise.``, get
 their own); optionally a linear warm-up and gradient-norm clipping (``training.recipes`` holds the
 measured defaults per backbone and kind). bf16 autocast on CUDA. The best epoch on validation is kept.
 A checkpoint after every epoch holds everything needed to continue bit-identically (model, optimiser,
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from residual_adapters import AdapterConfig, MultiDomainNet
+from residual_adapters import AdapterConfig, MultiDomainNet, is_adapter_tensor
 from training.data import BatchMaker, DomainData, ImageSet
 
 Trainable = Literal["domain", "all"]
@@ -65,9 +65,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     """Weight decay of BN, head and (fine-tuning) shared weights."""
     adapter_weight_decay: float | None = None
-    """Weight decay of the ``.adapter.`` tensors (None: ``weight_decay``)."""
+    """Weight decay of the adapter tensors (``.adapter.``, ``.depthwise.``; None: ``weight_decay``)."""
     adapter_lr: float | None = None
-    """Initial learning rate of the ``.adapter.`` tensors (None: ``lr``). Zero-initialised low-rank
+    """Initial learning rate of the adapter tensors (None: ``lr``). Zero-initialised low-rank
     adapters on 1x1 convs get small gradients; BN and head are unstable at the same high rate."""
     warmup_epochs: float = 0.0
     """Linear learning-rate warm-up from lr/steps to lr over this many epochs (0: none). The first
@@ -144,8 +144,8 @@ def trainable_parameters(net: MultiDomainNet, name: str, trainable: Trainable) -
 
 
 def _param_groups(params: dict[str, nn.Parameter], cfg: TrainConfig) -> list[dict[str, Any]]:
-    adapter = [p for k, p in params.items() if ".adapter." in f".{k}"]
-    rest = [p for k, p in params.items() if ".adapter." not in f".{k}"]
+    adapter = [p for k, p in params.items() if is_adapter_tensor(k)]  # 1x1 matrices, depthwise deltas
+    rest = [p for k, p in params.items() if not is_adapter_tensor(k)]
     adapter_wd = cfg.weight_decay if cfg.adapter_weight_decay is None else cfg.adapter_weight_decay
     groups: list[dict[str, Any]] = [{"params": rest, "weight_decay": cfg.weight_decay}]
     if adapter:

@@ -9,7 +9,8 @@ Adapter placement (what `AdapterConfig` sees as adaptable units):
   (bottleneck reduce/expand, downsample projections, MobileNetV2 expand/project);
 - 1x1 convs get low-rank adapters (rank from `pointwise_budget`, 10% of that conv by default): a full 1x1
   adapter on a 1x1 conv would be as large as the conv itself, and MobileNetV2 is almost all 1x1 convs;
-- depthwise convs (groups > 1) get domain BN only: a 1x1 dense adapter does not fold into them.
+- depthwise convs (groups > 1) get domain BN only: a 1x1 dense adapter does not fold into them; kind
+  `depthwise` adds a per-domain delta of their own kernel there instead (`MultiDomainNet.depthwise_units`).
 """
 
 from __future__ import annotations

@@ -129,8 +129,22 @@ def test_unknown_field_refused() -> None:
 
 def test_future_format_version_refused() -> None:
     d = _manifest_dict()
-    d["format_version"] = 2
+    d["format_version"] = 3
     assert ("manifest.format_version", "schema") in _problems(d)
+
+
+def test_format_2_is_exactly_the_artifacts_with_depthwise_deltas() -> None:
+    d = _manifest_dict()
+    assert d["format_version"] == 1 and d["adapter"]["kind"] != "depthwise"
+    d["format_version"] = 2  # a parallel artifact claiming the newer format
+    with pytest.raises(ArtifactInvalid, match="format_version 2 does not fit adapter kind"):
+        parse_domain_manifest(json.dumps(d).encode())
+    d["adapter"]["kind"] = "depthwise"
+    assert parse_domain_manifest(json.dumps(d).encode()).format_version == 2
+    d["format_version"] = 1  # a format-1 reader would serve it without its deltas
+    assert _problems(d) == [("manifest", "schema")]
+    del d["format_version"]  # absent means 1
+    assert _problems(d) == [("manifest", "schema")]
 
 
 def test_no_type_coercion() -> None:

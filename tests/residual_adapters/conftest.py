@@ -10,6 +10,7 @@ KIND_CONFIGS = {
     "lowrank": AdapterConfig(kind="lowrank", rank=3),
     "bn": AdapterConfig(kind="bn"),
     "head": AdapterConfig(kind="head"),
+    "depthwise": AdapterConfig(kind="depthwise"),
 }
 
 
@@ -38,6 +39,7 @@ def randomise_base(net: MultiDomainNet, seed: int = 0, size: int = 32) -> None:
 def randomise_domain(net: MultiDomainNet, name: str, seed: int) -> None:
     """Non-trivial domain tensors near the base network's scale (a fresh domain equals the base)."""
     g = torch.Generator().manual_seed(seed)
+    units = {u.name: u for u in net.units}
 
     def noise(t: torch.Tensor, std: float) -> torch.Tensor:
         return torch.randn(t.shape, generator=g) * std
@@ -47,5 +49,9 @@ def randomise_domain(net: MultiDomainNet, name: str, seed: int) -> None:
             t.mul_(1 + noise(t, 0.2).clamp(-0.5, 0.5))
         elif key.endswith(("running_mean", "bn.bias")):
             t.add_(noise(t, 0.1))
+        elif key.endswith(".depthwise.weight"):  # a correction of the kernel: a fifth of its own scale
+            conv = units[key.removesuffix(".depthwise.weight")].conv
+            assert conv is not None
+            t.copy_(noise(t, 0.2 * float(conv.weight.std())))
         else:  # adapters and heads
             t.copy_(noise(t, 0.03))
