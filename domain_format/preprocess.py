@@ -9,9 +9,13 @@ torch step: ``residual_adapters.inputs.normalise``.
 
 ``prepare`` is three steps, each public for callers that need to stop in between:
 
-1. ``open_image(data, spec, max_pixels=...)``: JPEG, PNG or WebP only; the pixel count, and the count the
-   image would have once its shorter side is resized, are checked from the header before any pixel is
-   decoded (a decompression bomb costs nothing); then the pixels are decoded.
+1. ``open_image(data, spec, max_pixels=...)``: ``read_header`` then ``load_pixels``. ``read_header`` checks,
+   before any pixel is decoded: JPEG, PNG or WebP only; the pixel count, and the count the image would
+   have once its shorter side is resized (a decompression bomb costs nothing); a JPEG's scans (at most
+   ``max_jpeg_scans``: a repeated scan multiplies the decode's work, ``domain_format.jpeg``); and what the
+   decode will cost, ``ImageHeader.decode_bytes`` (at most ``max_decode_bytes``). A decode cannot be
+   interrupted once started, so this is the one place its cost can be bounded. Then the pixels are
+   decoded.
 2. ``fit(image, spec)``: 16-bit images mapped onto 8 bits by their full range; converted to the spec's
    channels (palette, alpha, CMYK → RGB, or L for grayscale); shorter side resized to ``spec.resize``
    (PIL's antialiased filters, the longer side truncated as torchvision's ``Resize(int)`` does); the centre
@@ -20,8 +24,9 @@ torch step: ``residual_adapters.inputs.normalise``.
 3. ``centre_crop(pixels, spec.input_size)``: the evaluation and serving crop, offsets ``centre_offset``.
 
 Failures raise ``ImageRejected`` subclasses, each saying what is wrong: ``UnsupportedImage`` (not one of
-the accepted formats), ``TooManyPixels`` (over ``max_pixels``), ``CorruptImage`` (empty, truncated or
-unreadable data). The HTTP layer maps them to status codes; this module knows nothing of HTTP.
+the accepted formats), ``TooManyPixels`` (over ``max_pixels``), ``TooManyScans`` (a JPEG with more scans
+than any encoder writes), ``TooCostlyToDecode`` (over ``max_decode_bytes``), ``CorruptImage`` (empty,
+truncated or unreadable data). The HTTP layer maps them to status codes; this module knows nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageMode, UnidentifiedImageError
+
+from domain_format.jpeg import jpeg_scans
 
 Channels = Literal["rgb", "grayscale"]
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
@@ -41,7 +48,16 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
 ACCEPTED_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp")
 DEFAULT_MAX_PIXELS = 40_000_000
 """The pixel limit for callers without a setting of their own (the server's default too)."""
+DEFAULT_MAX_JPEG_SCANS = 32
+"""Encoders write at most 18 scans (libjpeg's progressive CMYK; colour 10, grayscale 6, mozjpeg fewer:
+measured in ``domain_format.jpeg``): 32 leaves room for hand-made scan scripts and refuses the repeated-scan
+bomb (1,000 scans of a 38 KB file cost 2.2 s to decode, 58 times the same image's 10)."""
+DEFAULT_MAX_DECODE_BYTES = 24 * DEFAULT_MAX_PIXELS
+"""The costliest decode any encoder's image at the pixel limit asks for: 40 Mpx of progressive CMYK,
+4 bytes per pixel times 6 passes (colour progressive is 3 x 4.7, grayscale 1 x 6, PNG and WebP 1 to 4 x 1).
+What it refuses is work multiplied beyond that: a 40 Mpx JPEG with 32 one-component scans (10.7 passes)."""
 
+_SCANS_COUNTED = 1024
 _RESAMPLE: dict[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -100,13 +116,88 @@ class TooManyPixels(ImageRejected):
         self.max_pixels = max_pixels
 
 
-def prepare(data: bytes, spec: ImageSpec, *, max_pixels: int) -> np.ndarray:
+class TooManyScans(ImageRejected):
+    """A JPEG with more scans than any encoder writes (each scan is one more pass over the image)."""
+
+    def __init__(self, message: str, max_scans: int) -> None:
+        super().__init__(message)
+        self.max_scans = max_scans
+
+
+class TooCostlyToDecode(ImageRejected):
+    """An image whose decode would cost more than allowed (``ImageHeader.decode_bytes``)."""
+
+    def __init__(self, message: str, max_decode_bytes: int) -> None:
+        super().__init__(message)
+        self.max_decode_bytes = max_decode_bytes
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """An image opened and checked, not yet decoded: what its decode will cost."""
+
+    image: Image.Image
+    """Opened by PIL, pixels not loaded (``load_pixels`` loads them)."""
+    passes: float = 1.0
+    """Passes the decoder makes over the image: a progressive JPEG's coefficient passes, else 1."""
+
+    @property
+    def pixels(self) -> int:
+        return self.image.width * self.image.height
+
+    @property
+    def decode_bytes(self) -> int:
+        """The decode's work: pixels x bytes per pixel of the decoded mode x passes. Decode time grows with
+        the bytes the decoder writes (PNG inflates them, JPEG rewrites its coefficients on every scan);
+        it is also the decoded image's memory."""
+        return int(self.pixels * bytes_per_pixel(self.image.mode) * self.passes)
+
+
+def prepare(
+    data: bytes,
+    spec: ImageSpec,
+    *,
+    max_pixels: int,
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+) -> np.ndarray:
     """Encoded image bytes → uint8 [input_size, input_size, C] (C = 3 for ``rgb``, 1 for ``grayscale``)."""
-    return centre_crop(fit(open_image(data, spec, max_pixels=max_pixels), spec), spec.input_size)
+    header = read_header(
+        data, spec, max_pixels=max_pixels, max_jpeg_scans=max_jpeg_scans, max_decode_bytes=max_decode_bytes
+    )
+    return decode_header(header, spec)
 
 
-def open_image(data: bytes, spec: ImageSpec, *, max_pixels: int) -> Image.Image:
-    """Decode an image, refusing what is not JPEG/PNG/WebP, too large (from the header), or corrupt."""
+def decode_header(header: ImageHeader, spec: ImageSpec) -> np.ndarray:
+    """A checked header → uint8 [input_size, input_size, C]: decode, fit, centre crop."""
+    return centre_crop(fit(load_pixels(header), spec), spec.input_size)
+
+
+def open_image(
+    data: bytes,
+    spec: ImageSpec,
+    *,
+    max_pixels: int,
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+) -> Image.Image:
+    """Decode an image, refusing what is not JPEG/PNG/WebP, too large or too costly (from the header),
+    or corrupt."""
+    header = read_header(
+        data, spec, max_pixels=max_pixels, max_jpeg_scans=max_jpeg_scans, max_decode_bytes=max_decode_bytes
+    )
+    return load_pixels(header)
+
+
+def read_header(
+    data: bytes,
+    spec: ImageSpec,
+    *,
+    max_pixels: int,
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+) -> ImageHeader:
+    """Open an image and check everything that can be checked before decoding it (no pixel is decoded)."""
     if not data:
         raise CorruptImage("the image is empty")
     try:
@@ -121,11 +212,41 @@ def open_image(data: bytes, spec: ImageSpec, *, max_pixels: int) -> Image.Image:
     if width < 1 or height < 1:
         raise CorruptImage(f"the image header says {width}x{height} pixels")
     check_pixels(width, height, spec, max_pixels=max_pixels)
+    header = ImageHeader(image)
+    if image.format in ("JPEG", "MPO"):  # MPO: a JPEG with more pictures after it (the first is decoded)
+        # Counting stops at 1024 scans: a scan can be a dozen bytes, a 16 MiB body a million of them.
+        scans = jpeg_scans(data, stop_after=max(_SCANS_COUNTED, max_jpeg_scans))
+        if scans is not None:
+            if scans.scans > max_jpeg_scans:
+                count = f"over {_SCANS_COUNTED}" if scans.scans > _SCANS_COUNTED else str(scans.scans)
+                raise TooManyScans(
+                    f"the JPEG has {count} scans, over the limit of {max_jpeg_scans} (encoders write at most "
+                    f"18): each scan is one more pass of the decoder over the whole image",
+                    max_scans=max_jpeg_scans,
+                )
+            header = ImageHeader(image, scans.passes)
+    if header.decode_bytes > max_decode_bytes:
+        raise TooCostlyToDecode(
+            f"decoding the image ({width}x{height} {image.mode}, {header.passes:.1f} passes) would cost "
+            f"{header.decode_bytes} bytes of work, over the limit of {max_decode_bytes}",
+            max_decode_bytes=max_decode_bytes,
+        )
+    return header
+
+
+def load_pixels(header: ImageHeader) -> Image.Image:
+    """Decode a checked image's pixels (CorruptImage for truncated or corrupt data)."""
     try:
-        image.load()
+        header.image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
         raise CorruptImage(f"the image data is corrupt: {exc}") from None
-    return image
+    return header.image
+
+
+def bytes_per_pixel(mode: str) -> int:
+    """Bytes a pixel of a PIL mode takes once decoded (1 for L, P and 1-bit; 2 for I;16; 3 for RGB...)."""
+    descriptor = ImageMode.getmode(mode)
+    return len(descriptor.bands) * int(descriptor.typestr[2:])
 
 
 def check_pixels(width: int, height: int, spec: ImageSpec, *, max_pixels: int) -> None:
@@ -187,6 +308,9 @@ def to_8bit(image: Image.Image) -> Image.Image:
     PIL's own convert("L"/"RGB") clips such images at 255, which turns a 16-bit PNG almost white.
     """
     if image.mode.startswith("I;16") or image.mode == "I":
-        values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        values = np.asarray(image)
+        # 16-bit data shifts as it is: widening 40 Mpx to int64 first cost 1.6 s and 320 MB per image
+        if values.dtype.kind != "u" or values.dtype.itemsize != 2:
+            values = np.clip(values, 0, 65535)
         return Image.fromarray((values >> 8).astype(np.uint8))  # 2-D uint8: mode L
     return image

@@ -8,6 +8,8 @@ Images in one batch share an input size (domains may differ in it) and use at mo
 `max_domains_per_batch` distinct domain versions (what the engine's bank can hold at once: its caller
 passes the bank's slot count); the others wait for the next batch, in order.
 When `max_queue` images are waiting, `submit` refuses with `QueueFull` (429) instead of growing memory.
+An image whose request's deadline has passed, or whose future was cancelled (its in-process caller is
+gone), is dropped when a batch is formed instead of being run: its future gets `DeadlineExceeded`.
 
 Two threads make a pipeline: the stager forms a batch and makes its network input (the stack out of the
 front ends' shared memory, the copy to the device, the normalisation), the runner runs the forward.
@@ -25,12 +27,13 @@ as well as the event loop (`classify` wraps them for asyncio).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +41,7 @@ import torch
 from torch import Tensor
 
 from server.engine import DomainKey, Engine, Prediction
-from server.errors import NonFiniteOutput, QueueFull
+from server.errors import DeadlineExceeded, NonFiniteOutput, QueueFull
 
 
 class BatchEvents:
@@ -57,6 +60,8 @@ class _Item:
     top_k: int
     future: Future[Prediction]
     enqueued: float
+    deadline: float | None = None
+    """time.monotonic() past which the image is dropped instead of run (its request gave up)."""
 
 
 class Batcher:
@@ -117,7 +122,8 @@ class Batcher:
             self._queue.clear()
             self._cond.notify_all()
         for item in pending:
-            item.future.set_exception(RuntimeError("the server is shutting down"))
+            with contextlib.suppress(InvalidStateError):  # cancelled by its caller meanwhile
+                item.future.set_exception(RuntimeError("the server is shutting down"))
         for thread in self._threads:
             thread.join(timeout=30)
         self._threads = []
@@ -129,11 +135,16 @@ class Batcher:
 
     # -- submitting -------------------------------------------------------------------------------
     def submit(
-        self, key: DomainKey, images: Sequence[np.ndarray] | np.ndarray, top_k: int = 5
+        self,
+        key: DomainKey,
+        images: Sequence[np.ndarray] | np.ndarray,
+        top_k: int = 5,
+        deadline: float | None = None,
     ) -> list[Future[Prediction]]:
-        """Queue uint8 crops [S, S, C] of one domain version (`domain_format.preprocess.prepare`); all or none."""
+        """Queue uint8 crops [S, S, C] of one domain version (`domain_format.preprocess.prepare`); all or none.
+        Those still queued at `deadline` (time.monotonic()) are dropped with DeadlineExceeded."""
         now = time.monotonic()
-        items = [_Item(key, img, top_k, Future(), now) for img in images]
+        items = [_Item(key, img, top_k, Future(), now, deadline) for img in images]
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the batcher is stopped")
@@ -194,10 +205,16 @@ class Batcher:
         keys: set[DomainKey] = set()
         taken: list[_Item] = []
         left: deque[_Item] = deque()
+        now = time.monotonic()
         while self._queue and len(taken) < self.max_batch_size:
             item = self._queue.popleft()
+            if _given_up(item, now):
+                continue
             fits = item.image.shape == shape and (item.key in keys or len(keys) < self.max_domains_per_batch)
             if fits:
+                # marked running: from here its caller can no longer cancel it (False: it just did)
+                if not item.future.set_running_or_notify_cancel():
+                    continue
                 keys.add(item.key)
                 taken.append(item)
             else:
@@ -214,6 +231,8 @@ class Batcher:
             if batch is None:
                 self._staged.put(None)
                 return
+            if not batch:  # every image it looked at was given up (deadline passed, caller gone)
+                continue
             x: Tensor | None
             started = time.monotonic()
             try:
@@ -276,3 +295,15 @@ class Batcher:
             return
         for item, pred in zip(batch, preds, strict=True):
             item.future.set_result(pred)
+
+
+def _given_up(item: _Item, now: float) -> bool:
+    """Whether a queued image's request gave up on it: its deadline passed (it is answered with
+    DeadlineExceeded here) or its caller cancelled its future."""
+    if item.future.cancelled():
+        return True
+    if item.deadline is not None and now >= item.deadline:
+        with contextlib.suppress(InvalidStateError):  # cancelled by its caller meanwhile
+            item.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued"))
+        return True
+    return False

@@ -86,17 +86,25 @@ class EngineClient(ABC):
         """Room for a request's pixels (raises QueueFull when there is none)."""
 
     async def classify(
-        self, resolved: Message, lease: PixelLease, top_k: int, *, check: bool = True
+        self,
+        resolved: Message,
+        lease: PixelLease,
+        top_k: int,
+        *,
+        check: bool = True,
+        deadline_s: float | None = None,
     ) -> list[list[Any]]:
         """Per image [[index, label, probability], ...] from the engine serving the domain, with the
         version `resolved` names (from `resolve`); `check`: the engine refuses with `StaleVersion` when that
-        is no longer the domain's active version (or, pinned, no longer stored as it was)."""
+        is no longer the domain's active version (or, pinned, no longer stored as it was); the engine
+        drops images still queued `deadline_s` seconds from now (DeadlineExceeded)."""
         domain = str(resolved["domain"])
         engine = self.engine_for(domain)
         try:
             reply = await self._classify(
                 engine, domain, int(resolved["version"]), lease, top_k,
                 sha256=str(resolved["sha256"]) if check else None, pinned=bool(resolved["pinned"]),
+                deadline_s=deadline_s,
             )  # fmt: skip
         except (StaleVersion, DomainNotFound, VersionNotFound):
             self.forget(domain)
@@ -107,9 +115,10 @@ class EngineClient(ABC):
     @abstractmethod
     async def _classify(
         self, engine: int, domain: str, version: int, lease: PixelLease, top_k: int, *,
-        sha256: str | None, pinned: bool,
+        sha256: str | None, pinned: bool, deadline_s: float | None = None,
     ) -> Message:  # fmt: skip
-        """The engine's classify reply: `results`, the `version` served and its queue's state."""
+        """The engine's classify reply: `results`, the `version` served and its queue's state; the engine
+        drops images still queued `deadline_s` seconds from now (DeadlineExceeded)."""
 
     @abstractmethod
     async def start(self) -> None:
@@ -357,11 +366,11 @@ class RemoteEngines(EngineClient):
 
     async def _classify(
         self, engine: int, domain: str, version: int, lease: PixelLease, top_k: int, *,
-        sha256: str | None, pinned: bool,
+        sha256: str | None, pinned: bool, deadline_s: float | None = None,
     ) -> Message:  # fmt: skip
         assert lease.shared is not None
         return await self.call(
             engine, "classify", domain=domain, version=version, slab=self.slab.name,
             offset=lease.shared.offset, count=len(lease.array), side=lease.array.shape[1], top_k=top_k,
-            sha256=sha256, pinned=pinned,
+            sha256=sha256, pinned=pinned, deadline_s=deadline_s,
         )  # fmt: skip

@@ -136,6 +136,7 @@ class EngineProcess:
         top_k: int,
         sha256: str | None = None,
         pinned: bool = False,
+        deadline_s: float | None = None,
     ) -> Message:
         if self.draining:
             raise EngineUnavailable("the engine is shutting down")
@@ -149,7 +150,7 @@ class EngineProcess:
             key = await loop.run_in_executor(self.pool, contextvars.copy_context().run, check)
         assert key is not None
         pixels = self.slabs.view(slab, offset, count, side)
-        futures = service.submit(domain, version, pixels, top_k)
+        futures = service.submit(domain, version, pixels, top_k, deadline_s)
         predictions = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         log.debug("classified %d images in %s version %d", count, domain, version)
         return ok(

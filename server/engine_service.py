@@ -11,6 +11,7 @@ probe batch: refused unless the logits are finite) before anything is stored.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -141,8 +142,12 @@ class EngineService:
             raise StaleVersion(f"{domain} v{version} is no longer what the request resolved to")
         return key
 
-    def submit(self, domain: str, version: int, pixels: np.ndarray, top_k: int) -> list[Future[Prediction]]:
-        return self.batcher.submit(DomainKey(domain, version), pixels, top_k)
+    def submit(
+        self, domain: str, version: int, pixels: np.ndarray, top_k: int, deadline_s: float | None = None
+    ) -> list[Future[Prediction]]:
+        """Queue a request's crops; those still queued `deadline_s` seconds from now are dropped."""
+        deadline = None if deadline_s is None else time.monotonic() + deadline_s
+        return self.batcher.submit(DomainKey(domain, version), pixels, top_k, deadline=deadline)
 
     # -- domains ----------------------------------------------------------------------------------
     def upload(

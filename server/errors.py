@@ -68,6 +68,20 @@ class BodyBufferFull(ServerError):
         self.retry_after = retry_after
 
 
+class DeadlineExceeded(ServerError):
+    """The request's deadline (`MD_REQUEST_TIMEOUT_S`, or the client's shorter `X-Request-Timeout`)
+    passed before it was answered; the work it had not started is dropped."""
+
+    status, code = 504, "deadline_exceeded"
+
+
+class ClientGone(ServerError):
+    """The client closed its connection before the answer: nothing is sent (the request log and metrics
+    count it with status "disconnect")."""
+
+    status, code = 499, "client_closed_request"
+
+
 class NotReady(ServerError):
     status, code = 503, "not_ready"
 

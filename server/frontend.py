@@ -11,6 +11,16 @@ Admission limits and where they hold (K = `MD_WORKERS` front ends, E = engines):
   front end is decoding plus the request's would pass it, so overload is refused before decoding;
   other front ends' images being decoded are not seen there, so up to K times the limit can be decoded
   at once and the excess gets 429 at submit.
+- `max_pixels_decoding` is split like `max_requests_in_flight`: each front end admits requests while the
+  pixels it has admitted and not yet decoded, the request's included, stay within its share S =
+  ceil(limit / K) (429 with Retry-After beyond it). Decoding is what costs here, and it grows with pixels,
+  not images: counting images, two requests of 64 images near the pixel limit were admitted together
+  and a one-image probe behind them waited 18.6 s. A request of more than S / 64 pixels is admitted only
+  while a quarter of S stays free, so requests of small images are still admitted while large ones fill
+  the rest; a front end with nothing to decode admits any request within `max_request_pixels` (which
+  may be larger than S). So the server decodes at most K * max(S, max_request_pixels) pixels at once;
+  with the defaults (320 Mpx, K = 2) 160 Mpx per front end, 320 Mpx in all. Images over S / 64 pixels
+  take at most `decode_threads` - 1 decode threads (`server.decoding`): one is kept for small images.
 - A front end's pixel slab bounds its images in flight: a request that does not fit gets 429.
 """
 
@@ -18,11 +28,15 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from server.decoding import DecodeScheduler
 from server.engine_client import EngineClient
 from server.http_metrics import HttpMetrics
 from server.settings import Settings
+
+_SMALL_REQUEST = 64
+"""A request of at most 1/64 of the pixel share is small (2.5 Mpx with the defaults and K = 2)."""
 
 
 @dataclass
@@ -35,10 +49,41 @@ class FrontEnd:
     """Classify requests admitted and not yet answered (touched only on the event loop)."""
     images_preparing: int = 0
     """Images admitted and being decoded, not yet submitted (touched only on the event loop)."""
+    pixels_decoding: int = 0
+    """Pixels of the requests admitted and not yet decoded (touched only on the event loop)."""
+    header_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="image-headers")
+    )
+    """Reads image headers (format, size, JPEG scans) off the event loop, apart from the decode pool so
+    admission never waits behind decoding."""
+    decoder: DecodeScheduler = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.decoder = DecodeScheduler(self.pool, self.settings.decode_threads, self.small_request_pixels)
 
     @property
     def max_requests_in_flight(self) -> int:
         return math.ceil(self.settings.max_requests_in_flight / self.settings.frontends())
 
+    @property
+    def max_pixels_decoding(self) -> int:
+        """This front end's share of `max_pixels_decoding`."""
+        return math.ceil(self.settings.max_pixels_decoding / self.settings.frontends())
+
+    @property
+    def small_request_pixels(self) -> int:
+        """Requests (and images) of at most this many pixels are small: 1/64 of the share. Small requests
+        may use the share's reserved quarter; one decode thread is kept for small images."""
+        return self.max_pixels_decoding // _SMALL_REQUEST
+
+    def pixels_fit(self, pixels: int) -> bool:
+        """Whether a request of `pixels` can be admitted for decoding now (the rules above)."""
+        if self.pixels_decoding == 0:
+            return True
+        share = self.max_pixels_decoding
+        limit = share if pixels <= self.small_request_pixels else share - share // 4
+        return self.pixels_decoding + pixels <= limit
+
     def close(self) -> None:
+        self.header_pool.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -30,7 +30,14 @@ from adapters_store.errors import (
     StoreUnavailable,
     VersionNotFound,
 )
-from domain_format.preprocess import CorruptImage, ImageRejected, TooManyPixels, UnsupportedImage
+from domain_format.preprocess import (
+    CorruptImage,
+    ImageRejected,
+    TooCostlyToDecode,
+    TooManyPixels,
+    TooManyScans,
+    UnsupportedImage,
+)
 from server.errors import DomainUnavailable, EngineError, ServerError
 
 log = logging.getLogger("server")
@@ -56,6 +63,9 @@ _STORE_STATUS: list[tuple[type[AdapterStoreError], int, str]] = [
 _IMAGE_STATUS: list[tuple[type[ImageRejected], int, str]] = [
     (UnsupportedImage, 415, "unsupported_media_type"),
     (TooManyPixels, 413, "too_many_pixels"),
+    (TooCostlyToDecode, 413, "too_costly_to_decode"),
+    # 422, not 413: the image is small; its structure is what no encoder makes
+    (TooManyScans, 422, "too_many_scans"),
     (CorruptImage, 422, "corrupt_image"),
 ]
 
@@ -126,6 +136,10 @@ def _image_error(request: Request, exc: Exception) -> JSONResponse:
         details["accepted"] = list(exc.accepted)
     if isinstance(exc, TooManyPixels):
         details["max_pixels"] = exc.max_pixels
+    if isinstance(exc, TooManyScans):
+        details["max_scans"] = exc.max_scans
+    if isinstance(exc, TooCostlyToDecode):
+        details["max_decode_bytes"] = exc.max_decode_bytes
     return error_response(request, status, code, exc.message, **details)
 
 

@@ -55,12 +55,12 @@ class LocalEngine(EngineClient):
 
     async def _classify(
         self, engine: int, domain: str, version: int, lease: PixelLease, top_k: int, *,
-        sha256: str | None, pinned: bool,
+        sha256: str | None, pinned: bool, deadline_s: float | None = None,
     ) -> Message:  # fmt: skip
         service = self.service
         if service.serving_key(domain, version, sha256, pinned, may_block=False) is None:
             await asyncio.to_thread(service.serving_key, domain, version, sha256, pinned)
-        futures = service.submit(domain, version, lease.array, top_k)
+        futures = service.submit(domain, version, lease.array, top_k, deadline_s)
         predictions = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         log.debug("classified %d images in %s version %d", len(lease.array), domain, version)
         return {"results": [prediction_values(p) for p in predictions], "version": version,

@@ -127,11 +127,13 @@ _ERROR_DESCRIPTIONS = {
     403: "Wrong bearer token, or admin endpoints disabled",
     404: "Unknown domain or version",
     409: "Conflicts with the store's state (e.g. deleting the active version)",
-    413: "Body over the size limit, or image over the pixel limit",
+    413: "Body over the size limit, image or request over the pixel limit, or image too costly to decode",
     415: "Not a JPEG, PNG or WebP image / unsupported content type",
-    422: "Corrupt image, invalid artifact (with every problem found) or invalid parameters",
-    429: "Inference queue full: retry after the Retry-After header's seconds",
+    422: "Corrupt image, JPEG with too many scans, invalid artifact (with every problem found) or invalid "
+    "parameters",
+    429: "Inference queue or decode budget full: retry after the Retry-After header's seconds",
     503: "Not ready, or the store is busy",
+    504: "The request's deadline (MD_REQUEST_TIMEOUT_S or X-Request-Timeout) passed before its answer",
 }
 
 

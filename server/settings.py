@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters_store.index import StoreQuotas
 from adapters_store.limits import Limits, MiB
-from domain_format.preprocess import DEFAULT_MAX_PIXELS
+from domain_format.preprocess import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_JPEG_SCANS, DEFAULT_MAX_PIXELS
 from server.engine_config import EngineConfig
 
 
@@ -68,7 +68,19 @@ class Settings(BaseSettings, EngineConfig):
     the whole body has arrived: beyond it 429. Clients still sending their bodies hold no slot (they are
     bounded by the connection limits and the body buffer below)."""
     decode_threads: int = Field(default=2, ge=1)
-    """Thread pool for image decoding and preprocessing (off the event loop)."""
+    """Thread pool for image decoding and preprocessing (off the event loop), per front end. Images are
+    handed to it smallest request first (`server.decoding`)."""
+    max_pixels_decoding: int = Field(default=320_000_000, ge=1)
+    """Pixels (width x height, from the headers) of the requests admitted and not yet decoded, for the
+    whole server: each of the K front ends admits ceil(limit / K), so two requests of large images fill
+    it and the next gets 429 at once instead of waiting behind them. A request larger than 1/64 of a
+    front end's share is admitted only while a quarter of the share stays free, which is kept for small
+    requests; an idle front end admits any request within `max_request_pixels`."""
+    request_timeout_s: float | None = Field(default=60.0, gt=0)
+    """Deadline of a classify request, from the moment its whole body has arrived (reading the body has
+    `body_timeout_s`); a client may ask for less with `X-Request-Timeout: <seconds>`. Past it: 504
+    `deadline_exceeded`, its images not yet decoded are skipped and the engine drops those still queued.
+    None: no deadline."""
 
     # -- limits -----------------------------------------------------------------------------------
     max_body_bytes: int = Field(default=16 * MiB, ge=1)
@@ -76,7 +88,20 @@ class Settings(BaseSettings, EngineConfig):
     max_upload_bytes: int = Field(default=256 * MiB, ge=1)
     """Largest adapter upload body."""
     max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
-    """Decompression-bomb guard: images with more pixels are refused."""
+    """Decompression-bomb guard: images with more pixels are refused (413)."""
+    max_request_pixels: int = Field(default=4 * DEFAULT_MAX_PIXELS, ge=1)
+    """The sum of width x height over a request's images, from their headers before any is decoded;
+    more is refused with 413. The default, 160 Mpx, is 64 full-HD frames or 4 images at the pixel limit
+    (a few seconds of one decode thread)."""
+    max_jpeg_scans: int = Field(default=DEFAULT_MAX_JPEG_SCANS, ge=1)
+    """JPEGs with more scans are refused (422 `too_many_scans`): encoders write at most 18 (progressive
+    CMYK; colour 10, grayscale 6), and each scan is one more pass of the decoder over the image (one
+    38 KB file with its last scan repeated 1,000 times took 2.2 s)."""
+    max_image_decode_bytes: int = Field(default=DEFAULT_MAX_DECODE_BYTES, ge=1)
+    """Bound on one image's decode, which cannot be interrupted once started: pixels x bytes per
+    decoded pixel x passes (a progressive JPEG's scans; 1 otherwise), from the header; more is refused
+    with 413 `too_costly_to_decode`. The default, 960 MB, is the costliest image any encoder writes at
+    the default pixel limit (40 Mpx of progressive CMYK: 4 bytes x 6 passes)."""
     max_images_per_request: int = Field(default=64, ge=1)
     max_top_k: int = Field(default=100, ge=1)
     max_classes: int = Field(default=1000, ge=1)

@@ -44,6 +44,7 @@ _SERVER: dict[str, type[errors.ServerError]] = {
     cls.__name__: cls
     for cls in (
         errors.BadRequest,
+        errors.DeadlineExceeded,
         errors.NotReady,
         errors.EngineUnavailable,
         errors.StaleVersion,

@@ -3,9 +3,13 @@
 
 The body is one raw image (image/jpeg, image/png, image/webp), multipart with one or more image files, or
 JSON with base64 images. The engine resolves the domain's active version (cached by the front end, checked
-by the engine when the images are classified); decoding and cropping to
-uint8 run in this front end's thread pool, into shared memory; inference
-goes to the engine serving the domain. Every image of one request uses the same domain version, named in the answer.
+by the engine when the images are classified); the images' headers are read and checked (format, pixels,
+JPEG scans, decode cost, the request's pixel budget) before any is decoded; admission counts the
+request's images against the queue and its pixels against the decode budget; decoding and cropping to
+uint8 run in this front end's thread pool (`server.decoding`), into shared memory; inference goes to the
+engine serving the domain. Every image of one request uses the same domain version, named in the answer.
+A request has a deadline (`server.lifetime`): past it 504, and work not started for it (decoding, or
+inference still queued) is dropped, as it is when its client has gone.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import asyncio
 import base64
 import binascii
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
@@ -23,18 +27,27 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from adapters_store.manifest import Preprocessing
-from domain_format.preprocess import ACCEPTED_MEDIA_TYPES, prepare
+from domain_format.preprocess import (
+    ACCEPTED_MEDIA_TYPES,
+    ImageHeader,
+    ImageSpec,
+    TooManyPixels,
+    decode_header,
+    read_header,
+)
+from server.decoding import DecodeStopped
 from server.deps import FrontEndDep, VersionNumber, require_inference
 from server.engine_client import PixelLease
 from server.errors import BadRequest, MissingDomain, QueueFull, StaleVersion, UnsupportedMediaType
 from server.frontend import FrontEnd
+from server.lifetime import RequestLifetime, request_lifetime
 from server.schemas import ClassifyJSON, ClassifyResponse, ImageResult, LabelScoreOut, Timing, error_responses
 
 router = APIRouter(
     prefix="/v1",
     tags=["classify"],
     dependencies=[Depends(require_inference)],
-    responses=error_responses(400, 401, 403, 404, 413, 415, 422, 429, 503),
+    responses=error_responses(400, 401, 403, 404, 413, 415, 422, 429, 503, 504),
 )
 
 _BODY_DOC: dict[str, Any] = {
@@ -87,13 +100,63 @@ async def _read_images(request: Request, max_images: int) -> tuple[list[bytes], 
     )
 
 
-def decode_into(frontend: FrontEnd, pre: Preprocessing, images: list[bytes], lease: PixelLease) -> None:
-    """Decode and crop each image to uint8 straight into the request's pixel lease (in the thread pool)."""
-    max_pixels, spec = frontend.settings.max_image_pixels, pre.image_spec()
-    for row, data in enumerate(images):
-        # [S, S, 1] for grayscale domains: broadcast into the lease's 3 channels (normalise would
-        # replicate it to three anyway, with the same values)
-        lease.array[row] = prepare(data, spec, max_pixels=max_pixels)
+ImageTask = tuple[Callable[[], None], int]
+"""Decode one image into its row of the lease (run in the decode pool), and the image's pixels."""
+
+
+def read_headers(frontend: FrontEnd, images: list[bytes], spec: ImageSpec) -> list[ImageHeader]:
+    """Every image's header checked (in the header pool), and the request's pixels within its budget,
+    before any pixel is decoded."""
+    settings = frontend.settings
+    headers, pixels = [], 0
+    for data in images:
+        header = read_header(
+            data,
+            spec,
+            max_pixels=settings.max_image_pixels,
+            max_jpeg_scans=settings.max_jpeg_scans,
+            max_decode_bytes=settings.max_image_decode_bytes,
+        )
+        headers.append(header)
+        pixels += header.pixels
+        check_request_pixels(pixels, settings.max_request_pixels, len(images))
+    return headers
+
+
+def check_request_pixels(pixels: int, limit: int, images: int) -> None:
+    if pixels > limit:
+        raise TooManyPixels(
+            f"the request's {images} images have {pixels} pixels or more, over the limit of {limit} per "
+            f"request",
+            max_pixels=limit,
+        )
+
+
+DecodePlan = tuple[int, Callable[[PixelLease], list[ImageTask]]]
+"""A request's pixels (width x height summed over its images, from their headers) and its decode tasks
+into a lease."""
+
+
+async def plan_decoding(frontend: FrontEnd, images: list[bytes], spec: ImageSpec) -> DecodePlan:
+    """The encoded images' headers read and checked with `spec` (in the header pool, off the event loop
+    and apart from decoding), and their decode tasks."""
+    loop = asyncio.get_running_loop()
+    headers = await loop.run_in_executor(frontend.header_pool, read_headers, frontend, images, spec)
+    return sum(h.pixels for h in headers), lambda lease: decode_tasks(headers, spec, lease)
+
+
+def decode_tasks(headers: list[ImageHeader], spec: ImageSpec, lease: PixelLease) -> list[ImageTask]:
+    """One task per image: decode and crop it to uint8 straight into its row of the pixel lease."""
+
+    def task(row: int, header: ImageHeader) -> Callable[[], None]:
+        def run() -> None:
+            # [S, S, 1] for grayscale domains: broadcast into the lease's 3 channels (normalise would
+            # replicate it to three anyway, with the same values)
+            lease.array[row] = decode_header(header, spec)
+
+        return run
+
+    return [(task(row, header), header.pixels) for row, header in enumerate(headers)]
 
 
 async def _classify(
@@ -107,7 +170,10 @@ async def _classify(
     # The slot only now that the whole body is here: clients still sending (slowly, or never finishing)
     # hold a connection and their body's share of the buffer, not the capacity of those who have sent.
     with request_slot(frontend):
-        return await _admitted(request, frontend, domain, images, json_top_k, top_k, version, start)
+        async with request_lifetime(request, settings.request_timeout_s) as lifetime:
+            return await _admitted(
+                request, frontend, lifetime, domain, images, json_top_k, top_k, version, start
+            )
 
 
 @contextmanager
@@ -127,6 +193,7 @@ def request_slot(frontend: FrontEnd) -> Iterator[None]:
 async def _admitted(
     request: Request,
     frontend: FrontEnd,
+    lifetime: RequestLifetime,
     domain: str,
     images: list[bytes],
     json_top_k: int | None,
@@ -135,6 +202,7 @@ async def _admitted(
     start: float,
 ) -> ClassifyResponse:
     settings = frontend.settings
+    lifetime.watch_disconnect()
     if len(images) > settings.max_images_per_request:
         raise BadRequest(
             f"{len(images)} images exceed the limit of {settings.max_images_per_request} per request"
@@ -144,10 +212,10 @@ async def _admitted(
         raise BadRequest(f"top_k {k} exceeds the limit of {settings.max_top_k}")
     resolved = await admit(request, frontend, domain, version, len(images))
 
-    def decode(pre: Preprocessing, lease: PixelLease) -> None:
-        decode_into(frontend, pre, images, lease)
+    async def plan(spec: ImageSpec) -> DecodePlan:
+        return await plan_decoding(frontend, images, spec)
 
-    results, prepared, resolved = await run_images(frontend, domain, resolved, len(images), decode, k)
+    results, prepared, resolved = await run_images(frontend, lifetime, domain, resolved, len(images), plan, k)
     done = time.perf_counter()
     return ClassifyResponse(
         domain=domain,
@@ -171,6 +239,15 @@ async def admit(
     the request when the engine's queue has no room for its images (429)."""
     resolved = await frontend.engines.resolve(domain, version)
     request.state.metrics_domain = domain  # only existing domains become metric labels
+    check_queue(frontend, resolved, images)
+    return resolved
+
+
+def check_queue(frontend: FrontEnd, resolved: dict[str, Any], images: int) -> None:
+    """429 unless the engine's queue (as of its latest answer to this front end) has room for the images
+    being decoded here and the request's. Checked at admission and again, on the event loop with no await
+    between, where the request's images start to count (`run_images`, on every attempt): requests
+    admitted meanwhile are then counted."""
     # Admission before decoding: images being decoded count against the queue limit, so requests beyond
     # it are refused at once instead of waiting behind everyone's decoding (the decode pool is unbounded).
     queued, preparing, max_queue = resolved["queued"], frontend.images_preparing, resolved["max_queue"]
@@ -179,7 +256,6 @@ async def admit(
             f"the inference queue is full ({queued} queued, {preparing} being decoded, limit {max_queue})",
             retry_after=resolved["retry_after"],
         )
-    return resolved
 
 
 _ATTEMPTS = 3
@@ -188,32 +264,57 @@ _ATTEMPTS = 3
 
 async def run_images(
     frontend: FrontEnd,
+    lifetime: RequestLifetime,
     domain: str,
     resolved: dict[str, Any],
     count: int,
-    fill: Callable[[Preprocessing, PixelLease], None],
+    plan: Callable[[ImageSpec], Awaitable[DecodePlan]],
     top_k: int | Callable[[int], int],
 ) -> tuple[list[list[Any]], float, dict[str, Any]]:
-    """Fill a pixel lease with the request's `count` crops (`fill`, in the decode pool) and classify them
-    with the resolved version; per image [[index, label, probability], ...], when the pixels were ready
-    and the resolve answer that served. `top_k`: a count, or one from the version's class count.
+    """Admit the request for decoding, fill a pixel lease with its `count` crops (the tasks of `plan`, one
+    per image, in the decode scheduler) and classify them with the resolved version; per image [[index,
+    label, probability], ...], when the pixels were ready and the resolve answer that served. `plan`:
+    the request's pixels and decode tasks for a version's image spec (its headers read and checked);
+    `top_k`: a count, or one from the version's class count.
+
+    Admission is checked where the request's images and pixels start to count, on the event loop with no
+    await between: the engine's queue has room for its images and this front end's decode budget for its
+    pixels (429 beyond its share), which are charged until its decoding ends.
 
     `resolved` may come from this front end's cache: when the engine finds it stale (another version
     activated through another front end, or the domain re-created), the request is resolved afresh and
-    its pixels prepared again with that version's preprocessing, so every image uses one version."""
+    its pixels planned and prepared again with that version's preprocessing, so every image uses one
+    version; each attempt is admitted, and its pixels charged, anew (the last one's charge was given back
+    when its decoding ended)."""
     for attempt in range(_ATTEMPTS):
         pre = Preprocessing.model_validate(resolved["preprocessing"])
         k = top_k if isinstance(top_k, int) else top_k(int(resolved["classes"]))
+        pixels, tasks = await plan(pre.image_spec())
+        check_queue(frontend, resolved, count)
+        if not frontend.pixels_fit(pixels):
+            raise QueueFull(
+                f"this front end is decoding {frontend.pixels_decoding} pixels; the request's {pixels} more "
+                f"would pass its share of {frontend.max_pixels_decoding} (of which a quarter is kept for "
+                f"requests of small images)",
+            )
         lease = frontend.engines.lease(count, pre.input_size)
         try:
             frontend.images_preparing += count
+            frontend.pixels_decoding += pixels
             try:
-                await asyncio.get_running_loop().run_in_executor(frontend.pool, fill, pre, lease)
+                await frontend.decoder.run(tasks(lease), lifetime.should_stop)
+            except DecodeStopped:
+                raise lifetime.stop_reason() from None
             finally:
                 frontend.images_preparing -= count
+                frontend.pixels_decoding -= pixels
+            if lifetime.should_stop():
+                raise lifetime.stop_reason()
             prepared = time.perf_counter()
             try:
-                results = await frontend.engines.classify(resolved, lease, k, check=attempt < _ATTEMPTS - 1)
+                results = await frontend.engines.classify(
+                    resolved, lease, k, check=attempt < _ATTEMPTS - 1, deadline_s=lifetime.remaining()
+                )
             except StaleVersion:
                 pinned = int(resolved["version"]) if resolved["pinned"] else None
                 resolved = await frontend.engines.resolve(domain, pinned, fresh=True)

@@ -14,6 +14,7 @@ served.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,11 +22,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from PIL import Image
 
-from adapters_store.manifest import Preprocessing
-from domain_format.preprocess import centre_crop, check_pixels, fit
+from domain_format.preprocess import ImageSpec, centre_crop, check_pixels, fit
 from server.deps import FrontEndDep, VersionNumber, require_inference
 from server.engine_client import PixelLease
 from server.errors import NotReady
+from server.lifetime import request_lifetime
 from server.open_inference import (
     HEADER_LENGTH,
     IMAGE_INPUT,
@@ -35,15 +36,24 @@ from server.open_inference import (
     encode_infer_response,
     parse_infer_request,
 )
-from server.routes.classify import admit, decode_into, request_slot, run_images
+from server.routes.classify import (
+    DecodePlan,
+    ImageTask,
+    admit,
+    check_request_pixels,
+    plan_decoding,
+    request_slot,
+    run_images,
+)
 from server.schemas import error_responses
+from server.settings import Settings
 
 router = APIRouter(
     prefix="/v2",
     tags=["open inference (KServe v2)"],
     responses=error_responses(404, 422, 503, protocol=True),
 )
-_INFER_ERRORS = error_responses(400, 401, 403, 413, 415, 429, protocol=True)
+_INFER_ERRORS = error_responses(400, 401, 403, 413, 415, 429, 504, protocol=True)
 
 EXTENSIONS = ["binary_tensor_data", "classification"]
 
@@ -130,43 +140,55 @@ async def model_version_ready(frontend: FrontEndDep, domain: str, version: Versi
     return await _ready(frontend, domain, version)
 
 
-def _fill_from_arrays(pixels: np.ndarray, max_pixels: int, pre: Preprocessing, lease: PixelLease) -> None:
+def _array_plan(pixels: np.ndarray, settings: Settings, spec: ImageSpec) -> DecodePlan:
     """UINT8 [N, H, W, 3] pixels through the steps decoded images take after decoding (`fit`, then the
-    centre crop), with the decoder's limit on the pixels once resized."""
-    spec = pre.image_spec()
-    height, width = pixels.shape[1:3]
-    check_pixels(width, height, spec, max_pixels=max_pixels)
-    for row, array in enumerate(pixels):
-        # [S, S, 1] for grayscale domains broadcasts into the lease's 3 channels, as decoded images do
-        lease.array[row] = centre_crop(fit(Image.fromarray(array, "RGB"), spec), spec.input_size)
+    centre crop), one task per image, within the request's pixel budget and with the decoder's limit on
+    the pixels once resized."""
+    count, height, width = pixels.shape[:3]
+    check_request_pixels(count * height * width, settings.max_request_pixels, count)
+    check_pixels(width, height, spec, max_pixels=settings.max_image_pixels)
+
+    def tasks(lease: PixelLease) -> list[ImageTask]:
+        def task(row: int) -> Callable[[], None]:
+            def run() -> None:
+                # [S, S, 1] for grayscale domains broadcasts into the lease's 3 channels, as decoded images do
+                image = Image.fromarray(pixels[row], "RGB")
+                lease.array[row] = centre_crop(fit(image, spec), spec.input_size)
+
+            return run
+
+        return [(task(row), height * width) for row in range(count)]
+
+    return count * height * width, tasks
 
 
 async def _infer(request: Request, frontend: FrontEndDep, domain: str, version: int | None) -> Response:
     start = time.perf_counter()
     settings = frontend.settings
-    body = await request.body()  # whole, before the slot (see server.routes.classify)
+    request_body = await request.body()  # whole, before the slot (see server.routes.classify)
     with request_slot(frontend):
-        parsed = parse_infer_request(
-            body,
-            request.headers.get(HEADER_LENGTH),
-            max_images=settings.max_images_per_request,
-            max_pixels=settings.max_image_pixels,
-            max_top_k=settings.max_top_k,
-        )
-        resolved = await admit(request, frontend, domain, version, parsed.images)
-        encoded, pixels = parsed.encoded, parsed.pixels
+        async with request_lifetime(request, settings.request_timeout_s) as lifetime:
+            parsed = parse_infer_request(
+                request_body,
+                request.headers.get(HEADER_LENGTH),
+                max_images=settings.max_images_per_request,
+                max_pixels=settings.max_image_pixels,
+                max_top_k=settings.max_top_k,
+            )
+            lifetime.watch_disconnect()
+            resolved = await admit(request, frontend, domain, version, parsed.images)
+            encoded, arrays = parsed.encoded, parsed.pixels
 
-        def fill(pre: Preprocessing, lease: PixelLease) -> None:
-            if encoded is not None:
-                decode_into(frontend, pre, encoded, lease)
-            else:
-                assert pixels is not None
-                _fill_from_arrays(pixels, settings.max_image_pixels, pre, lease)
+            async def plan(spec: ImageSpec) -> DecodePlan:
+                if encoded is not None:
+                    return await plan_decoding(frontend, encoded, spec)
+                assert arrays is not None
+                return _array_plan(arrays, settings, spec)
 
-        results, prepared, resolved = await run_images(
-            frontend, domain, resolved, parsed.images, fill, parsed.ranks_needed
-        )
-        classes = int(resolved["classes"])
+            results, prepared, resolved = await run_images(
+                frontend, lifetime, domain, resolved, parsed.images, plan, parsed.ranks_needed
+            )
+            classes = int(resolved["classes"])
     done = time.perf_counter()
     timing = {
         "total_ms": (done - start) * 1e3,

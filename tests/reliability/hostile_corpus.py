@@ -588,11 +588,17 @@ def _multipart_image_parts(count: int, data: bytes) -> tuple[Part, ...]:
     return tuple(Part("file", data, f"{i}.png", "image/png") for i in range(count))
 
 
+def _repeat_last_scan(jpeg: bytes, times: int) -> bytes:
+    last, end = jpeg.rindex(b"\xff\xda"), jpeg.rindex(b"\xff\xd9")
+    return jpeg[:end] + jpeg[last:end] * times + jpeg[end:]
+
+
 def image_cases(max_pixels: int) -> list[ImageCase]:
     """At least 30 hostile or odd images; `max_pixels` is the server's pixel limit (the bomb exceeds it)."""
     rng = np.random.default_rng(7)
     rgb = Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8), "RGB")
     png, jpeg = _encode(rgb, "PNG"), _encode(rgb, "JPEG", quality=90)
+    prog = _encode(rgb, "JPEG", progressive=True)
     side = math.isqrt(max_pixels) + 64
     bomb = _encode(Image.new("L", (side, side)), "PNG", optimize=True)
     info = PngImagePlugin.PngInfo()
@@ -676,6 +682,16 @@ def image_cases(max_pixels: int) -> list[ImageCase]:
             "image/jpeg",
             reference=decoded,
         ),
+        ImageCase(  # 18 scans: the most any encoder measured writes (domain_format/jpeg.py)
+            "jpeg_progressive_cmyk",
+            ok,
+            None,
+            _encode(rgb.convert("CMYK"), "JPEG", progressive=True),
+            "image/jpeg",
+            reference=decoded,
+        ),
+        # The last scan repeated 1000 times: a few KB, each scan one more pass over the image (issue 14)
+        ImageCase("jpeg_scan_bomb", 422, "too_many_scans", _repeat_last_scan(prog, 1000), "image/jpeg"),
         ImageCase(
             "png_one_pixel",
             ok,

@@ -1,0 +1,142 @@
+"""The front end's decode scheduler: requests' images decoded in the thread pool, small requests first.
+
+A request hands over one task per image. At most `threads` images decode at once; when a thread frees up,
+the next image comes from the request that has had the fewest pixels decoded so far and has none decoding
+now (least attained service), so a probe never waits for the rest of a large request: with a plain FIFO
+pool, two requests of 64 images near the pixel limit made a one-image probe wait 18.6 s. Images of more
+than `small_pixels` take at most `threads - 1` threads (when there are two or more): one thread is always
+left for small images, so a probe does not even wait for one large decode (up to a few seconds each at
+the pixel limit) but only for other small images. The price: a lone request of large images decodes on
+one thread fewer. Under a steady stream of small requests a large one can wait; admission
+(`FrontEnd.max_pixels_decoding`) and its deadline bound that.
+
+Before each image the request's `should_stop` is asked (its client is gone, its deadline passed): the
+images not yet started are then never decoded (a PIL decode cannot be stopped once running).
+
+Only the event loop changes the scheduler's state; the pool runs the tasks. `changed` is notified when a
+request's job arrives or ends, so tests and benchmarks can wait on `jobs` from another thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+
+class DecodeStopped(Exception):
+    """A request's remaining images were not decoded: its `should_stop` said so."""
+
+
+@dataclass(eq=False)
+class _Job:
+    tasks: list[tuple[Callable[[], None], int]]
+    """(decode one image, its pixels), in order; taken from the front."""
+    should_stop: Callable[[], bool]
+    done: asyncio.Future[None]
+    order: int
+    served_pixels: int = 0
+    decoding: int = 0
+    failed: BaseException | None = None
+    """Why the rest of the job is not run: its first task's exception, or DecodeStopped."""
+
+
+class DecodeScheduler:
+    def __init__(self, pool: Executor, threads: int, small_pixels: int | None = None) -> None:
+        self.pool = pool
+        self.threads = threads
+        self.small_pixels = small_pixels
+        """Images of more pixels are large: at most `threads - 1` of them decode at once. None: no limit."""
+        self._jobs: list[_Job] = []
+        self._decoding = 0
+        self._decoding_large = 0
+        self._order = itertools.count()
+        self.images_decoded = 0
+        self.images_skipped = 0
+        """Images never decoded because their request stopped first (client gone, deadline passed)."""
+        self.changed = threading.Condition()
+
+    @property
+    def jobs(self) -> int:
+        """Requests whose images are waiting or decoding."""
+        return len(self._jobs)
+
+    def _notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
+
+    async def run(self, tasks: list[tuple[Callable[[], None], int]], should_stop: Callable[[], bool]) -> None:
+        """Run each `(task, pixels)` in the pool; raises the first task's exception, or DecodeStopped."""
+        if not tasks:
+            return
+        job = _Job(list(tasks), should_stop, asyncio.get_running_loop().create_future(), next(self._order))
+        self._jobs.append(job)
+        self._notify()
+        self._pump()
+        try:
+            await job.done
+        except asyncio.CancelledError:  # the request was cancelled (its deadline): start nothing more of it
+            self._stop(job, DecodeStopped())
+            raise
+
+    def _stop(self, job: _Job, reason: BaseException) -> None:
+        self.images_skipped += len(job.tasks)
+        job.tasks.clear()
+        if job.failed is None:
+            job.failed = reason
+        self._settle(job)
+
+    def _settle(self, job: _Job) -> None:
+        """Answer the job once nothing of it is left to start or running."""
+        if job.tasks or job.decoding:
+            return
+        if job in self._jobs:
+            self._jobs.remove(job)
+            self._notify()
+        if not job.done.done():
+            if job.failed is not None:
+                job.done.set_exception(job.failed)
+            else:
+                job.done.set_result(None)
+
+    def _large(self, pixels: int) -> bool:
+        return self.small_pixels is not None and pixels > self.small_pixels
+
+    def _next(self) -> _Job | None:
+        large_full = self.threads > 1 and self._decoding_large >= self.threads - 1
+        ready = [j for j in self._jobs if j.tasks and not (large_full and self._large(j.tasks[0][1]))]
+        idle = [j for j in ready if j.decoding == 0]
+        return min(idle or ready, key=lambda j: (j.served_pixels, j.order), default=None)
+
+    def _pump(self) -> None:
+        while self._decoding < self.threads:
+            job = self._next()
+            if job is None:
+                return
+            if job.should_stop():
+                self._stop(job, DecodeStopped())
+                continue
+            task, pixels = job.tasks.pop(0)
+            large = self._large(pixels)
+            job.decoding += 1
+            job.served_pixels += pixels
+            self._decoding += 1
+            self._decoding_large += large
+            running = asyncio.get_running_loop().run_in_executor(self.pool, task)
+            running.add_done_callback(functools.partial(self._finished, job, large))
+
+    def _finished(self, job: _Job, large: bool, running: asyncio.Future[None]) -> None:
+        self._decoding -= 1
+        self._decoding_large -= large
+        job.decoding -= 1
+        self.images_decoded += 1
+        failure = asyncio.CancelledError() if running.cancelled() else running.exception()
+        if failure is not None:
+            self._stop(job, failure)
+        else:
+            self._settle(job)
+        self._pump()
