@@ -15,6 +15,7 @@ import json
 import logging
 import socket
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -239,13 +240,18 @@ def test_one_clients_bodies_cannot_take_the_body_buffer(capped: str) -> None:
 
 
 def test_a_client_gone_mid_body_is_counted_as_a_disconnect(capped: str) -> None:
+    # Our request's own ID picks its line out: under load another test's socket can close meanwhile.
+    request_id = uuid.uuid4().hex
     records: list[logging.LogRecord] = []
     logged = threading.Event()
+
+    def ours(record: logging.LogRecord) -> bool:
+        return record.name == "server.requests" and getattr(record, "request_id", None) == request_id
 
     class Capture(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             records.append(record)
-            if record.name == "server.requests" and "disconnect" in record.getMessage():
+            if ours(record) and "disconnect" in record.getMessage():
                 logged.set()
 
     handler = Capture(logging.DEBUG)
@@ -258,16 +264,16 @@ def test_a_client_gone_mid_body_is_counted_as_a_disconnect(capped: str) -> None:
         logger.addHandler(handler)
     try:
         before = metric(capped, "/v1/domains/{domain}/classify", "disconnect")
-        reading_body("127.0.0.6", capped).close()
+        reading_body("127.0.0.6", capped, extra=f"X-Request-Id: {request_id}\r\n").close()
         assert logged.wait(WAIT_S), "no request line logged for the disconnect"
         # The app's task ends after its request line; a later request's line proves it has ended.
-        assert metric(capped, "/v1/domains/{domain}/classify", "disconnect") == before + 1
+        assert metric(capped, "/v1/domains/{domain}/classify", "disconnect") >= before + 1
     finally:
         for logger in loggers:
             logger.removeHandler(handler)
         requests_log.setLevel(level)
-    lines = [r for r in records if r.name == "server.requests" and "disconnect" in r.getMessage()]
-    assert len(lines) == 1 and lines[0].levelno == logging.DEBUG
+    lines = [r for r in records if ours(r)]
+    assert len(lines) == 1 and lines[0].levelno == logging.DEBUG and "disconnect" in lines[0].getMessage()
     assert not [r for r in records if r.exc_info or r.levelno >= logging.ERROR]
     assert metric(capped, "/v1/domains/{domain}/classify", "500") == 0
 
