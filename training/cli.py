@@ -482,19 +482,40 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_decathlon(args: argparse.Namespace) -> int:
-    from training.decathlon import PRESETS, run_decathlon, write_report
+def _decathlon_command(args: argparse.Namespace) -> str:
+    """The command that reproduces this run (the options given), for the report."""
+    parts = ["multidomain", "train", "decathlon", "--preset", args.preset, "--out", str(args.out)]
+    for flag in ("seeds", "domains", "methods", "epochs", "replicates", "threads"):
+        if getattr(args, flag) is not None:
+            parts += [f"--{flag}", str(getattr(args, flag))]
+    for backbone in args.backbone or ():
+        parts += ["--backbone", backbone]
+    if args.kinds:
+        parts += ["--kinds", *args.kinds]
+    return " ".join(shlex.quote(p) for p in parts)
 
-    preset = PRESETS[args.preset]
+
+def cmd_decathlon(args: argparse.Namespace) -> int:
+    from training.decathlon import PRESETS, run_decathlon, with_overrides, write_report
+
+    preset = with_overrides(
+        PRESETS[args.preset],
+        seeds=args.seeds,
+        backbones=args.backbone,
+        domains=args.domains.split(",") if args.domains else None,
+        kinds=args.kinds,
+        methods=args.methods.split(",") if args.methods else None,
+        epochs=args.epochs,
+        replicates=args.replicates,
+    )
     threads = args.threads or preset.threads
     if threads:
         torch.set_num_threads(threads)
     _say(f"decathlon preset {preset.name}: needs {preset.needs}")
     started = time.perf_counter()
-    results = run_decathlon(preset, log=_say, progress=args.progress, device=args.device)
-    command = f"multidomain train decathlon --preset {preset.name} --out {shlex.quote(str(args.out))}"
-    if args.threads:
-        command += f" --threads {args.threads}"
+    cache = args.cache or Path("runs") / "decathlon-cache" / preset.name
+    results = run_decathlon(preset, cache_dir=cache, log=_say, device=args.device)
+    command = _decathlon_command(args)
     _say(f"torch threads: {torch.get_num_threads()}")
     paths = write_report(results, args.out, command)
     _say(f"done in {(time.perf_counter() - started) / 60:.1f} min; wrote {', '.join(str(p) for p in paths)}")
@@ -590,9 +611,23 @@ def register(subparsers: Any) -> None:
     p = command("decathlon", cmd_decathlon, "the paper's comparison in miniature (Markdown + JSON + PNG)")
     p.add_argument("--preset", default="mini", choices=["mini", "tiny"])
     p.add_argument("--out", type=Path, default=Path("docs/decathlon-mini"), help="output path without suffix")
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (training and data-split seed)")
+    p.add_argument(
+        "--backbone",
+        action="append",
+        default=None,
+        help="a row set of the preset (mobilenet_v2, resnet26) or a backbone spec (repeatable)",
+    )
+    p.add_argument("--domains", default=None, help="comma-separated subset of the preset's domains")
+    p.add_argument("--kinds", nargs="+", default=None, help="add a row per adapter kind (by registry name)")
+    p.add_argument("--methods", default=None, help="comma-separated subset of the rows")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--replicates", type=int, default=None, help="bootstrap replicates")
+    p.add_argument(
+        "--cache", type=Path, default=None, help="per-run results (default runs/decathlon-cache/PRESET)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--progress", action="store_true", help="progress bars")
 
     from training.studies.cli import register as register_studies  # allocation, transfer
 

@@ -122,11 +122,15 @@ def compress_domains(
     energy: float | None = None,
     budget: float | None = None,
     shared_basis: bool = False,
+    bank_rank_cap: bool = True,
 ) -> CompressionReport:
     """Compress the adapters of ``names`` (domains of ``net``); ``net`` itself is not changed.
 
     Exactly one of ``energy`` (fraction of squared singular values kept, in (0, 1]) or ``budget``
-    (fraction of adapter parameters kept, in (0, 1]) chooses the ranks.
+    (fraction of adapter parameters kept, in (0, 1]) chooses the ranks. ``bank_rank_cap`` (shared basis
+    only): keep a factored unit's shared rank within one domain's stored rank, as the server's bank needs;
+    False lifts that cap (an analysis of how much the domains share: such domains load into a network
+    for evaluation, not into a bank).
     """
     if (energy is None) == (budget is None):
         raise CompressionError("give exactly one of energy or budget")
@@ -154,7 +158,8 @@ def compress_domains(
             cap = min(len(s), sum(matrices[n][unit].rank for n in names))
             # Units stored as factors (torchvision 1x1 convs) are held by the server's bank at their
             # stored rank at most: a shared basis may not exceed it there.
-            cap = min([cap] + [matrices[n][unit].rank for n in names if matrices[n][unit].factored])
+            if bank_rank_cap:
+                cap = min([cap] + [matrices[n][unit].rank for n in names if matrices[n][unit].factored])
             # Budget with U counted once: r * C_out + D * r * C_in <= budget * before.
             r = _choose_rank(s, cap, before, c_out + len(names) * c_in, energy, budget)
             basis = u_full[:, :r]

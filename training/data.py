@@ -1,7 +1,8 @@
 """Datasets for training: one interface over a user's image folders and the offline built-ins.
 
-A source is a name (``digits``, ``mnist``, ``fashion-mnist``, ``textures``) or a path to a torchvision
-``ImageFolder`` directory (one sub-folder per class). ``load_domain_data`` turns it into a
+A source is a name (``digits``, ``mnist``, ``fashion-mnist``, ``textures``, and the held-out-split
+sources ``textures-split``, ``photos-split``, ``glyphs`` of ``training.rendered``) or a path to a
+torchvision ``ImageFolder`` directory (one sub-folder per class). ``load_domain_data`` turns it into a
 ``DomainData``: images decoded once, resized (shorter side) and centre-cropped to ``resize`` px, kept in
 memory as uint8 tensors, split train/val(/test) per class with a fixed seed. A validation folder of its
 own (``val_source``, or ``DIR/train`` + ``DIR/val`` or ``DIR/test`` inside the source) replaces the split;
@@ -51,7 +52,7 @@ from residual_adapters.inputs import normalise
 
 log = logging.getLogger(__name__)
 
-BUILTIN_SOURCES = ("digits", "mnist", "fashion-mnist", "textures")
+BUILTIN_SOURCES = ("digits", "mnist", "fashion-mnist", "textures", "textures-split", "photos-split", "glyphs")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_LABELS = [
     "T-shirt/top",
@@ -66,7 +67,8 @@ FASHION_MNIST_LABELS = [
     "Ankle boot",
 ]
 # Domains where a mirrored image is a different (or no) class: the paper does not flip these.
-NO_FLIP = frozenset({"digits", "mnist"})
+NO_FLIP = frozenset({"digits", "mnist", "glyphs"})
+TEXTURES = ("brick", "grass", "gravel")
 
 
 class DataError(Exception):
@@ -98,7 +100,8 @@ class RawDataset:
     flip: bool
     description: str
     test_images: Tensor | None = None
-    """An official test split, when the source has one (MNIST, Fashion-MNIST)."""
+    """An official test split, when the source has one (MNIST, Fashion-MNIST), or a held-out one the source
+    makes itself (test fonts, a band of each photo)."""
     test_targets: Tensor | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(path, reason) of every file that could not be read."""
@@ -201,7 +204,7 @@ def _textures(patch: int = 32) -> RawDataset:
     from skimage import data
 
     images, targets = [], []
-    labels = ["brick", "grass", "gravel"]
+    labels = list(TEXTURES)
     for index, name in enumerate(labels):
         photo = torch.from_numpy(getattr(data, name)())
         tiles = photo.unfold(0, patch, patch).unfold(1, patch, patch).reshape(-1, patch, patch)
@@ -214,6 +217,59 @@ def _textures(patch: int = 32) -> RawDataset:
         grayscale=True,
         flip=True,
         description=f"scikit-image textures ({patch}x{patch} patches)",
+    )
+
+
+def _split_photos(
+    names: tuple[str, ...], seed: int, grayscale: bool, what: str, patch: int = 32
+) -> RawDataset:
+    """One class per scikit-image photo: train tiles from one part of it, test tiles from a band at one
+    edge (``training.rendered.spatial_split``; the edge is chosen by ``seed``), flat tiles dropped."""
+    from skimage import data
+
+    from training.rendered import informative, photo_tiles, spatial_split
+
+    parts: dict[str, list[Tensor]] = {"train": [], "test": []}
+    targets: dict[str, list[Tensor]] = {"train": [], "test": []}
+    for index, name in enumerate(names):
+        photo = getattr(data, name)()
+        photo = photo[..., None] if photo.ndim == 2 else photo[..., :3]
+        grid = photo_tiles(photo, patch)  # [rows, cols, patch, patch, C]
+        for split, mask in zip(
+            ("train", "test"), spatial_split(grid.shape[0], grid.shape[1], seed), strict=True
+        ):
+            tiles = grid[mask]
+            tiles = tiles[informative(tiles)]
+            parts[split].append(torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2))
+            targets[split].append(torch.full((len(tiles),), index, dtype=torch.int64))
+    return RawDataset(
+        torch.cat(parts["train"]).contiguous(),
+        torch.cat(targets["train"]),
+        list(names),
+        grayscale=grayscale,
+        flip=True,
+        description=f"{what} ({patch}x{patch} tiles; test tiles from a band at one edge of each photo)",
+        test_images=torch.cat(parts["test"]).contiguous(),
+        test_targets=torch.cat(targets["test"]),
+    )
+
+
+def _glyphs(seed: int) -> RawDataset:
+    from training.rendered import GLYPH_CHARACTERS, glyph_set
+
+    glyphs = glyph_set(seed, train_per_font=2, test_per_font=1)
+    return RawDataset(
+        torch.from_numpy(glyphs.train_images[:, None]),
+        torch.from_numpy(glyphs.train_targets),
+        list(GLYPH_CHARACTERS),
+        grayscale=True,
+        flip=False,
+        description=(
+            f"{len(GLYPH_CHARACTERS)} characters rendered in {len(glyphs.train_fonts)} fonts; "
+            f"test: {len(glyphs.test_fonts)} other fonts"
+        ),
+        test_images=torch.from_numpy(glyphs.test_images[:, None]),
+        test_targets=torch.from_numpy(glyphs.test_targets),
     )
 
 
@@ -288,9 +344,10 @@ def _same_classes(train: RawDataset, train_path: Path, val: RawDataset, val_path
     )
 
 
-def load_raw(source: str, spec: ImageSpec) -> RawDataset:
+def load_raw(source: str, spec: ImageSpec, seed: int = 0) -> RawDataset:
     """Decode a source: a built-in name or an ImageFolder directory (fitted to ``spec`` as it is read;
-    the built-ins are small arrays, fitted later, only the images a split selects)."""
+    the built-ins are small arrays, fitted later, only the images a split selects). ``seed`` chooses the
+    held-out part of the sources that make their own test split (test fonts, the photo band)."""
     if source == "digits":
         return _digits()
     if source == "mnist":
@@ -299,6 +356,14 @@ def load_raw(source: str, spec: ImageSpec) -> RawDataset:
         return _fashion_mnist()
     if source == "textures":
         return _textures()
+    if source == "textures-split":
+        return _split_photos(TEXTURES, seed, True, "scikit-image textures, split spatially")
+    if source == "photos-split":
+        from training.rendered import PHOTOS
+
+        return _split_photos(PHOTOS, seed, False, "scikit-image colour photos, split spatially")
+    if source == "glyphs":
+        return _glyphs(seed)
     path = Path(source)
     if not path.exists():
         raise DataError(f"unknown data source {source!r}: not one of {BUILTIN_SOURCES} and not a directory")
@@ -404,7 +469,7 @@ def load_domain_data(
         (val_idx,) = stratified_split(raw_val.targets, [1.0], seed, [val_per_class])
         val = ImageSet(resize_square(_take(raw_val.images, val_idx), spec), raw_val.targets[val_idx])
     else:
-        raw = load_raw(source, spec)
+        raw = load_raw(source, spec, seed)
         spec = replace(spec, channels="grayscale" if raw.grayscale else "rgb")  # built-ins are grayscale
         if raw.test_images is not None and raw.test_targets is not None and (test_per_class or test_fraction):
             (test_idx,) = stratified_split(raw.test_targets, [1.0], seed, [test_per_class])

@@ -172,17 +172,46 @@ def test_backbone_import_of_torchvision_weights(tmp_path: Path) -> None:
     )  # neither data nor weights
 
 
-def test_decathlon_tiny_preset_writes_the_report(tmp_path: Path) -> None:
-    out = tmp_path / "decathlon-tiny"
-    assert main(["decathlon", "--preset", "tiny", "--threads", "1", "--out", str(out)]) == 0
+def test_decathlon_tiny_preset_writes_the_report_and_resumes(tmp_path: Path) -> None:
+    out, cache = tmp_path / "decathlon-tiny", tmp_path / "cache"
+    args = ["decathlon", "--preset", "tiny", "--threads", "1", "--out", str(out), "--cache", str(cache)]
+    args += ["--methods", "head,parallel+svd", "--seeds", "2", "--replicates", "50"]
+    assert main(args) == 0
     results = json.loads(out.with_suffix(".json").read_text())
-    assert set(results["methods"]) == {"head", "bn", "finetune", "series", "parallel", "parallel+svd"}
-    assert results["methods"]["head"]["params_multiplier"] == 1.0
-    assert results["methods"]["finetune"]["params_multiplier"] == pytest.approx(3.0)  # backbone + 2 copies
-    assert len(results["svd_sweep"]) == 6
+    stats = results["rowsets"]["resnet26"]
+    # the baseline always runs (it defines E_max) and SVD needs the parallel adapters
+    assert set(stats["methods"]) >= {
+        "head",
+        "finetune",
+        "parallel",
+        "parallel+svd",
+        "svd shared, uncapped 0.5",
+    }
+    assert results["seeds"] == 2 and sorted(results["runs"]["resnet26"]) == ["0", "1"]
+    assert stats["methods"]["head"]["params_multiplier"] == 1.0
+    assert stats["methods"]["finetune"]["params_multiplier"] == pytest.approx(2.0)  # N networks, N = 2
+    # 2 seeds x 2 domains x 3 rows, and one SVD evaluation per seed
+    assert set(stats["e_max"]) == {"digits", "textures"} and results["runs_trained"] == 2 * 2 * 3 + 2
     text = out.with_suffix(".md").read_text()
     assert "multidomain train decathlon --preset tiny" in text and "| parallel + SVD |" in text
+    assert "--seeds 2" in text and "## The paper's claims, as measured here" in text
     assert Image.open(out.with_suffix(".png")).format == "PNG"
+    # A rerun reads every run from the cache and reports the same numbers.
+    assert main(args) == 0
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert again["runs_trained"] == 0 and again["runs_cached"] == results["runs_trained"]
+    assert again["rowsets"] == results["rowsets"]
+
+
+def test_decathlon_refuses_unknown_domains_kinds_and_rows(tmp_path: Path, capsys) -> None:
+    base = ["decathlon", "--preset", "tiny", "--out", str(tmp_path / "x"), "--cache", str(tmp_path / "c")]
+    assert main([*base, "--domains", "digits,nope"]) == 2
+    assert "unknown domains ['nope']" in capsys.readouterr().err
+    assert main([*base, "--kinds", "nope"]) == 2
+    assert "unknown adapter kind 'nope'" in capsys.readouterr().err
+    assert main([*base, "--methods", "nope"]) == 2
+    assert "unknown methods ['nope']" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # refused before anything ran
 
 
 def _uniform_folder(root: Path, classes: list[str], per_class: int) -> Path:

@@ -1,10 +1,26 @@
-"""The decathlon score reproduces the paper's numbers from its accuracies (DESIGN.md)."""
+"""The decathlon score reproduces the paper's numbers (DESIGN.md); the statistics and the verdicts of the
+report follow from the per-image results, and the committed report's verdicts from its intervals."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 
-from training.decathlon import decathlon_score
+from training.decathlon import (
+    MINI,
+    claims,
+    decathlon_score,
+    encode_correct,
+    rowset_statistics,
+    score_array,
+    write_report,
+)
+from training.stats import NOT_SETTLED, verdict
+
+COMMITTED = Path(__file__).resolve().parents[2] / "docs" / "decathlon-mini.json"
 
 DOMAINS = [
     "imagenet",
@@ -43,63 +59,137 @@ def test_score_bounds_per_domain() -> None:
     assert decathlon_score({"a": 5.0}, baseline) == pytest.approx(1000 * (15 / 20) ** 2)
 
 
-def _fake_results() -> dict:
-    from training.decathlon import METHODS, MethodResult
+def test_the_array_score_is_the_dict_score() -> None:
+    errors = np.array([_errors(PARALLEL)[d] for d in DOMAINS])
+    e_max = 2 * np.array([_errors(FINETUNE)[d] for d in DOMAINS])
+    assert float(score_array(errors, e_max)) == pytest.approx(
+        decathlon_score(_errors(PARALLEL), _errors(FINETUNE))
+    )
+    stacked = score_array(np.stack([errors, e_max / 2]), e_max)  # leading axes are kept
+    assert stacked.shape == (2,) and stacked[1] == pytest.approx(2500.0)
+    assert float(score_array(np.array([3.0]), np.array([0.0]))) == 0.0  # a perfect baseline: nothing to beat
 
-    accuracy = {
-        "head": (0.80, 0.90),
-        "bn": (0.90, 0.95),
-        "finetune": (0.95, 0.90),
-        "series": (0.94, 0.96),
-        "parallel": (0.96, 0.97),
-        "parallel+svd": (0.955, 0.97),
-    }
-    params = {"head": 0, "bn": 10, "finetune": 1000, "series": 150, "parallel": 100, "parallel+svd": 55}
-    methods = {}
-    for m in METHODS:
-        r = MethodResult(m, accuracy=dict(zip(["a", "b"], accuracy[m], strict=True)))
-        r.domain_parameters = {"a": params[m], "b": params[m]}
-        methods[m] = r
-    baseline = {d: 100 * (1 - a) for d, a in methods["finetune"].accuracy.items()}
-    for r in methods.values():
-        r.score = decathlon_score({d: 100 * (1 - a) for d, a in r.accuracy.items()}, baseline)
-        r.mean_accuracy = sum(r.accuracy.values()) / 2
-        r.params_multiplier = (1000 + sum(r.domain_parameters.values())) / 1000
-    from dataclasses import asdict
 
-    from training.decathlon import TINY
-
-    domains = {
-        d: {"classes": 10, "train": 500, "val": 100, "test": 100, "description": d, "flip": False}
-        for d in "ab"
-    }
+def _run(correct: np.ndarray, params: int = 100) -> dict:
     return {
-        "preset": asdict(TINY),
-        "backbone": {"name": "x", "shared_parameters": 1000, "fingerprint": "0" * 64},
-        "domains": domains,
-        "methods": {m: asdict(r) for m, r in methods.items()},
-        "wall_seconds": 60.0,
-        "cpu_seconds": 50.0,
-        "machine": {"torch_threads": 1, "cpu": "x", "device": "cpu"},
+        "test_images": int(correct.size),
+        "test_accuracy": float(correct.mean()),
+        "test_correct": encode_correct(correct),
+        "domain_parameters": params,
+        "head_parameters": 11,
     }
 
 
-def test_report_has_the_table_the_claims_and_a_plot(tmp_path) -> None:
-    import json
+def _synthetic_runs(seeds: int = 3, n: int = 400) -> dict:
+    """finetune right on 90% of the images, parallel on the same and 5% more, series on 80%, bn a copy of
+    finetune: every difference is known in sign."""
+    rng = np.random.default_rng(0)
+    runs: dict = {}
+    for s in range(seeds):
+        runs[str(s)] = {}
+        for d in ("a", "b"):
+            u = rng.random(n)
+            runs[str(s)][d] = {
+                "finetune": _run(u < 0.9, 1000),
+                "parallel": _run(u < 0.95, 100),
+                "series": _run(u < 0.8, 150),
+                "bn": _run(u < 0.9, 10),
+            }
+    return runs
+
+
+def test_statistics_of_known_differences() -> None:
+    stats = rowset_statistics(_synthetic_runs(), shared=1000, replicates=500)
+    ft, par = stats["methods"]["finetune"], stats["methods"]["parallel"]
+    for d in ("a", "b"):  # E_max is twice the seed-averaged fine-tune error, in %
+        assert stats["e_max"][d] == pytest.approx(2 * 100 * (1 - ft["accuracy"][d]["estimate"]))
+    assert ft["score"]["estimate"] == pytest.approx(500.0)  # 250 per domain against its own mean
+    assert ft["params_multiplier"] == pytest.approx(2.0)  # N networks
+    assert par["params_multiplier"] == pytest.approx(1.2)  # backbone + N domains
+    assert par["head_parameters"] == {"a": 11, "b": 11}
+    lo, hi = par["accuracy"]["a"]["interval"]
+    assert lo <= par["accuracy"]["a"]["estimate"] <= hi
+    by_pair = {(c["a"], c["b"]): c for c in stats["comparisons"]}
+    assert by_pair[("parallel", "finetune")]["score"]["verdict"] == "parallel better"
+    assert by_pair[("parallel", "series")]["mean_accuracy"]["verdict"] == "parallel better"
+    assert by_pair[("series", "finetune")]["score"]["verdict"] == "finetune better"
+    assert by_pair[("parallel", "bn")]["score"]["verdict"] == "parallel better"
+    assert ("parallel+he", "parallel") not in by_pair  # rows that were not run are not compared
+
+
+def test_identical_rows_are_not_settled_and_partial_seeds_are_refused() -> None:
+    runs = _synthetic_runs()
+    for seed in runs.values():
+        for row in seed.values():
+            row["parallel"] = row["finetune"]
+    stats = rowset_statistics(runs, shared=1000, replicates=200)
+    c = next(c for c in stats["comparisons"] if (c["a"], c["b"]) == ("parallel", "finetune"))
+    assert c["score"]["interval"] == [0.0, 0.0] and c["score"]["verdict"] == NOT_SETTLED
+    del runs["2"]["b"]["series"]
+    with pytest.raises(ValueError, match="seed 2, domain b"):
+        rowset_statistics(runs, shared=1000, replicates=200)
+
+
+def _check_verdicts(results: dict) -> None:
+    """Every verdict follows from its interval, and the claims say exactly those verdicts."""
+    said = claims(results)
+    for name, stats in results["rowsets"].items():
+        for c in stats["comparisons"]:
+            for quantity in ("score", "mean_accuracy"):
+                q = c[quantity]
+                assert q["verdict"] == verdict(*q["interval"], f"{c['a']} better", f"{c['b']} better")
+            line = next(x for x in said if x.startswith(f"{name}: {c['what']} ({c['a']} vs {c['b']},"))
+            assert f": {c['score']['verdict']}; mean accuracy" in line
+            assert line.endswith(f": {c['mean_accuracy']['verdict']}.")
+
+
+def test_report_renders_the_statistics_and_the_verdicts(tmp_path) -> None:
+    from dataclasses import asdict
 
     from PIL import Image
 
-    from training.decathlon import claims, write_report
-
-    results = _fake_results()
-    md, js, png = write_report(results, tmp_path / "report", "multidomain train decathlon --preset tiny")
+    stats = rowset_statistics(_synthetic_runs(), shared=1000, replicates=200)
+    results = {
+        "preset": asdict(MINI),
+        "seeds": 3,
+        "bootstrap": {"replicates": 200, "level": 0.95, "method": "hierarchical"},
+        "domains": {
+            d: {"classes": 2, "train": 10, "val": 2, "test": 400, "description": d, "flip": False}
+            for d in "ab"
+        },
+        "rowsets": {"rn": {"backbone": {"spec": "x", "shared_parameters": 1000}, "note": "", **stats}},
+        "wall_seconds": 60.0,
+        "machine": {
+            "torch_threads": 1,
+            "device": "cpu",
+            "load_average_before": [1.0],
+            "load_average_after": [2.0],
+        },
+    }
+    results["claims"] = claims(results)
+    _check_verdicts(results)
+    md, js, png = write_report(results, tmp_path / "report", "multidomain train decathlon --preset mini")
     text = md.read_text()
-    assert "| fine-tune (baseline) | 3.00x | 95.00 | 90.00 | 92.50 | 500 |" in text
-    assert "| parallel adapters | 1.20x | 96.00 | 97.00 | 96.50 |" in text
-    assert "`multidomain train decathlon --preset tiny`" in text
-    assert json.loads(js.read_text())["methods"]["parallel"]["score"] > 500
+    ft = stats["methods"]["finetune"]["mean_accuracy"]
+    assert f"| fine-tune (baseline) | 2.00x |" in text and f"{100 * ft['estimate']:.1f} ± " in text
+    assert "rn: the bar (parallel's S above the fine-tune baseline's): met." in text
+    assert json.loads(js.read_text())["rowsets"]["rn"]["e_max"] == stats["e_max"]
     assert Image.open(png).format == "PNG"
-    found = claims(results)
-    assert any(c.startswith("Parallel adapters vs fine-tuning") and "(holds" in c for c in found)
-    assert any("Parallel vs series" in c and ": holds." in c for c in found)
-    assert any(c.startswith("Bar: the parallel row's S") for c in found)
+
+
+def test_the_committed_report_follows_from_its_runs() -> None:
+    """docs/decathlon-mini.json: >= 3 seeds, >= 5 domains, a ResNet-26 row set; the statistics recomputed
+    from its per-image results are the ones it reports, and every verdict follows from its interval."""
+    results = json.loads(COMMITTED.read_text())
+    assert results["seeds"] >= 3 and len(results["domains"]) >= 5
+    assert {"mobilenet_v2", "resnet26"} <= set(results["rowsets"])
+    assert {"parallel", "series", "bn", "head", "finetune"} <= set(results["rowsets"]["resnet26"]["methods"])
+    for name, stats in results["rowsets"].items():
+        again = rowset_statistics(
+            results["runs"][name], stats["backbone"]["shared_parameters"], results["bootstrap"]["replicates"]
+        )
+        assert again["comparisons"] == stats["comparisons"] and again["e_max"] == stats["e_max"]
+    _check_verdicts(results)
+    assert results["claims"] == claims(results)
+    md = COMMITTED.with_suffix(".md").read_text()
+    assert all(c in md for c in results["claims"])
