@@ -39,14 +39,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFont
-from PIL.ImageDraw import Draw
+from PIL import Image
 
 from domain_format.preprocess import ImageSpec
 from residual_adapters import AdapterConfig, MultiDomainNet
 from training.backbones import load_backbone
 from training.data import DomainData, load_domain_data, load_raw
 from training.recipes import DEFAULT_LOWRANK_RANK, recipe_for
+from training.rendered import FONT_DIRS, PHOTOS, font_files, informative, photo_tiles, random_glyph
 from training.trainer import TrainConfig, TrainingDiverged, train_domain
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,22 +89,14 @@ INPUT_SIZE = 32
 
 
 def _write_letters(root: Path, per_class: int, seed: int = 0) -> None:
-    fonts = sorted(p for p in Path("/usr/share/fonts/truetype/dejavu").glob("*.ttf") if "Math" not in p.name)
-    if not fonts:
-        raise SystemExit("no DejaVu fonts: apt-get install -y fonts-dejavu-core")
+    # DejaVu only (what this table was measured with); the decathlon's glyphs use every installed family.
+    fonts = font_files([FONT_DIRS[0]])
     rng = np.random.default_rng(seed)
     for letter in "ABCDEFGHIJKLMNOPQRSTUVWXYZ":
         (root / letter).mkdir(parents=True)
         for i in range(per_class):
-            font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), int(rng.integers(16, 27)))
-            canvas = Image.new("L", (48, 48), 0)
-            dx, dy = rng.integers(-4, 5, size=2)
-            Draw(canvas).text((24 + int(dx), 24 + int(dy)), letter, fill=255, font=font, anchor="mm")
-            glyph = canvas.rotate(float(rng.uniform(-12, 12)), resample=Image.Resampling.BILINEAR)
-            glyph.crop((8, 8, 40, 40)).save(root / letter / f"{i:04d}.png")
-
-
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+            glyph = random_glyph(fonts[rng.integers(len(fonts))], letter, rng)
+            Image.fromarray(glyph).save(root / letter / f"{i:04d}.png")
 
 
 def _write_photos(root: Path, per_class: int, seed: int = 0) -> None:
@@ -113,9 +105,8 @@ def _write_photos(root: Path, per_class: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     for name in PHOTOS:
         photo = getattr(data, name)()[..., :3]
-        h, w = photo.shape[0] // 32, photo.shape[1] // 32
-        tiles = photo[: h * 32, : w * 32].reshape(h, 32, w, 32, 3).swapaxes(1, 2).reshape(-1, 32, 32, 3)
-        tiles = tiles[tiles.std(axis=(1, 2, 3)) > 8.0]  # flat patches (black sky, background) say nothing
+        tiles = photo_tiles(photo, 32).reshape(-1, 32, 32, 3)
+        tiles = tiles[informative(tiles)]
         (root / name).mkdir(parents=True)
         for i, k in enumerate(rng.permutation(len(tiles))[:per_class]):
             Image.fromarray(tiles[k]).save(root / name / f"{i:04d}.png")

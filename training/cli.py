@@ -514,7 +514,7 @@ def cmd_decathlon(args: argparse.Namespace) -> int:
     _say(f"decathlon preset {preset.name}: needs {preset.needs}")
     started = time.perf_counter()
     cache = args.cache or Path("runs") / "decathlon-cache" / preset.name
-    results = run_decathlon(preset, cache_dir=cache, log=_say, device=args.device)
+    results = run_decathlon(preset, cache_dir=cache, log=_say, device=args.device, train=not args.report_only)
     command = _decathlon_command(args)
     _say(f"torch threads: {torch.get_num_threads()}")
     paths = write_report(results, args.out, command)
@@ -625,6 +625,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--replicates", type=int, default=None, help="bootstrap replicates")
     p.add_argument(
         "--cache", type=Path, default=None, help="per-run results (default runs/decathlon-cache/PRESET)"
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the report from the runs the cache holds (unfinished ones listed)",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)

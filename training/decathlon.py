@@ -475,62 +475,86 @@ def _digest(data: DomainData) -> str:
     return h.hexdigest()[:16]
 
 
+CORE_ROWS = frozenset(m.name for m in PAPER_ROWS)
+"""The paper's rows run first, for every seed, before the fairness and recipe rows: an interrupted run
+has the main table complete first."""
+
+
 def run_decathlon(
     preset: DecathlonPreset,
     *,
     cache_dir: Path,
     log: Log = print,
     device: str = "cpu",
+    train: bool = True,
 ) -> dict[str, Any]:
-    """Run (or read from ``cache_dir``) every row on every domain for every seed; the JSON-able results."""
+    """Run (or read from ``cache_dir``) every row on every domain for every seed; the JSON-able results.
+
+    ``train=False``: report what the cache holds, training nothing (rows or seeds not finished for every
+    domain are left out of the statistics and listed under ``missing``).
+    """
     started = time.perf_counter()
     cpu_started = time.process_time()
     load_before = os.getloadavg()
     cache = RunCache(cache_dir, log)
+    sessions = SessionLog(cache_dir / "sessions.json", train)
     nets = {r.name: load_backbone(r.backbone) for r in preset.rowsets}
     runs: dict[str, dict[str, dict[str, dict[str, Any]]]] = {r.name: {} for r in preset.rowsets}
     summaries: dict[str, dict[str, Any]] = {}
-    for seed in range(preset.seeds):
-        datasets = load_domains(preset.domains, preset.input_size, seed, log)
-        for rowset in preset.rowsets:
-            net = nets[rowset.name]
-            arch = str(net.architecture["name"])
-            shared = body_parameter_count(net)
-            domains = rowset.domains or [e.name for e in preset.domains]
-            seed_runs = runs[rowset.name].setdefault(str(seed), {})
-            for name in domains:
-                data = datasets[name]
-                summaries.setdefault(name, domain_summary(data))
-                entry = next(e for e in preset.domains if e.name == name)
-                per_method = seed_runs.setdefault(name, {})
-                for method in rowset.methods:
-                    cfg = train_config(preset, arch, method, seed, device)
-                    key = _key(
-                        fingerprint=net.fingerprint(),
-                        method=asdict(method),
-                        config={k: v for k, v in asdict(cfg).items() if k != "device"},
-                        domain=asdict(entry),
-                        data=_digest(data),
-                        input_size=preset.input_size,
-                    )
-                    path = cache.path(rowset.name, seed, name, method.name)
-                    record = cache.get(path, key)
-                    if record is None:
-                        tensors = path.with_suffix(".safetensors") if method.name == "parallel" else None
-                        record = run_one(net, method, rowset.methods, data, cfg, shared, tensors)
-                        cache.put(path, key, record)
-                        log(
-                            f"{rowset.name} seed {seed} {name:<9} {method.name:<16} test "
-                            f"{record['test_accuracy']:.4f} val {record['val_accuracy']:.4f} "
-                            f"({record['train_seconds']:.0f} s, {record['images_per_s']:.0f} img/s)"
-                        )
-                    per_method[method.name] = record
-            if any(m.name == "parallel" for m in rowset.methods):
-                svd = _svd_rows(net, rowset, domains, datasets, seed, preset, cache, log)
+    datasets_by_seed: dict[int, dict[str, DomainData]] = {}
+    for core in (True, False):
+        for seed in range(preset.seeds):
+            if seed not in datasets_by_seed:
+                datasets_by_seed[seed] = load_domains(preset.domains, preset.input_size, seed, log)
+            datasets = datasets_by_seed[seed]
+            for rowset in preset.rowsets:
+                net = nets[rowset.name]
+                arch = str(net.architecture["name"])
+                shared = body_parameter_count(net)
+                domains = rowset.domains or [e.name for e in preset.domains]
+                seed_runs = runs[rowset.name].setdefault(str(seed), {})
                 for name in domains:
-                    seed_runs[name].update(svd[name])
-    results = summarise_results(preset, runs, nets, summaries)
+                    data = datasets[name]
+                    summaries.setdefault(name, domain_summary(data))
+                    entry = next(e for e in preset.domains if e.name == name)
+                    per_method = seed_runs.setdefault(name, {})
+                    for method in rowset.methods:
+                        if (method.name in CORE_ROWS) != core:
+                            continue
+                        cfg = train_config(preset, arch, method, seed, device)
+                        key = _key(
+                            fingerprint=net.fingerprint(),
+                            method=asdict(method),
+                            config={k: v for k, v in asdict(cfg).items() if k != "device"},
+                            domain=asdict(entry),
+                            data=_digest(data),
+                            input_size=preset.input_size,
+                        )
+                        path = cache.path(rowset.name, seed, name, method.name)
+                        record = cache.get(path, key)
+                        if record is None and train:
+                            tensors = path.with_suffix(".safetensors") if method.name == "parallel" else None
+                            record = run_one(net, method, rowset.methods, data, cfg, shared, tensors)
+                            cache.put(path, key, record)
+                            sessions.update(trained=cache.misses)
+                            log(
+                                f"{rowset.name} seed {seed} {name:<9} {method.name:<16} test "
+                                f"{record['test_accuracy']:.4f} val {record['val_accuracy']:.4f} "
+                                f"({record['train_seconds']:.0f} s, {record['images_per_s']:.0f} img/s)"
+                            )
+                        if record is not None:
+                            per_method[method.name] = record
+                parallel_done = all("parallel" in seed_runs[d] for d in domains)
+                if core and any(m.name == "parallel" for m in rowset.methods) and parallel_done:
+                    svd = _svd_rows(net, rowset, domains, datasets, seed, preset, cache, log, train)
+                    for name in domains:
+                        seed_runs[name].update(svd.get(name, {}))
+    complete, missing = complete_runs(runs, preset)
+    results = summarise_results(preset, complete, nets, summaries)
+    sessions.update(trained=cache.misses)
     results.update(
+        missing=missing,
+        sessions=sessions.entries,
         wall_seconds=time.perf_counter() - started,
         cpu_seconds=time.process_time() - cpu_started,
         runs_cached=cache.hits,
@@ -547,6 +571,58 @@ def run_decathlon(
     return results
 
 
+class SessionLog:
+    """When each invocation ran, under what load, and how many runs it trained (``<cache>/sessions.json``),
+    rewritten after every run: a resumed experiment reports the time all its invocations took."""
+
+    def __init__(self, path: Path, training: bool) -> None:
+        self.path = path
+        try:
+            self.entries: list[dict[str, Any]] = json.loads(path.read_text()) if path.exists() else []
+        except (OSError, ValueError):
+            self.entries = []
+        self.training = training
+        self.started = time.time()
+        self.entries.append({"started": self.started, "load_average_start": os.getloadavg()[0]})
+
+    def update(self, trained: int) -> None:
+        if not self.training:
+            return
+        self.entries[-1].update(
+            seconds=time.time() - self.started, load_average_now=os.getloadavg()[0], trained=trained
+        )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.entries, indent=1) + "\n")
+        tmp.replace(self.path)
+
+
+def complete_runs(
+    runs: dict[str, dict[str, dict[str, dict[str, Any]]]], preset: DecathlonPreset
+) -> tuple[dict[str, dict[str, dict[str, dict[str, Any]]]], dict[str, Any]]:
+    """The runs the statistics can use: per row set, the seeds where the fine-tune baseline finished on
+    every domain, and of those the rows finished on every domain of every such seed; what is left out."""
+    out: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    missing: dict[str, Any] = {}
+    for rowset in preset.rowsets:
+        by_seed = runs[rowset.name]
+        domains = rowset.domains or [e.name for e in preset.domains]
+        seeds = [s for s in by_seed if all(FINETUNE in by_seed[s].get(d, {}) for d in domains)]
+        rows = [
+            m
+            for m in (by_seed[seeds[0]][domains[0]] if seeds else {})
+            if all(m in by_seed[s][d] for s in seeds for d in domains)
+        ]
+        out[rowset.name] = {s: {d: {m: by_seed[s][d][m] for m in rows} for d in domains} for s in seeds}
+        left = {
+            "seeds": [int(s) for s in range(preset.seeds) if str(s) not in seeds],
+            "rows": [m.name for m in rowset.methods if m.name not in rows],
+        }
+        if left["seeds"] or left["rows"]:
+            missing[rowset.name] = left
+    return out, missing
+
+
 def _svd_rows(
     net: MultiDomainNet,
     rowset: RowSet,
@@ -556,6 +632,7 @@ def _svd_rows(
     preset: DecathlonPreset,
     cache: RunCache,
     log: Log,
+    train: bool = True,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """``parallel+svd`` and the sweep (every basis x budget) from the seed's trained parallel adapters, by
     domain then row name; cached in one file per seed (evaluation only, no training)."""
@@ -567,8 +644,8 @@ def _svd_rows(
         parallel=parallel_keys, budget=preset.svd_budget, sweep=list(preset.svd_sweep), bases=SVD_BASES
     )
     record = cache.get(path, key)
-    if record is not None:
-        return record  # type: ignore[no-any-return]
+    if record is not None or not train:
+        return record or {}
     names = []
     for d in domains:
         run = json.loads(cache.path(rowset.name, seed, d, "parallel").read_text())["record"]
@@ -627,6 +704,8 @@ def summarise_results(
     [domain][method]``, each with ``test_correct``)."""
     rowsets = {}
     for rowset in preset.rowsets:
+        if not runs[rowset.name]:
+            continue  # not one seed finished (``missing`` says so)
         net = nets[rowset.name]
         rowsets[rowset.name] = {
             "backbone": {
@@ -640,7 +719,7 @@ def summarise_results(
         }
     results = {
         "preset": asdict(preset),
-        "seeds": preset.seeds,
+        "seeds": min((len(r["seeds"]) for r in rowsets.values()), default=0),
         "bootstrap": {
             "replicates": preset.replicates,
             "level": DEFAULT_LEVEL,
@@ -861,16 +940,11 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> list[Path]
 
 def _markdown(results: dict[str, Any], png_name: str) -> str:
     preset = results["preset"]
-    machine = results["machine"]
     lines = [
         f"# Decathlon, preset `{preset['name']}`",
         "",
         f"Command: `{results['command']}`  ",
-        f"Wall time: {results['wall_seconds'] / 60:.1f} min ({results.get('runs_trained', 0)} runs trained, "
-        f"{results.get('runs_cached', 0)} read from the cache) on {machine['torch_threads']} torch thread(s) "
-        f"({machine['device']}), {results.get('cpu_seconds', 0.0) / 60:.1f} min of CPU time; load average "
-        f"{machine['load_average_before'][0]:.1f} before, {machine['load_average_after'][0]:.1f} after "
-        "(the machine is shared).  ",
+        _time_line(results),
         f"{results['seeds']} seeds (each: data splits, initialisation, shuffling), {preset['epochs']} epochs, "
         f"{preset['input_size']} px; intervals: {results['bootstrap']['method']}, "
         f"{results['bootstrap']['replicates']} replicates, {100 * results['bootstrap']['level']:.0f}%.  ",
@@ -882,6 +956,12 @@ def _markdown(results: dict[str, Any], png_name: str) -> str:
         "",
         f"![S against #params]({png_name})",
     ]
+    for name, left in results.get("missing", {}).items():
+        lines += [
+            "",
+            f"**Not finished in {name}** (left out of its statistics): seeds {left['seeds'] or 'none'}, "
+            f"rows {left['rows'] or 'none'}.",
+        ]
     for name, stats in results["rowsets"].items():
         backbone = stats["backbone"]
         lines += [
@@ -910,6 +990,26 @@ def _markdown(results: dict[str, Any], png_name: str) -> str:
     lines += [f"- {c}" for c in claims(results)]
     lines.append("")
     return "\n".join(lines)
+
+
+def _time_line(results: dict[str, Any]) -> str:
+    """How long the experiment took over all its invocations (a resumed run has several), and the load."""
+    machine = results["machine"]
+    sessions = [e for e in results.get("sessions", []) if e.get("trained")]
+    seconds = sum(e["seconds"] for e in sessions) or results["wall_seconds"]
+    loads = [e["load_average_start"] for e in sessions] + [e["load_average_now"] for e in sessions]
+    load = (
+        f"load average {min(loads):.1f} to {max(loads):.1f}"
+        if loads
+        else (
+            f"load average {machine['load_average_before'][0]:.1f} to {machine['load_average_after'][0]:.1f}"
+        )
+    )
+    return (
+        f"Wall time: {seconds / 60:.1f} min of training over {max(1, len(sessions))} invocation(s) "
+        f"({sum(e.get('trained', 0) for e in sessions)} runs trained) on {machine['torch_threads']} torch "
+        f"thread(s) ({machine['device']}), {load} (2 shared cores; the load is other engineers' work).  "
+    )
 
 
 def _parameter_lines(stats: dict[str, Any]) -> list[str]:

@@ -201,6 +201,22 @@ def test_decathlon_tiny_preset_writes_the_report_and_resumes(tmp_path: Path) -> 
     again = json.loads(out.with_suffix(".json").read_text())
     assert again["runs_trained"] == 0 and again["runs_cached"] == results["runs_trained"]
     assert again["rowsets"] == results["rowsets"]
+    # An unfinished experiment reported as it stands: the seed and the row not run are left out, and named.
+    partial = [
+        "--seeds",
+        "3",
+        "--replicates",
+        "50",
+        "--methods",
+        "head,parallel+svd,parallel+he",
+        "--report-only",
+    ]
+    assert main([*args[: args.index("--methods")], *partial]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["runs_trained"] == 0 and report["seeds"] == 2
+    assert report["missing"] == {"resnet26": {"seeds": [2], "rows": ["parallel+he"]}}
+    assert report["rowsets"]["resnet26"]["methods"] == results["rowsets"]["resnet26"]["methods"]
+    assert "**Not finished in resnet26**" in out.with_suffix(".md").read_text()
 
 
 def test_decathlon_refuses_unknown_domains_kinds_and_rows(tmp_path: Path, capsys) -> None:

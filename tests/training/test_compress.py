@@ -135,3 +135,19 @@ def test_compressed_artifact_validates_and_serves_from_the_bank(digits: DomainDa
         assert relative_error(served.forward_slot(x, 0), net.forward_domain(x, "a_svd")) < difference_bound(
             net
         )
+
+
+def test_the_bank_rank_cap_of_a_shared_basis_can_be_lifted() -> None:
+    """Factored (low-rank) units: the shared basis is capped at one domain's stored rank for the bank; lifted,
+    the stacked matrices' full rank is kept and full energy is lossless again."""
+    net = tiny_net()
+    net.eval()
+    for i, name in enumerate(("a", "b")):
+        net.add_domain(name, AdapterConfig(kind="lowrank", rank=2), 5)
+        _randomise(net, name, i)
+    capped = compress_domains(net, ["a", "b"], energy=1.0, shared_basis=True)
+    lifted = compress_domains(net, ["a", "b"], energy=1.0, shared_basis=True, bank_rank_cap=False)
+    assert max(capped.domains["a"].ranks.values()) == 2
+    assert max(lifted.domains["a"].ranks.values()) > 2
+    net.load_domain("a_lifted", lifted.domains["a"].config, lifted.domains["a"].tensors)
+    assert _output_difference(net, "a", "a_lifted") < difference_bound(net)

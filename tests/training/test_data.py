@@ -175,3 +175,47 @@ def test_classes_named_train_and_val_are_classes(tmp_path: Path) -> None:
     make_folder(tmp_path / "trains", {"train": 5, "val": 5})
     data = load_domain_data(str(tmp_path / "trains"), input_size=8, val_fraction=0.4)
     assert data.labels == ["train", "val"] and (len(data.train), len(data.val)) == (6, 4)
+
+
+# -- sources with a held-out split of their own (training.rendered) -------------------------------------------
+
+
+def test_spatial_split_holds_out_a_band_at_an_edge_chosen_by_the_seed() -> None:
+    from training.rendered import spatial_split
+
+    edges = set()
+    for seed in range(12):
+        train, test = spatial_split(16, 16, seed)
+        assert not (train & test).any() and test.sum() == 5 * 16 and train.sum() == 10 * 16
+        # one separating line of tiles: no train tile is a 4-neighbour of a test tile
+        pad = np.pad(test, 1)
+        touching = pad[:-2, 1:-1] | pad[2:, 1:-1] | pad[1:-1, :-2] | pad[1:-1, 2:]
+        assert not (train & touching).any()
+        edges.add(
+            (bool(test[:, 0].all()), bool(test[:, -1].all()), bool(test[0].all()), bool(test[-1].all()))
+        )
+    assert len(edges) == 4  # left, right, top, bottom all occur
+
+
+def test_textures_split_tests_on_tiles_never_trained_on() -> None:
+    data = load_domain_data("textures-split", input_size=16, seed=3, val_per_class=5, test_fraction=1.0)
+    assert data.labels == ["brick", "grass", "gravel"] and data.test is not None
+    train = {bytes(t.numpy()) for t in data.train.images}
+    assert not any(bytes(t.numpy()) in train for t in data.test.images)
+    assert "split spatially" in data.description and data.flip
+
+
+def test_glyphs_test_fonts_are_never_training_fonts() -> None:
+    from training.rendered import GLYPH_CHARACTERS, font_files, glyph_set
+
+    fonts = font_files()[:8]
+    glyphs = glyph_set(1, characters="Ab7", fonts=fonts, test_font_fraction=0.25)
+    assert len(glyphs.test_fonts) == 2 and not set(glyphs.test_fonts) & set(glyphs.train_fonts)
+    assert glyphs.train_images.shape == (6 * 3, 32, 32) and glyphs.test_images.shape == (2 * 3, 32, 32)
+    assert sorted(set(glyphs.test_targets.tolist())) == [0, 1, 2]
+    assert glyph_set(1, characters="Ab7", fonts=fonts).test_fonts == glyphs.test_fonts  # the seed fixes it
+    assert len(GLYPH_CHARACTERS) == 62
+    data = load_domain_data(
+        "glyphs", input_size=16, seed=0, train_per_class=2, val_per_class=1, test_per_class=1
+    )
+    assert data.num_classes == 62 and not data.flip and len(data.test or []) == 62
