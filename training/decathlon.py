@@ -47,7 +47,14 @@ from residual_adapters import ADAPTER_KINDS, AdapterConfig, MultiDomainNet
 from training.backbones import load_backbone
 from training.compress import compress_domains
 from training.data import BatchMaker, DomainData
-from training.experiment import DomainEntry, domain_summary, domains_table, load_domains
+from training.experiment import (
+    DomainEntry,
+    body_parameter_count,
+    domain_summary,
+    domains_table,
+    load_domains,
+    select_domains,
+)
 from training.figures import save_figure, subplots
 from training.recipes import FINETUNE, recipe_for
 from training.stats import (
@@ -233,12 +240,7 @@ def with_overrides(
     if backbones:
         known = {r.name: r for r in rowsets}
         rowsets = [known.get(b) or RowSet(Path(b).name or b, b, list(PAPER_ROWS)) for b in backbones]
-    entries = list(preset.domains)
-    if domains:
-        unknown = sorted(set(domains) - {e.name for e in entries})
-        if unknown:
-            raise ValueError(f"unknown domains {unknown}: the preset has {[e.name for e in entries]}")
-        entries = [e for e in entries if e.name in domains]
+    entries = select_domains(list(preset.domains), list(domains) if domains else None)
     for kind in kinds or ():
         if kind not in ADAPTER_KINDS:
             raise ValueError(f"unknown adapter kind {kind!r}; the registry knows {list(ADAPTER_KINDS)}")
@@ -280,16 +282,6 @@ def _select_methods(rows: list[Method], names: Sequence[str] | None) -> list[Met
 
 
 # -- one run ------------------------------------------------------------------------------------------------
-
-
-def body_parameter_count(net: MultiDomainNet) -> int:
-    """Shared parameters without an imported classifier (the paper's counts are "heads apart")."""
-    head_prefix = next(name for name, module in net.body.named_modules() if module is net.head) + "."
-    return sum(
-        v.numel()
-        for k, v in net.shared_state_dict().items()
-        if "running_" not in k and not k.startswith(head_prefix)
-    )
 
 
 def adapter_config(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from residual_adapters import MultiDomainNet
 from training.data import DomainData, load_domain_data
 
 
@@ -41,6 +42,27 @@ class DomainEntry:
             test_per_class=self.test_per_class,
             seed=seed,
         )
+
+
+def body_parameter_count(net: MultiDomainNet) -> int:
+    """Shared parameters without an imported classifier (the paper's counts are "heads apart": the
+    ImageNet classifier of torchvision's MobileNetV2, 1.28M weights, is no part of the backbone)."""
+    head_prefix = next(name for name, module in net.body.named_modules() if module is net.head) + "."
+    return sum(
+        v.numel()
+        for k, v in net.shared_state_dict().items()
+        if "running_" not in k and not k.startswith(head_prefix)
+    )
+
+
+def select_domains(entries: list[DomainEntry], names: list[str] | None) -> list[DomainEntry]:
+    """The entries called ``names`` (None: all), refusing names the preset does not have."""
+    if not names:
+        return entries
+    unknown = sorted(set(names) - {e.name for e in entries})
+    if unknown:
+        raise ValueError(f"unknown domains {unknown}: the preset has {[e.name for e in entries]}")
+    return [e for e in entries if e.name in names]
 
 
 def domain_summary(data: DomainData) -> dict[str, Any]:

@@ -273,6 +273,34 @@ def test_cli_writes_table_json_and_plot_and_resumes(
     assert "other settings" in capsys.readouterr().err
 
 
+def test_cli_allocation_over_seeds_on_a_subset_of_domains(tmp_path: Path) -> None:
+    out = tmp_path / "seeds"
+    argv = ["allocation", "--preset", "tiny", "--out", str(out), "--rows", "none", "--seeds", "2"]
+    assert main([*argv, "--domains", "digits"]) == 0
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert list(results["rows"]) == ["digits/none", "digits/none/seed1"]
+    (row,) = allocation.table(results)
+    runs = [results["rows"][k]["test_accuracy"] for k in ("digits/none", "digits/none/seed1")]
+    assert row["accuracy"]["digits"] == pytest.approx(sum(runs) / 2) and row["seeds"] == {"digits": 2}
+    assert row["std"]["digits"] == pytest.approx(abs(runs[0] - runs[1]) / math.sqrt(2))
+    assert "mean ± std over 2 seeds" in out.with_suffix(".md").read_text()
+    assert main([*argv, "--domains", "nope"]) == 2
+
+
+def test_percent_of_backbone_leaves_an_imported_classifier_out(tmp_path: Path) -> None:
+    from training.experiment import body_parameter_count
+
+    net = load_backbone("resnet26:0.125")
+    assert body_parameter_count(net) == net.shared_parameter_count  # no imported classifier: the same
+    out = tmp_path / "alloc"
+    assert main(["allocation", "--preset", "tiny", "--out", str(out), "--rows", "all"]) == 0
+    results = json.loads(out.with_suffix(".json").read_text())
+    info = results["row_info"]["all"]
+    assert info["adapter_percent_of_backbone"] == pytest.approx(
+        100 * info["adapter_parameters"] / results["backbone"]["shared_parameters"]
+    )
+
+
 def test_cli_transfer_and_its_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "tr"
     assert main(["transfer", "--preset", "tiny", "--out", str(out), "--methods", "head,parallel"]) == 0

@@ -25,8 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from residual_adapters import AdapterConfig, MultiDomainNet
-from training.experiment import DomainEntry, domain_summary, domains_table
+from training.experiment import (
+    DomainEntry,
+    body_parameter_count,
+    domain_summary,
+    domains_table,
+    load_domains,
+)
 from training.figures import save_figure, subplots
+from training.stats import mean_std
 from training.studies.common import (
     AfterRow,
     Log,
@@ -61,6 +68,9 @@ class AllocationSettings(StudySettings):
     max_rank: int = 256
     """Largest rank tried when matching the low-rank row to the deep-third row's parameter count."""
     rows: list[str] = field(default_factory=lambda: list(ROWS))
+    seeds: int = 1
+    """Seeds per row: seed k (added to ``seed``) draws the data splits, the head and the shuffling; cells
+    then show the mean ± std over seeds."""
 
 
 MINI = AllocationSettings(
@@ -136,7 +146,7 @@ def run_allocation(
     if unknown:
         raise ValueError(f"unknown allocation rows {unknown}; expected some of {list(ROWS)}")
     results, net, datasets = begin_study("allocation", settings, out_json, fresh=fresh, log=log)
-    shared = net.shared_parameter_count
+    shared = body_parameter_count(net)
     # The low-rank rank depends only on the architecture (heads are counted apart): one r for every domain.
     rank = matching_rank(net, 1, settings.max_rank)
     rows_info = {}
@@ -156,31 +166,35 @@ def run_allocation(
         "row_info": rows_info,
         "domains": {name: domain_summary(d) for name, d in datasets.items()},
     }
-    todo = [(d, r) for d in datasets for r in settings.rows]
-    done_before = sum(f"{d}/{r}" in results.rows for d, r in todo)
+    todo = [(d, r, k) for k in range(settings.seeds) for d in datasets for r in settings.rows]
+    done_before = sum(row_key(d, r, k) in results.rows for d, r, k in todo)
+    by_seed = {0: datasets}
     log(
-        f"allocation study: {len(todo)} rows ({len(datasets)} domains x {len(settings.rows)} allocations), "
+        f"allocation study: {len(todo)} rows ({len(datasets)} domains x {len(settings.rows)} allocations x "
+        f"{settings.seeds} seed(s)), "
         f"{done_before} already done; low-rank rank {rank} "
         f"({rows_info.get(LOWRANK_ROW, {}).get('adapter_parameters', '-')} vs deep third "
         f"{rows_info.get('deep', {}).get('adapter_parameters', '-')} adapter parameters)"
     )
     clock = RowClock(results, len(todo), command, started)
-    for index, (domain, row) in enumerate(todo, 1):
-        key = f"{domain}/{row}"
+    for index, (domain, row, k) in enumerate(todo, 1):
+        key = row_key(domain, row, k)
         if key in results.rows:
             continue
-        data = datasets[domain]
+        if k not in by_seed:
+            by_seed[k] = load_domains(settings.domains, settings.input_size, settings.seed + k, log)
+        data = by_seed[k][domain]
         train_cfg = TrainConfig(
             epochs=settings.epochs,
             batch_size=settings.batch_size,
             lr=settings.lr,
             weight_decay=settings.weight_decay,
-            seed=settings.seed,
+            seed=settings.seed + k,
             progress=progress,
             device=device,
         )
         adapter = row_config(net, row, rank)
-        name = f"{domain}__{row.replace('+', '_')}"
+        name = f"{domain}__{row.replace('+', '_')}__{k}"
         hook = (
             None
             if after_row is None
@@ -193,33 +207,48 @@ def run_allocation(
         results.rows[key] = {
             "domain": domain,
             "row": row,
+            "seed": k,
             **counts,
             **vars(outcome),
         }
         left = clock.row_done(index)
         log(
-            f"[{index}/{len(todo)}] {domain} {ROW_NAMES[row]}: test {outcome.test_accuracy:.4f} "
+            f"[{index}/{len(todo)}] {domain} {ROW_NAMES[row]} seed {k}: test {outcome.test_accuracy:.4f} "
             f"(val {outcome.val_accuracy:.4f}, {counts['adapter']:,} adapter params, "
             f"{outcome.train_seconds:.0f} s); {left}"
         )
     return clock.finish()
 
 
+def row_key(domain: str, row: str, seed: int) -> str:
+    """The results file's key of one run (seed 0 keeps the single-seed files' key)."""
+    return f"{domain}/{row}" if seed == 0 else f"{domain}/{row}/seed{seed}"
+
+
 def table(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One entry per allocation: accuracy per domain, mean, adapter parameters and % of the backbone."""
+    """One entry per allocation: accuracy per domain (mean over the seeds finished on every domain, and
+    std), mean, adapter parameters and % of the backbone."""
     domains = list(results["domains"])
+    n_seeds = int(results["settings"].get("seeds", 1))
     out = []
     for row in results["settings"]["rows"]:
-        accs = {
-            d: results["rows"][f"{d}/{row}"]["test_accuracy"]
+        per_domain = {
+            d: [
+                results["rows"][row_key(d, row, k)]["test_accuracy"]
+                for k in range(n_seeds)
+                if row_key(d, row, k) in results["rows"]
+            ]
             for d in domains
-            if f"{d}/{row}" in results["rows"]
         }
+        accs = {d: mean_std(v)[0] for d, v in per_domain.items() if v}
+        stds = {d: mean_std(v)[1] for d, v in per_domain.items() if v}
         info = results["row_info"][row]
         out.append(
             {
                 "row": row,
                 "accuracy": accs,
+                "std": stds,
+                "seeds": {d: len(v) for d, v in per_domain.items()},
                 "mean_accuracy": sum(accs.values()) / len(accs) if len(accs) == len(domains) else None,
                 "adapter_parameters": info["adapter_parameters"],
                 "adapter_percent_of_backbone": info["adapter_percent_of_backbone"],
@@ -239,7 +268,11 @@ def markdown_table(results: dict[str, Any]) -> str:
         "|---|---:|---:|---:|" + "---:|" * len(domains) + "---:|",
     ]
     for t in table(results):
-        accs = " | ".join(f"{100 * t['accuracy'][d]:.2f}" if d in t["accuracy"] else "-" for d in domains)
+        accs = " | ".join(
+            "-" if d not in t["accuracy"]
+            else f"{100 * t['accuracy'][d]:.2f}" + (f" ± {100 * t['std'][d]:.2f}" if t["seeds"][d] > 1 else "")
+            for d in domains
+        )  # fmt: skip
         mean = "-" if t["mean_accuracy"] is None else f"{100 * t['mean_accuracy']:.2f}"
         name = ROW_NAMES.get(t["row"], t["row"])
         if t["row"] == LOWRANK_ROW:
@@ -288,7 +321,9 @@ def write_report(results: dict[str, Any], out: Path) -> list[Path]:
         f"Every row: {s['epochs']} epochs, batch {s['batch_size']}, SGD lr {s['lr']} (x0.1 at 2/3 and 5/6), "
         f"weight decay {s['weight_decay']}; best epoch on validation, accuracy on the held-out test split.",
         "",
-        "Top-1 test accuracy (%). Adapter parameters are per domain (`net.domain_parameter_counts`); every "
+        f"Top-1 test accuracy (%){', mean ± std over ' + str(s.get('seeds', 1)) + ' seeds' if s.get('seeds', 1) > 1 else ''}. "
+        "% of backbone: of the shared weights, heads apart (an imported classifier is not backbone). "
+        "Adapter parameters are per domain (`net.domain_parameter_counts`); every "
         f"row also trains domain BN ({results['row_info'][s['rows'][0]]['bn_parameters']:,} parameters) and a head.",
         "",
         markdown_table(results),

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from training.data import DataError, _default_name
-from training.experiment import DomainEntry
+from training.experiment import DomainEntry, select_domains
 from training.studies import allocation, transfer
 from training.studies.common import StudyError, fmt_duration
 from training.trainer import TrainingError
@@ -44,8 +44,12 @@ def _run(func: Any, args: argparse.Namespace) -> int:
         return 2
 
 
-def _domains(args: argparse.Namespace) -> list[DomainEntry] | None:
-    """--data sources as domain entries (None: keep the preset's)."""
+def _domains(args: argparse.Namespace, preset: list[DomainEntry]) -> list[DomainEntry] | None:
+    """--data sources as domain entries, or --domains' subset of the preset's (None: keep the preset's)."""
+    if args.domains:
+        if args.data:
+            raise StudyError("give --data (your domains) or --domains (a subset of the preset's), not both")
+        return select_domains(preset, args.domains.split(","))
     if not args.data:
         return None
     names = [_default_name(s) for s in args.data]
@@ -88,13 +92,14 @@ def cmd_allocation(args: argparse.Namespace) -> int:
         allocation.PRESETS[args.preset],
         backbone=args.backbone,
         input_size=args.input_size,
-        domains=_domains(args),
+        domains=_domains(args, allocation.PRESETS[args.preset].domains),
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
         seed=args.seed,
         threads=args.threads,
         rows=args.rows.split(",") if args.rows else None,
+        seeds=args.seeds,
     )
     return _run_and_report("allocation", allocation.run_allocation, allocation, settings, args)
 
@@ -118,7 +123,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         preset,
         backbone=args.backbone,
         input_size=args.input_size,
-        domains=_domains(args),
+        domains=_domains(args, preset.domains),
         sizes=_sizes(args.sizes) if args.sizes else None,
         methods=args.methods.split(",") if args.methods else None,
         rank=args.rank,
@@ -168,6 +173,7 @@ def _common_args(p: argparse.ArgumentParser, presets: list[str], out: str) -> No
         default=None,
         help="a domain (repeatable): ImageFolder directory or digits, mnist, fashion-mnist, textures",
     )
+    p.add_argument("--domains", default=None, help="comma-separated subset of the preset's domains")
     p.add_argument("--input-size", type=int, default=None)
     p.add_argument("--train-per-class", type=int, default=None, help="with --data: cap of the training split")
     p.add_argument("--val-per-class", type=int, default=None, help="with --data")
@@ -190,6 +196,7 @@ def register(sub: Any) -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(allocation.ROWS)}")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per row (training and data-split seed)")
 
     help_text = (
         "transfer with little data: accuracy against images per class per method (Markdown + JSON + PNG)"

@@ -24,7 +24,7 @@ from residual_adapters import AdapterConfig, MultiDomainNet
 from training.backbones import load_backbone
 from training.data import BatchMaker, DomainData
 from training.evaluate import evaluate
-from training.experiment import DomainEntry, load_domains
+from training.experiment import DomainEntry, body_parameter_count, load_domains
 from training.trainer import TrainConfig, finetune_copy, train_domain
 
 Log = Callable[[str], None]
@@ -74,7 +74,8 @@ def backbone_summary(settings: StudySettings, net: MultiDomainNet) -> dict[str, 
     """What a results file records about the backbone its rows were trained on."""
     return {
         "spec": settings.backbone,
-        "shared_parameters": net.shared_parameter_count,
+        # heads apart: an imported ImageNet classifier is not backbone (it would understate "% of backbone")
+        "shared_parameters": body_parameter_count(net),
         "fingerprint": net.fingerprint(),
     }
 

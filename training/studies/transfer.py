@@ -29,7 +29,7 @@ import torch
 
 from residual_adapters import AdapterConfig
 from training.data import DomainData, ImageSet, stratified_split
-from training.experiment import DomainEntry, domain_summary
+from training.experiment import DomainEntry, body_parameter_count, domain_summary
 from training.figures import save_figure, subplots
 from training.studies.common import (
     AfterRow,
@@ -151,7 +151,7 @@ def run_transfer(
         if size != ALL and (not isinstance(size, int) or size < 1):
             raise ValueError(f"bad size {size!r}: images per class (>= 1) or 'all'")
     results, net, datasets = begin_study("transfer", settings, out_json, fresh=fresh, log=log)
-    shared = net.shared_parameter_count
+    shared = body_parameter_count(net)
     method_parameters = {}
     for method in settings.methods:
         adapter_cfg = method_config(method, settings.rank)
