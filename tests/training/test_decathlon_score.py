@@ -171,7 +171,7 @@ def test_report_renders_the_statistics_and_the_verdicts(tmp_path) -> None:
     md, js, png = write_report(results, tmp_path / "report", "multidomain train decathlon --preset mini")
     text = md.read_text()
     ft = stats["methods"]["finetune"]["mean_accuracy"]
-    assert f"| fine-tune (baseline) | 2.00x |" in text and f"{100 * ft['estimate']:.1f} ± " in text
+    assert "| fine-tune (baseline) | 2.00x |" in text and f"{100 * ft['estimate']:.1f} ± " in text
     assert "rn: the bar (parallel's S above the fine-tune baseline's): met." in text
     assert json.loads(js.read_text())["rowsets"]["rn"]["e_max"] == stats["e_max"]
     assert Image.open(png).format == "PNG"
