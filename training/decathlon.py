@@ -176,14 +176,14 @@ MINI = DecathlonPreset(
     # another part of each photo); test splits of several hundred images so one image is a fraction of a
     # point.
     domains=[
-        DomainEntry("fashion-mnist", "fashion", train_per_class=60, val_per_class=20, test_per_class=100),
-        DomainEntry("glyphs", "glyphs", train_per_class=20, val_per_class=6, test_per_class=12),
-        DomainEntry("textures-split", "textures", train_per_class=60, val_per_class=20, test_per_class=80),
-        DomainEntry("photos-split", "photos", train_per_class=40, val_per_class=15, test_per_class=60),
+        DomainEntry("fashion-mnist", "fashion", train_per_class=40, val_per_class=10, test_per_class=80),
+        DomainEntry("glyphs", "glyphs", train_per_class=12, val_per_class=4, test_per_class=12),
+        DomainEntry("textures-split", "textures", train_per_class=40, val_per_class=10, test_per_class=80),
+        DomainEntry("photos-split", "photos", train_per_class=30, val_per_class=10, test_per_class=60),
         DomainEntry(
-            "digits", "digits", train_per_class=40, val_per_class=10, val_fraction=0.1, test_fraction=0.4
+            "digits", "digits", train_per_class=30, val_per_class=10, val_fraction=0.1, test_fraction=0.4
         ),
-        DomainEntry("mnist", "mnist", train_per_class=40, val_per_class=10, test_per_class=60),
+        DomainEntry("mnist", "mnist", train_per_class=30, val_per_class=10, test_per_class=60),
     ],
     rowsets=[
         RowSet("mobilenet_v2", "mobilenet_v2", PAPER_ROWS + FAIRNESS_ROWS + RECIPE_ROWS),

@@ -193,3 +193,33 @@ def test_the_committed_report_follows_from_its_runs() -> None:
     assert results["claims"] == claims(results)
     md = COMMITTED.with_suffix(".md").read_text()
     assert all(c in md for c in results["claims"])
+
+
+def test_series_at_parallels_budget_matches_its_parameter_count() -> None:
+    from residual_adapters import create_backbone
+    from training.decathlon import FAIRNESS_ROWS, PAPER_ROWS, _stored, adapter_config
+
+    net = create_backbone("mobilenet_v2", classifier_domain=None)  # random weights: only shapes matter
+    rows = PAPER_ROWS + FAIRNESS_ROWS
+    parallel = _stored(net, adapter_config(net, rows[4], rows, 10), 10)
+    paper_series = _stored(net, adapter_config(net, rows[3], rows, 10), 10)
+    matched = _stored(net, adapter_config(net, FAIRNESS_ROWS[0], rows, 10), 10)
+    assert paper_series > 2 * parallel  # the paper's sizes are far apart on MobileNetV2 ...
+    assert parallel * 0.98 <= matched <= parallel  # ... the matched row is within 2% below
+
+
+def test_he_init_draws_the_adapters_from_the_official_distribution() -> None:
+    import torch
+
+    from residual_adapters import AdapterConfig, create_backbone
+    from training.decathlon import he_init_adapters
+
+    net = create_backbone("resnet26", width=0.5, classifier_domain=None)
+    net.add_domain("d", AdapterConfig(kind="parallel"), 3)
+    weights = {k: v for k, v in net.domain_parameters("d").items() if k.endswith(".adapter.weight")}
+    assert all(float(w.abs().max()) == 0.0 for w in weights.values())  # zero by default
+    torch.manual_seed(0)
+    he_init_adapters(net, "d")
+    for w in weights.values():  # N(0, 2 / C_out): the sample std within 5 of its standard errors
+        n, expected = w.numel(), (2.0 / w.shape[0]) ** 0.5
+        assert abs(float(w.std()) - expected) <= 5 * expected / (2 * n) ** 0.5
