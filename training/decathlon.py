@@ -56,7 +56,7 @@ from training.experiment import (
     select_domains,
 )
 from training.figures import save_figure, subplots
-from training.recipes import FINETUNE, recipe_for
+from training.recipes import DEFAULT_LOWRANK_RANK, FINETUNE, recipe_for
 from training.stats import (
     DEFAULT_LEVEL,
     DEFAULT_REPLICATES,
@@ -289,20 +289,21 @@ def adapter_config(
 ) -> AdapterConfig:
     """The row's adapter layout; a ``match`` row's budget found by bisection on the parameter count."""
     kind: Any = method.kind
+    rank = DEFAULT_LOWRANK_RANK if kind == "lowrank" else None  # the CLI's default rank
     if method.match is None:
         if method.pointwise_budget is None:
-            return AdapterConfig(kind=kind)
-        return AdapterConfig(kind=kind, pointwise_budget=method.pointwise_budget)
+            return AdapterConfig(kind=kind, rank=rank)
+        return AdapterConfig(kind=kind, rank=rank, pointwise_budget=method.pointwise_budget)
     target_row = next(m for m in rows if m.name == method.match)
     target = _stored(net, adapter_config(net, target_row, rows, num_classes), num_classes)
     low, high = 1e-4, 1.0
     for _ in range(20):  # the count is monotone in the budget (ranks are ceilings)
         mid = (low + high) / 2
-        if _stored(net, AdapterConfig(kind=kind, pointwise_budget=mid), num_classes) > target:
+        if _stored(net, AdapterConfig(kind=kind, rank=rank, pointwise_budget=mid), num_classes) > target:
             high = mid
         else:
             low = mid
-    return AdapterConfig(kind=kind, pointwise_budget=low)
+    return AdapterConfig(kind=kind, rank=rank, pointwise_budget=low)
 
 
 def _stored(net: MultiDomainNet, config: AdapterConfig, num_classes: int) -> int:

@@ -230,6 +230,24 @@ def test_decathlon_refuses_unknown_domains_kinds_and_rows(tmp_path: Path, capsys
     assert not (tmp_path / "c").exists()  # refused before anything ran
 
 
+def test_decathlon_adds_a_row_for_any_registered_kind(tmp_path: Path) -> None:
+    out = tmp_path / "kinds"
+    args = [
+        "decathlon",
+        "--preset",
+        "tiny",
+        "--out",
+        str(out),
+        "--cache",
+        str(tmp_path / "c"),
+        "--seeds",
+        "1",
+    ]
+    assert main([*args, "--kinds", "lowrank", "--methods", "lowrank", "--replicates", "20"]) == 0
+    methods = json.loads(out.with_suffix(".json").read_text())["rowsets"]["resnet26"]["methods"]
+    assert list(methods) == ["finetune", "lowrank"]
+
+
 def _uniform_folder(root: Path, classes: list[str], per_class: int) -> Path:
     """Every image the same grey: no network can tell the classes apart, so accuracy is chance exactly."""
     for name in classes:
