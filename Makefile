@@ -70,10 +70,12 @@ cluster: install
 bench: install
 	$(BIN)/python -m bench.engine --quick
 
-# Offline data for bench/train_defaults.py (Fashion-MNIST from Debian; DejaVu fonts for the letters); needs root.
+# Offline data for bench/train_defaults.py and the decathlon (Fashion-MNIST from Debian; the fonts of the letters
+# and glyphs: DejaVu, Liberation, FreeFont); needs root.
 bench-data:
-	dpkg -s dataset-fashion-mnist fonts-dejavu-core >/dev/null 2>&1 || \
-		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist fonts-dejavu-core)
+	dpkg -s dataset-fashion-mnist fonts-dejavu-core fonts-liberation fonts-freefont-ttf >/dev/null 2>&1 || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist \
+			fonts-dejavu-core fonts-liberation fonts-freefont-ttf)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
