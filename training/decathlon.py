@@ -177,7 +177,7 @@ MINI = DecathlonPreset(
     # point.
     domains=[
         DomainEntry("fashion-mnist", "fashion", train_per_class=40, val_per_class=10, test_per_class=80),
-        DomainEntry("glyphs", "glyphs", train_per_class=12, val_per_class=4, test_per_class=12),
+        DomainEntry("glyphs", "glyphs", train_per_class=16, val_per_class=4, test_per_class=12),
         DomainEntry("textures-split", "textures", train_per_class=40, val_per_class=10, test_per_class=80),
         DomainEntry("photos-split", "photos", train_per_class=30, val_per_class=10, test_per_class=60),
         DomainEntry(
@@ -639,18 +639,31 @@ def _svd_rows(
     record = cache.get(path, key)
     if record is not None or not train:
         return record or {}
-    names = []
-    for d in domains:
-        run = json.loads(cache.path(rowset.name, seed, d, "parallel").read_text())["record"]
-        name = f"{d}__parallel"
-        names.append(name)
-        tensors = load_file(str(cache.path(rowset.name, seed, d, "parallel").with_suffix(".safetensors")))
-        net.load_domain(name, AdapterConfig.from_dict(run["config"]), tensors)
     out: dict[str, dict[str, dict[str, Any]]] = {d: {} for d in domains}
+    names, trained = [], []
+    runs = {
+        d: json.loads(cache.path(rowset.name, seed, d, "parallel").read_text())["record"] for d in domains
+    }
+    for d in domains:
+        if runs[d]["diverged"]:
+            continue  # nothing to compress: its SVD rows are the diverged run's (the majority class)
+        names.append(f"{d}__parallel")
+        trained.append(d)
+        tensors = load_file(str(cache.path(rowset.name, seed, d, "parallel").with_suffix(".safetensors")))
+        net.load_domain(names[-1], AdapterConfig.from_dict(runs[d]["config"]), tensors)
     settings = [(SVD_ROW, "per domain", preset.svd_budget)] + [
         (f"svd {basis} {budget:g}", basis, budget) for basis in SVD_BASES for budget in preset.svd_sweep
     ]
     for row, basis, budget in settings:
+        for d in domains:
+            if runs[d]["diverged"]:
+                out[d][row] = {
+                    **runs[d],
+                    "unique_adapter_parameters": 0.0,
+                    "uncompressed_adapter_parameters": 0,
+                }
+        if not names:
+            continue
         report = compress_domains(
             net,
             names,
@@ -658,7 +671,7 @@ def _svd_rows(
             shared_basis=basis != "per domain",
             bank_rank_cap=basis != "shared, uncapped",
         )
-        for d, name in zip(domains, names, strict=True):
+        for d, name in zip(trained, names, strict=True):
             compressed = report.domains[name]
             net.load_domain("svd", compressed.config, compressed.tensors)
             correct = test_correct(net, "svd", datasets[d])

@@ -28,8 +28,10 @@ FONT_DIRS = (
     Path("/usr/share/fonts/truetype/liberation"),  # fonts-liberation
     Path("/usr/share/fonts/truetype/freefont"),  # fonts-freefont-ttf
 )
-GLYPH_CHARACTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-"""62 classes; upper and lower case of the same letter are different classes (as in EMNIST's by-class)."""
+GLYPH_CHARACTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+"""36 classes: capital letters and digits (O and 0, I and 1 differ by a font's design: part of the task).
+All 62 of A-Z a-z 0-9 were tried first: at 12 training images per class and 3 epochs every method stayed
+between 1.6% and 17% (MobileNetV2, seed 0), too weak a signal to compare methods."""
 
 
 class RenderError(Exception):

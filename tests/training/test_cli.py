@@ -230,6 +230,27 @@ def test_decathlon_refuses_unknown_domains_kinds_and_rows(tmp_path: Path, capsys
     assert not (tmp_path / "c").exists()  # refused before anything ran
 
 
+def test_a_diverged_parallel_run_is_scored_as_such_by_the_svd_rows(tmp_path: Path) -> None:
+    """A parallel run that diverged keeps no tensors: its SVD rows are its own majority-class answers, and
+    the other domains are still compressed."""
+    out, cache = tmp_path / "div", tmp_path / "c"
+    args = ["decathlon", "--preset", "tiny", "--out", str(out), "--cache", str(cache), "--seeds", "1"]
+    args += ["--methods", "parallel+svd", "--replicates", "20"]
+    assert main(args) == 0
+    run_file = cache / "resnet26" / "seed0" / "digits" / "parallel.json"
+    stored = json.loads(run_file.read_text())
+    majority = "".join("ff" if i % 2 else "00" for i in range(len(stored["record"]["test_correct"]) // 2))
+    stored["record"].update(diverged=True, test_correct=majority)
+    run_file.write_text(json.dumps(stored))
+    run_file.with_suffix(".safetensors").unlink()
+    (cache / "resnet26" / "seed0" / "_svd" / "sweep.json").unlink()
+    assert main(args) == 0
+    runs = json.loads(out.with_suffix(".json").read_text())["runs"]["resnet26"]["0"]
+    assert runs["digits"]["parallel+svd"]["test_correct"] == majority
+    assert runs["digits"]["svd shared 0.5"]["diverged"] is True
+    assert "diverged" not in runs["textures"]["parallel+svd"]
+
+
 def test_decathlon_adds_a_row_for_any_registered_kind(tmp_path: Path) -> None:
     out = tmp_path / "kinds"
     args = [

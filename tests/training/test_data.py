@@ -214,8 +214,8 @@ def test_glyphs_test_fonts_are_never_training_fonts() -> None:
     assert glyphs.train_images.shape == (6 * 3, 32, 32) and glyphs.test_images.shape == (2 * 3, 32, 32)
     assert sorted(set(glyphs.test_targets.tolist())) == [0, 1, 2]
     assert glyph_set(1, characters="Ab7", fonts=fonts).test_fonts == glyphs.test_fonts  # the seed fixes it
-    assert len(GLYPH_CHARACTERS) == 62
+    assert len(GLYPH_CHARACTERS) == 36
     data = load_domain_data(
         "glyphs", input_size=16, seed=0, train_per_class=2, val_per_class=1, test_per_class=1
     )
-    assert data.num_classes == 62 and not data.flip and len(data.test or []) == 62
+    assert data.num_classes == 36 and not data.flip and len(data.test or []) == 36
