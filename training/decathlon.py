@@ -284,7 +284,7 @@ def _select_methods(rows: list[Method], names: Sequence[str] | None) -> list[Met
 # -- one run ------------------------------------------------------------------------------------------------
 
 
-def adapter_config(
+def row_adapter_config(
     net: MultiDomainNet, method: Method, rows: Sequence[Method], num_classes: int
 ) -> AdapterConfig:
     """The row's adapter layout; a ``match`` row's budget found by bisection on the parameter count."""
@@ -295,7 +295,7 @@ def adapter_config(
             return AdapterConfig(kind=kind, rank=rank)
         return AdapterConfig(kind=kind, rank=rank, pointwise_budget=method.pointwise_budget)
     target_row = next(m for m in rows if m.name == method.match)
-    target = _stored(net, adapter_config(net, target_row, rows, num_classes), num_classes)
+    target = _stored(net, row_adapter_config(net, target_row, rows, num_classes), num_classes)
     low, high = 1e-4, 1.0
     for _ in range(20):  # the count is monotone in the budget (ranks are ceilings)
         mid = (low + high) / 2
@@ -377,7 +377,7 @@ def run_one(
         trainable = "all"
     else:
         model = net
-        config = adapter_config(net, method, rows, data.num_classes)
+        config = row_adapter_config(net, method, rows, data.num_classes)
         net.add_domain(domain, config, data.num_classes)
         if method.init == "he":
             he_init_adapters(net, domain)

@@ -197,13 +197,13 @@ def test_the_committed_report_follows_from_its_runs() -> None:
 
 def test_series_at_parallels_budget_matches_its_parameter_count() -> None:
     from residual_adapters import create_backbone
-    from training.decathlon import FAIRNESS_ROWS, PAPER_ROWS, _stored, adapter_config
+    from training.decathlon import FAIRNESS_ROWS, PAPER_ROWS, _stored, row_adapter_config
 
     net = create_backbone("mobilenet_v2", classifier_domain=None)  # random weights: only shapes matter
     rows = PAPER_ROWS + FAIRNESS_ROWS
-    parallel = _stored(net, adapter_config(net, rows[4], rows, 10), 10)
-    paper_series = _stored(net, adapter_config(net, rows[3], rows, 10), 10)
-    matched = _stored(net, adapter_config(net, FAIRNESS_ROWS[0], rows, 10), 10)
+    parallel = _stored(net, row_adapter_config(net, rows[4], rows, 10), 10)
+    paper_series = _stored(net, row_adapter_config(net, rows[3], rows, 10), 10)
+    matched = _stored(net, row_adapter_config(net, FAIRNESS_ROWS[0], rows, 10), 10)
     assert paper_series > 2 * parallel  # the paper's sizes are far apart on MobileNetV2 ...
     assert parallel * 0.98 <= matched <= parallel  # ... the matched row is within 2% below
 
