@@ -566,26 +566,33 @@ def run_decathlon(
 
 class SessionLog:
     """When each invocation ran, under what load, and how many runs it trained (``<cache>/sessions.json``),
-    rewritten after every run: a resumed experiment reports the time all its invocations took."""
+    rewritten after every run: a resumed experiment reports the time all its invocations took. Each
+    invocation rewrites only its own entry (read, merge, replace), so two working on one cache at once
+    (e.g. the extra rows in a second process) keep both."""
 
     def __init__(self, path: Path, training: bool) -> None:
         self.path = path
-        try:
-            self.entries: list[dict[str, Any]] = json.loads(path.read_text()) if path.exists() else []
-        except (OSError, ValueError):
-            self.entries = []
         self.training = training
         self.started = time.time()
-        self.entries.append({"started": self.started, "load_average_start": os.getloadavg()[0]})
+        self.own: dict[str, Any] = {"started": self.started, "load_average_start": os.getloadavg()[0]}
+        self.entries = [*self._read(), self.own]
+
+    def _read(self) -> list[dict[str, Any]]:
+        try:
+            return json.loads(self.path.read_text()) if self.path.exists() else []  # type: ignore[no-any-return]
+        except (OSError, ValueError):
+            return []
 
     def update(self, trained: int) -> None:
         if not self.training:
             return
-        self.entries[-1].update(
+        self.own.update(
             seconds=time.time() - self.started, load_average_now=os.getloadavg()[0], trained=trained
         )
+        others = [e for e in self._read() if e.get("started") != self.started]
+        self.entries = sorted([*others, self.own], key=lambda e: float(e["started"]))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.entries, indent=1) + "\n")
         tmp.replace(self.path)
 
@@ -1002,7 +1009,13 @@ def _time_line(results: dict[str, Any]) -> str:
     """How long the experiment took over all its invocations (a resumed run has several), and the load."""
     machine = results["machine"]
     sessions = [e for e in results.get("sessions", []) if e.get("trained")]
-    seconds = sum(e["seconds"] for e in sessions) or results["wall_seconds"]
+    # the union of the invocations' intervals: two running at once count their overlap once
+    seconds, reach = 0.0, float("-inf")
+    for e in sorted(sessions, key=lambda e: float(e["started"])):
+        start, end = float(e["started"]), float(e["started"]) + float(e["seconds"])
+        seconds += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    seconds = seconds or results["wall_seconds"]
     loads = [e["load_average_start"] for e in sessions] + [e["load_average_now"] for e in sessions]
     load = (
         f"load average {min(loads):.1f} to {max(loads):.1f}"

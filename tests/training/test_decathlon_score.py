@@ -223,3 +223,31 @@ def test_he_init_draws_the_adapters_from_the_official_distribution() -> None:
     for w in weights.values():  # N(0, 2 / C_out): the sample std within 5 of its standard errors
         n, expected = w.numel(), (2.0 / w.shape[0]) ** 0.5
         assert abs(float(w.std()) - expected) <= 5 * expected / (2 * n) ** 0.5
+
+
+def test_wall_time_counts_overlapping_invocations_once() -> None:
+    from training.decathlon import _time_line
+
+    sessions = [
+        {"started": 0.0, "seconds": 600.0, "trained": 3, "load_average_start": 2.0, "load_average_now": 4.0},
+        {
+            "started": 300.0,
+            "seconds": 600.0,
+            "trained": 2,
+            "load_average_start": 3.0,
+            "load_average_now": 5.0,
+        },
+        {
+            "started": 2000.0,
+            "seconds": 60.0,
+            "trained": 1,
+            "load_average_start": 1.0,
+            "load_average_now": 1.0,
+        },
+        {"started": 3000.0, "load_average_start": 1.0},  # report only: trained nothing
+    ]
+    line = _time_line(
+        {"sessions": sessions, "wall_seconds": 5.0, "machine": {"torch_threads": 1, "device": "cpu"}}
+    )
+    assert line.startswith("Wall time: 16.0 min of training over 3 invocation(s) (6 runs trained)")
+    assert "load average 1.0 to 5.0" in line
