@@ -116,6 +116,10 @@ class ClusterConfig:
     work_dir: Path
     """Certificate and process logs."""
     host: str = "127.0.0.1"
+    lb_source: str = "127.0.0.9"
+    """The address HAProxy connects to the replicas from, and the one proxy they trust for X-Forwarded-For
+    (MD_TRUSTED_PROXIES): on loopback another address than the clients' 127.0.0.1, so that a client
+    connecting to a replica directly cannot name another client."""
     replica_ports: list[int] = field(default_factory=list)
     """One per replica; empty: free ports."""
     lb_port: int = 0
@@ -179,6 +183,7 @@ class Cluster:
                 "MD_HOST": self.config.host,
                 "MD_PORT": str(self.replica_ports[index]),
                 "OMP_WAIT_POLICY": "PASSIVE",
+                "MD_TRUSTED_PROXIES": self.config.lb_source,
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             }
         )
@@ -214,6 +219,7 @@ class Cluster:
                 "MD_LB_INFERENCE": c.inference_backend,
                 "MD_LB_BALANCE_FACTOR": str(c.balance_factor),
                 "MD_LB_LOG_LEVEL": c.lb_log_level,
+                "MD_LB_SOURCE": c.lb_source,
                 **{f"MD_REPLICA_{i + 1}": f"{c.host}:{p}" for i, p in enumerate(self.replica_ports)},
             }
         )

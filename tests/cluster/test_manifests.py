@@ -123,6 +123,10 @@ def test_compose_cluster_has_s3_three_replicas_and_the_balancer() -> None:
     # Every port the balancer listens on (HTTP, HTTPS, stats) is the one it publishes.
     targets = {p.rsplit(":", 1)[1] for p in lb["ports"]}
     assert targets == {env["MD_LB_PORT"], env["MD_LB_TLS_PORT"], env["MD_LB_STATS_PORT"]}
+    # The replicas believe X-Forwarded-For from the balancer's fixed address, and from no one else.
+    lb_address = lb["networks"]["cluster"]["ipv4_address"]
+    for name in ("replica1", "replica2", "replica3"):
+        assert services[name]["environment"]["MD_TRUSTED_PROXIES"] == lb_address
 
 
 def test_loopback_launcher_sets_what_the_haproxy_configuration_requires(tmp_path: Path) -> None:
@@ -134,3 +138,6 @@ def test_loopback_launcher_sets_what_the_haproxy_configuration_requires(tmp_path
     assert _required_haproxy_variables() <= set(env)
     assert all(env[f"MD_REPLICA_{i + 1}"] == f"127.0.0.1:{p}" for i, p in enumerate(cluster.replica_ports))
     assert env["MD_LB_HOST"] == "127.0.0.1"
+    # The balancer connects from its own loopback address, the one proxy the replicas trust.
+    assert env["MD_LB_SOURCE"] == "127.0.0.9" != env["MD_LB_HOST"]
+    assert cluster.replica_environment(0)["MD_TRUSTED_PROXIES"] == env["MD_LB_SOURCE"]
