@@ -20,7 +20,13 @@ Admission limits and where they hold (K = `MD_WORKERS` front ends, E = engines):
   the rest; a front end with nothing to decode admits any request within `max_request_pixels` (which
   may be larger than S). So the server decodes at most K * max(S, max_request_pixels) pixels at once;
   with the defaults (320 Mpx, K = 2) 160 Mpx per front end, 320 Mpx in all. Images over S / 64 pixels
-  take at most `decode_threads` - 1 decode threads (`server.decoding`): one is kept for small images.
+  are large: they decode in a lane of their own, max(1, `decode_threads` - 1) threads at a lower OS
+  priority (`large_decode_nice`; `server.decoding`), or, with that setting 0, take at most
+  `decode_threads` - 1 of the decode threads: one is kept for small images. Either way at most
+  max(1, `decode_threads` - 1) large images are decoded at once per front end, and only they hold
+  decoded buffers: a request waiting for a thread holds its encoded body and opened headers (no pixel
+  decoded), so a front end's decode memory is bounded by that count times one large decode's peak,
+  whatever the share admits.
 - A front end's pixel slab bounds its images in flight: a request that does not fit gets 429.
 """
 
@@ -30,7 +36,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from server.decoding import DecodeScheduler
+from server.decoding import DecodeScheduler, lower_thread_priority
 from server.engine_client import EngineClient
 from server.http_metrics import HttpMetrics
 from server.settings import Settings
@@ -56,10 +62,24 @@ class FrontEnd:
     )
     """Reads image headers (format, size, JPEG scans) off the event loop, apart from the decode pool so
     admission never waits behind decoding."""
+    large_pool: ThreadPoolExecutor | None = field(init=False, default=None)
+    """The decode lane for large images, its threads at `large_decode_nice` (None when that is 0)."""
     decoder: DecodeScheduler = field(init=False)
 
     def __post_init__(self) -> None:
-        self.decoder = DecodeScheduler(self.pool, self.settings.decode_threads, self.small_request_pixels)
+        threads, nice = self.settings.decode_threads, self.settings.large_decode_nice
+        large_threads = max(1, threads - 1)
+        if nice:
+            self.large_pool = ThreadPoolExecutor(
+                large_threads, "decode-large", initializer=lower_thread_priority, initargs=(nice,)
+            )
+        self.decoder = DecodeScheduler(
+            self.pool,
+            threads,
+            self.small_request_pixels,
+            large_pool=self.large_pool,
+            large_threads=large_threads,
+        )
 
     @property
     def max_requests_in_flight(self) -> int:
@@ -87,3 +107,5 @@ class FrontEnd:
     def close(self) -> None:
         self.header_pool.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.large_pool is not None:
+            self.large_pool.shutdown(wait=True, cancel_futures=True)

@@ -70,6 +70,12 @@ class Settings(BaseSettings, EngineConfig):
     decode_threads: int = Field(default=2, ge=1)
     """Thread pool for image decoding and preprocessing (off the event loop), per front end. Images are
     handed to it smallest request first (`server.decoding`)."""
+    large_decode_nice: int = Field(default=19, ge=0, le=19)
+    """OS priority (nice, Linux) of the decode lane for large images (over 1/64 of a front end's pixel
+    share): a pool of its own of max(1, `decode_threads` - 1) threads, so a flood of large images yields
+    the CPU to the engine, the event loop and small images, and still decodes at full speed on idle cores
+    (`server.decoding`). 0: no lane; large images share the decode pool, at most `decode_threads` - 1 of
+    them at once."""
     max_pixels_decoding: int = Field(default=320_000_000, ge=1)
     """Pixels (width x height, from the headers) of the requests admitted and not yet decoded, for the
     whole server: each of the K front ends admits ceil(limit / K), so two requests of large images fill

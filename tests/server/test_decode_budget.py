@@ -44,14 +44,17 @@ def serving(world: TinyWorld, tmp_path: Path, **settings: object) -> Iterator[tu
 
 @contextmanager
 def held_pool(frontend: FrontEnd) -> Iterator[threading.Event]:
-    """The decode pool's only thread busy until the event is set (set on exit too)."""
+    """The decode pool's only thread, and the large images' lane, busy until the event is set (set on exit
+    too)."""
     release = threading.Event()
-    holder = frontend.pool.submit(release.wait)
+    pools = [frontend.pool] if frontend.large_pool is None else [frontend.pool, frontend.large_pool]
+    holders = [pool.submit(release.wait) for pool in pools]
     try:
         yield release
     finally:
         release.set()
-        holder.result(timeout=ANSWER_S)
+        for holder in holders:
+            holder.result(timeout=ANSWER_S)
 
 
 def post(server: ServerThread, body: bytes, path: str = "/v1/classify", **headers: str) -> httpx.Response:
