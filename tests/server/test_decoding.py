@@ -133,3 +133,24 @@ def test_one_thread_is_kept_for_small_images_while_large_ones_decode() -> None:
         return order
 
     assert asyncio.run(scenario()) == ["probe", "large0", "large1", "large2"]
+
+
+def test_with_a_large_lane_small_images_use_every_thread_and_large_ones_only_the_lane() -> None:
+    async def scenario() -> list[str]:
+        order: list[str] = []
+        gate = threading.Event()
+        both = threading.Barrier(2, timeout=WAIT_S)  # passes only if two small images decode at once
+        with ThreadPoolExecutor(2) as pool, ThreadPoolExecutor(1) as lane:
+            scheduler = DecodeScheduler(pool, threads=2, small_pixels=10, large_pool=lane, large_threads=1)
+            large = [(recorder(order, f"large{i}", gate), 100) for i in range(2)]
+            big = asyncio.create_task(scheduler.run(large, lambda: False))
+            await _started(scheduler, 1)
+            # the lane holds large0 (large1 waits for it, not for the pool): the pool's two threads are free
+            small = [(both.wait, 1), (both.wait, 1)]
+            await asyncio.wait_for(scheduler.run(small, lambda: False), WAIT_S)  # type: ignore[arg-type]
+            order.append("small")
+            gate.set()
+            await big
+        return order
+
+    assert asyncio.run(scenario()) == ["small", "large0", "large1"]
