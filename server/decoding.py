@@ -18,8 +18,8 @@ not 0) large images decode there instead, in a pool of their own whose threads r
 (`lower_thread_priority`), and small images use all `threads` of the main pool. The large lane's work then
 yields the CPU: when the cores are contended the engine, the event loop and small decodes run first, and
 when they are idle a large image decodes at full speed (cheap work first: what minimises everyone's
-latency). A pixel flood (40 Mpx 16-bit PNGs, about 0.5 CPU-s each) took one of two cores from the
-well-behaved clients while it decoded at normal priority.
+latency). A pixel flood (40 Mpx 16-bit PNGs, 0.4 CPU-s each before they decoded straight to 8 bits, 0.13
+since) took one of two cores from the well-behaved clients while it decoded at normal priority.
 
 Only the event loop changes the scheduler's state; the pools run the tasks. `changed` is notified when a
 request's job arrives or ends, so tests and benchmarks can wait on `jobs` from another thread.
