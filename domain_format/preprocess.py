@@ -257,11 +257,13 @@ def narrow_16bit_png(image: Image.Image) -> None:
     used)."""
     if not isinstance(image, ImageFile.ImageFile) or image.format != "PNG" or image.mode != "I;16":
         return
-    if len(image.tile) != 1 or image.tile[0].codec_name != "zip" or image.tile[0].args != "I;16B":
+    if len(image.tile) != 1:
         return  # already decoded, or a layout this was not made for
-    tile = image.tile[0]
-    image._mode = "L"
-    image.tile = [tile._replace(args="L;16B")]
+    codec, extents, offset, rawmode = image.tile[0]  # a 4-tuple in every Pillow (a NamedTuple lately)
+    if codec != "zip" or rawmode != "I;16B":
+        return
+    image._mode = "L"  # where Pillow keeps the mode (10.1 and later; `mode` is a property of it)
+    image.tile = [ImageFile._Tile(codec, extents, offset, "L;16B")]  # Pillow 10.3 and later
     image.info.pop("transparency", None)
 
 
