@@ -23,10 +23,10 @@ Admission limits and where they hold (K = `MD_WORKERS` front ends, E = engines):
   are large: they decode in a lane of their own, max(1, `decode_threads` - 1) threads at a lower OS
   priority (`large_decode_nice`; `server.decoding`), or, with that setting 0, take at most
   `decode_threads` - 1 of the decode threads: one is kept for small images. Either way at most
-  max(1, `decode_threads` - 1) large images are decoded at once per front end, and only they hold
-  decoded buffers: a request waiting for a thread holds its encoded body and opened headers (no pixel
-  decoded), so a front end's decode memory is bounded by that count times one large decode's peak,
-  whatever the share admits.
+  max(1, `decode_threads` - 1) large images are decoded at once per front end, and only images being
+  decoded hold decoded buffers: a request waiting for a thread holds its encoded body and opened headers
+  (no pixel decoded), so a front end's decode memory is bounded by that count times one large decode's
+  peak, plus `decode_threads` small decodes (of at most S / 64 pixels each), whatever the share admits.
 - A front end's pixel slab bounds its images in flight: a request that does not fit gets 429.
 """
 
