@@ -78,16 +78,20 @@ def test_counting_stops_where_asked_and_at_the_data_end() -> None:
     assert jpeg_scans(b"\x89PNG\r\n\x1a\n") is None
 
 
-def test_the_scan_bomb_is_refused_before_decoding_naming_its_scans() -> None:
+def test_the_scan_bomb_is_refused_before_decoding_naming_the_limit() -> None:
     progressive = jpeg(photo(), progressive=True)
     assert prepare(progressive, RGB, max_pixels=DEFAULT_MAX_PIXELS).shape == (24, 24, 3)
+    bomb = repeat_last_scan(progressive, 1000)
     with pytest.raises(TooManyScans) as refused:
-        prepare(repeat_last_scan(progressive, 1000), RGB, max_pixels=DEFAULT_MAX_PIXELS)
-    assert "1010 scans" in refused.value.message and "limit of 32" in refused.value.message
+        prepare(bomb, RGB, max_pixels=DEFAULT_MAX_PIXELS)
+    assert "more than 32 scans, the limit" in refused.value.message
+    # counting stops one scan past the limit (the bomb's other 977 are never walked)
+    assert jpeg_scans(bomb, stop_after=32).scans == 33  # type: ignore[union-attr]
+    assert jpeg_scans(bomb).scans == 1010  # type: ignore[union-attr]
     assert refused.value.max_scans == DEFAULT_MAX_JPEG_SCANS
     # the limit is exact: 10 scans pass a limit of 10, not one of 9
     prepare(progressive, RGB, max_pixels=DEFAULT_MAX_PIXELS, max_jpeg_scans=10)
-    with pytest.raises(TooManyScans, match="10 scans, over the limit of 9"):
+    with pytest.raises(TooManyScans, match="more than 9 scans, the limit"):
         prepare(progressive, RGB, max_pixels=DEFAULT_MAX_PIXELS, max_jpeg_scans=9)
 
 
