@@ -1,12 +1,14 @@
 """Load benchmark of the multi-process server (`server.supervisor`: K front ends, one engine) on 127.0.0.1.
 
 Measures, side by side in one run on the same model, resolution and batch size:
-  1. engine-only images/s (mixed-domain batches drawn from the same Zipf mix, no HTTP), and the
-     store -> bank load latency of a cold domain (the engine's own timing);
-  2. end-to-end for each K in --workers (front-end processes): N concurrent clients (asyncio + httpx)
-     over M domains with a Zipf mix, sending raw PNGs; throughput, p50/p95/p99 latency, errors, the
-     engine's busy fraction, front-end CPU ms per image, the load generator's own CPU share, RSS and PSS
-     of every process; then cold-domain first-request latency against warm;
+  1. engine-only images/s (mixed-domain batches drawn from the same Zipf mix, no HTTP; one thread per
+     engine stream, as the server runs it), and the store -> bank load latency of a cold domain (the
+     engine's own timing);
+  2. end-to-end for each K in --workers (front-end processes): N concurrent clients (asyncio, one
+     keep-alive connection each, requests built once: `bench.harness.KeepAliveConnection`) over M
+     domains with a Zipf mix, sending raw PNGs; throughput, p50/p95/p99 latency, errors, the engine's
+     busy fraction (of all its streams), front-end CPU ms per image, the load generator's own CPU share,
+     RSS and PSS of every process; then cold-domain first-request latency against warm;
   3. resident memory (RSS of all the server's processes) with 1, 10 and 100 registered domains, 1 and 10
      resident.
 The last line is one JSON summary.
@@ -29,18 +31,22 @@ import json
 import random
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import httptools
 import httpx
 import torch
 
 from adapters_store import LocalStore
 from bench.harness import (
+    KeepAliveConnection,
     SupervisorProcess,
     add_domains,
     build_store,
     cpu_seconds,
+    http_request,
     pct,
     png_images,
     pss_bytes,
@@ -56,19 +62,38 @@ def engine_only(store_dir: Path, args: argparse.Namespace, weights: list[float])
         LocalStore(store_dir), EngineConfig(device=args.device, bank_slots=args.bank_slots, merged_cache=4)
     )
     keys = [engine.resolve(f"d{i}") for i in range(args.domains)]
-    rng = random.Random(1)
     # uint8 pixels normalised by the engine: the work the server's engine does per batch
     x = torch.randint(0, 256, (args.batch, args.size, args.size, 3), dtype=torch.uint8)
-    batch_keys = lambda: rng.choices(keys, weights, k=args.batch)  # noqa: E731
-    for _ in range(2):  # warm-up (also makes every domain resident)
-        engine.infer_pixels(batch_keys(), x, 5)
     for k in keys:
         engine.load(k)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < args.engine_seconds or n < 3:
-        engine.infer_pixels(batch_keys(), x, 5)
-        n += 1
-    ips = n * args.batch / (time.perf_counter() - start)
+    # As the server drives it: `engine.streams` threads, each one stream (`enter_stream`: its share of
+    # the intra-op threads) running batches of --batch back to back.
+    batches = [0] * engine.streams
+    window: list[float] = []  # [start, stop]: set once every stream is warm, before any is released
+
+    def open_window() -> None:
+        now = time.perf_counter()
+        window[:] = [now, now + args.engine_seconds]
+
+    start_together = threading.Barrier(engine.streams, action=open_window)
+
+    def stream(index: int) -> None:
+        engine.enter_stream()
+        rng = random.Random(1 + index)
+        for _ in range(2):  # warm-up (also makes every domain resident)
+            engine.infer_pixels(rng.choices(keys, weights, k=args.batch), x, 5)
+        start_together.wait()
+        while time.perf_counter() < window[1] or batches[index] < 3:
+            engine.infer_pixels(rng.choices(keys, weights, k=args.batch), x, 5)
+            batches[index] += 1
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(engine.streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    n = sum(batches)
+    ips = n * args.batch / (time.perf_counter() - window[0])
 
     # cold loads: a 2-slot bank cycling over the domains evicts on every load
     cold = Engine(LocalStore(store_dir), EngineConfig(device=args.device, bank_slots=2, merged_cache=0))
@@ -79,6 +104,7 @@ def engine_only(store_dir: Path, args: argparse.Namespace, weights: list[float])
     return {
         "engine_images_per_s": ips,
         "engine_batches": n,
+        "engine_streams": engine.streams,
         "bank_load_p50_ms": pct(loads, 50) * 1e3,
         "bank_load_p95_ms": pct(loads, 95) * 1e3,
         "bank_loads_measured": len(loads),
@@ -112,26 +138,30 @@ def _engine_busy_seconds(metrics_text: str) -> float:
 
 
 async def load_phase(
-    server: SupervisorProcess, args: argparse.Namespace, weights: list[float]
+    server: SupervisorProcess, args: argparse.Namespace, weights: list[float], streams: int
 ) -> dict[str, object]:
+    """`streams`: the engine's, so its busy fraction is of all of them (stream-seconds / streams)."""
     url = server.url
     images = png_images(64, args.size)
     names = [f"d{i}" for i in range(args.domains)]
+    # every request the clients send, built once (the lean client: `bench.harness.KeepAliveConnection`)
+    requests = {
+        (name, i): http_request("POST", "/v1/classify", {"X-Domain": name, "Content-Type": "image/png"}, body)
+        for name in names
+        for i, body in enumerate(images)
+    }
+    host, port = url.removeprefix("http://").rsplit(":", 1)
     latencies: list[float] = []
     errors: dict[str, int] = {}
     done_images = 0
-    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:  # metrics, cold domains
 
-        async def one(domain: str, body: bytes) -> None:
+        async def one(connection: KeepAliveConnection, domain: str, image: int) -> None:
             nonlocal done_images
             t0 = time.perf_counter()
             try:
-                r = await client.post(
-                    "/v1/classify", content=body, headers={"X-Domain": domain, "Content-Type": "image/png"}
-                )
-                status = str(r.status_code)
-            except httpx.HTTPError as exc:
+                status = str((await connection.send(requests[domain, image]))[0])
+            except (OSError, TimeoutError, httptools.HttpParserError) as exc:
                 status = type(exc).__name__
             if status == "200":
                 latencies.append(time.perf_counter() - t0)
@@ -141,12 +171,18 @@ async def load_phase(
 
         async def worker(wid: int, until: float) -> None:
             rng = random.Random(wid)
-            while time.perf_counter() < until:
-                await one(rng.choices(names, weights)[0], images[rng.randrange(len(images))])
+            connection = KeepAliveConnection(host, int(port))
+            try:
+                while time.perf_counter() < until:
+                    await one(connection, rng.choices(names, weights)[0], rng.randrange(len(images)))
+            finally:
+                connection.close()
 
         # warm-up: every domain once, then a short burst
+        first = KeepAliveConnection(host, int(port))
         for name in names:
-            await one(name, images[0])
+            await one(first, name, 0)
+        first.close()
         warm_until = time.perf_counter() + args.warmup_seconds
         await asyncio.gather(*(worker(1000 + w, warm_until) for w in range(args.clients)))
         latencies.clear()
@@ -189,7 +225,7 @@ async def load_phase(
         "cold_first_request_p50_ms": statistics.median(cold) * 1e3,
         "warm_request_p50_ms": statistics.median(warm) * 1e3,
         "mean_batch_size": _mean_batch(metrics),
-        "engine_busy_fraction": busy / elapsed,
+        "engine_busy_fraction": busy / elapsed / streams,
         "frontend_cpu_ms_per_image": 1e3
         * sum(c for p, c in cpu.items() if procs[p] == "frontend")
         / max(1, done_images),
@@ -380,7 +416,7 @@ def main() -> None:
             server = start_server(store_dir, args, workers=workers)
             try:
                 server.wait_ready()
-                e2e = asyncio.run(load_phase(server, args, weights))
+                e2e = asyncio.run(load_phase(server, args, weights, int(eng["engine_streams"])))
             finally:
                 server.stop()
             e2e["e2e_over_engine"] = float(e2e["e2e_images_per_s"]) / eng["engine_images_per_s"]  # type: ignore[arg-type]

@@ -11,14 +11,18 @@ When `max_queue` images are waiting, `submit` refuses with `QueueFull` (429) ins
 An image whose request's deadline has passed, or whose future was cancelled (its in-process caller is
 gone), is dropped when a batch is formed instead of being run: its future gets `DeadlineExceeded`.
 
-Two threads make a pipeline: the stager forms a batch and makes its network input (the stack out of the
-front ends' shared memory, the copy to the device, the normalisation), the runner runs the forward.
-While the runner is busy the stager forms the next batch when a full one is queued, or when the running
-batch is expected to end (its images x the recent time per image) within the time staging takes: a
-partial batch formed any earlier would miss the images arriving meanwhile, and one formed only once the
-runner is free would leave it idle through the wait window and the staging (about 9% of the time with
-32 closed-loop clients on 2 cores, measured as the engine's busy fraction of 0.91). So a saturated engine
-never waits for its next input; an idle one still gives a first image `max_wait_ms` to find company.
+Threads make a pipeline: the stager forms a batch and makes its network input (the stack out of the
+front ends' shared memory, the copy to the device, the normalisation), and `streams` runners (the
+engine's: one forward each at a time, concurrently; `Engine.streams`) run the forwards. While a runner is
+idle the stager forms a batch by the rules above. While every runner is busy it forms the next batch when
+a full one is queued, or when the first running batch is expected to end (its images x the recent time
+per image) within the time staging takes: a partial batch formed any earlier would miss the images
+arriving meanwhile, and one formed only once a runner is free would leave it idle through the wait window
+and the staging (about 9% of the time with 32 closed-loop clients on 2 cores, measured as the engine's
+busy fraction of 0.91). So a saturated engine never waits for its next input; an idle one still gives a
+first image `max_wait_ms` to find company. With several streams, each batch holds at most
+`max_domains_per_batch` domains (the caller passes bank_slots // streams), so the batches running at once
+always fit the bank together.
 
 `submit` returns concurrent futures, so synchronous callers (benchmarks, the reliability suite) can use it
 as well as the event loop (`classify` wraps them for asyncio).
@@ -74,10 +78,15 @@ class Batcher:
         max_wait_ms: float = 5.0,
         max_queue: int = 512,
         events: BatchEvents | None = None,
+        streams: int | None = None,
     ) -> None:
+        """`streams`: runner threads (default: the engine's `streams`)."""
         if max_domains_per_batch < 1:
             raise ValueError("max_domains_per_batch must be >= 1")
         self.engine = engine
+        self.streams = streams if streams is not None else engine.streams
+        if self.streams < 1:
+            raise ValueError("streams must be >= 1")
         self.max_domains_per_batch = max_domains_per_batch
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
@@ -86,22 +95,20 @@ class Batcher:
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._busy = False
-        """The runner is running a batch (guarded by `_cond`)."""
         self._staged: queue.Queue[tuple[list[_Item], Tensor | None] | None] = queue.Queue(maxsize=1)
         self._threads: list[threading.Thread] = []
         self.last_batch_seconds = 0.05
-        self._expected_free = 0.0
-        """When the running batch should end (its start + its images x `_seconds_per_image`; guarded by
-        `_cond`)."""
+        self._running: dict[int, float] = {}
+        """Runner -> when its running batch should end (its start + its images x `_seconds_per_image`;
+        guarded by `_cond`)."""
         self._seconds_per_image = 0.0
-        """Runner time per image of recent batches (smoothed; written by the runner only)."""
+        """Runner time per image of recent batches, per stream (smoothed; guarded by `_cond`)."""
         self._stage_seconds = 0.0
         """How long forming and staging a batch takes (smoothed; guarded by `_cond`)."""
         self._free_since = 0.0
-        """When the runner last finished a batch (guarded by `_cond`)."""
-        self._pending = False
-        """A staged batch waits for the runner (guarded by `_cond`)."""
+        """When a runner last finished a batch (guarded by `_cond`)."""
+        self._pending = 0
+        """Staged batches not yet taken by a runner (guarded by `_cond`)."""
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -109,7 +116,10 @@ class Batcher:
             self._stopping = False
             self._threads = [
                 threading.Thread(target=self._stage, name="batch-stager", daemon=True),
-                threading.Thread(target=self._run, name="inference-worker", daemon=True),
+                *(
+                    threading.Thread(target=self._run, args=(i,), name=f"inference-worker-{i}", daemon=True)
+                    for i in range(self.streams)
+                ),
             ]
             for thread in self._threads:
                 thread.start()
@@ -162,7 +172,7 @@ class Batcher:
     def retry_after(self) -> int:
         """Seconds until the queue has likely drained: whole seconds, at least one."""
         batches = len(self._queue) / max(1, self.max_batch_size)
-        return max(1, int(batches * self.last_batch_seconds + 0.999))
+        return max(1, int(batches * self.last_batch_seconds / self.streams + 0.999))
 
     async def classify(
         self, key: DomainKey, images: Sequence[np.ndarray] | np.ndarray, top_k: int = 5
@@ -175,15 +185,16 @@ class Batcher:
         with self._cond:
             while not self._queue and not self._stopping:
                 self._cond.wait()
-            # While the runner is busy, the next batch is formed when a full one is queued, or once the
-            # running batch is expected to end within the time staging takes: then the runner starts the
-            # next batch the moment it is free instead of idling through a wait window and the staging.
-            # (Formed earlier, a partial batch would leave out the images arriving meanwhile.)
-            while self._busy and len(self._queue) < self.max_batch_size and not self._stopping:
+            # While every runner is busy (or has a staged batch waiting for it), the next batch is formed
+            # when a full one is queued, or once the first running batch is expected to end within the
+            # time staging takes: then that runner starts the next batch the moment it is free instead of
+            # idling through a wait window and the staging. (Formed earlier, a partial batch would leave
+            # out the images arriving meanwhile.)
+            while self._all_claimed() and len(self._queue) < self.max_batch_size and not self._stopping:
                 if self._pending:  # a batch is staged already: the next one follows it, not this one
                     self._cond.wait()
                     continue
-                remaining = self._expected_free - self._stage_seconds - time.monotonic()
+                remaining = min(self._running.values()) - self._stage_seconds - time.monotonic()
                 if remaining <= 0:
                     return self._select()
                 self._cond.wait(remaining)
@@ -198,6 +209,10 @@ class Batcher:
             if self._stopping:
                 return None
             return self._select()
+
+    def _all_claimed(self) -> bool:
+        """Every runner is running a batch or has a staged one waiting for it (`_cond` held)."""
+        return len(self._running) + self._pending >= self.streams
 
     def _select(self) -> list[_Item]:
         """Take compatible items in queue order (same input shape, at most max_domains_per_batch domain versions)."""
@@ -225,7 +240,7 @@ class Batcher:
 
     def _stage(self) -> None:
         """Form the next batch and make its network input (stack out of the slabs, copy to the device,
-        normalise) while the runner runs the current one."""
+        normalise) while the runners run theirs."""
         while True:
             batch = self._take_batch()
             if batch is None:
@@ -243,33 +258,37 @@ class Batcher:
             staging = time.monotonic() - started
             with self._cond:
                 self._stage_seconds = 0.8 * self._stage_seconds + 0.2 * staging  # a smoothed estimate
-                self._busy = True  # from here until the runner has run it: no partial batch forms early
-                self._pending = True
+                self._pending += 1  # claims a runner from here on: no partial batch forms early for it
             self._staged.put((batch, x))
 
-    def _run(self) -> None:
+    def _run(self, index: int) -> None:
+        """One stream: take the next staged batch, run it, answer it."""
+        self.engine.enter_stream()
         while True:
             staged = self._staged.get()
             if staged is None:
+                self._staged.put(None)  # for the other runners
                 return
             batch, x = staged
             started = time.monotonic()
             with self._cond:
-                self._pending = False
-                self._expected_free = started + len(batch) * self._seconds_per_image
+                self._pending -= 1
+                self._running[index] = started + len(batch) * self._seconds_per_image
                 self._cond.notify_all()
             for item in batch:
                 self.events.queue_wait(started - item.enqueued)
-            self._run_batch(batch, x)
-            finished = time.monotonic()
-            self.last_batch_seconds = finished - started
-            per_image = self.last_batch_seconds / len(batch)
-            self._seconds_per_image = 0.7 * self._seconds_per_image + 0.3 * per_image
-            self.events.batch_run(len(batch), len({i.key for i in batch}), self.last_batch_seconds)
-            with self._cond:
-                self._busy = self._pending  # set before the stager's put: never a stale "idle"
-                self._free_since = finished
-                self._cond.notify_all()
+            try:
+                self._run_batch(batch, x)
+            finally:
+                finished = time.monotonic()
+                seconds = finished - started
+                with self._cond:
+                    self.last_batch_seconds = seconds
+                    self._seconds_per_image = 0.7 * self._seconds_per_image + 0.3 * seconds / len(batch)
+                    del self._running[index]  # before the stager's next put: never a stale "idle"
+                    self._free_since = finished
+                    self._cond.notify_all()
+            self.events.batch_run(len(batch), len({i.key for i in batch}), seconds)
 
     def _run_batch(self, batch: list[_Item], x: Tensor | None = None) -> None:
         keys = [i.key for i in batch]

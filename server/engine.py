@@ -19,9 +19,18 @@ The engine's parts, each the one owner of its facts:
   otherwise, split into the measured micro-batch), the answers (top-k, non-finite rows refused) and the
   trial of an uploaded artifact in a scratch slot.
 
-Thread safety: `infer` and bank changes are serialised by one lock (a network runs one forward at a
-time). Store reads can happen outside it: `prefetch` (called by the server from its decode threads) reads
-and parses a cold domain's artifact while the worker runs other batches, so the worker only copies it in.
+Streams: on the CPU the engine runs `streams` forwards at once (`engine_streams`; default one per core
+the engine may use, each forward then on one intra-op thread), since independent single-thread forwards
+have no per-op barrier: a core taken by a front end pauses one stream, not all of them. A CUDA device
+queue serialises kernels anyway, so there it runs one. `Batcher` runs one runner thread per stream.
+
+Thread safety: residency changes (`ensure`, `load`, `evict`, `trial`) hold the bank lock; a forward
+runs outside it, on the slots it pinned under it. A pinned slot (a count per slot: every forward running
+on it) is never evicted or overwritten: a load that finds only pinned victims waits for a forward to end;
+a deleted domain's pinned slots leave the residency table at once (nothing new can use them) and are
+cleared when their last forward ends. Store reads can happen outside the lock: `prefetch` (called by the
+server from its decode threads) reads and parses a cold domain's artifact while the runners run other
+batches, so a runner only copies it in.
 """
 
 from __future__ import annotations
@@ -29,7 +38,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +56,7 @@ from residual_adapters import DomainMismatch, MultiDomainNet
 from residual_adapters.inputs import normalise
 from server.engine_config import EngineConfig
 from server.errors import EngineError, NonFiniteOutput
-from server.residency import EngineEvents, EngineStats, Residency
+from server.residency import EngineEvents, EngineStats, Residency, SlotsPinned
 from server.versions import ActiveVersions, DomainKey
 
 __all__ = [
@@ -105,13 +116,17 @@ class Engine:
         self.net.enable_bank(self.config.bank_slots + 1)
         self._scratch = self.config.bank_slots
 
-        self._net_lock = threading.Lock()
-        """Held for every forward and bank change, so a slot never changes under a forward that reads it."""
+        self._bank_lock = threading.Condition()
+        """Held for every bank change; notified when a forward unpins its slots."""
+        self._pins: Counter[int] = Counter()
+        """Slot -> forwards running on it now (guarded by `_bank_lock`): never evicted or overwritten."""
+        self.streams, self.stream_threads = _streams(self.device, self.config.engine_streams)
+        """Forwards run at once, and the intra-op threads each runs with (`enter_stream`)."""
         self.versions = ActiveVersions(store, self.config.revision_poll_s)
         self.residency = Residency(
             store, self.net, slots=self.config.bank_slots, merged_cache=self.config.merged_cache,
             verify_checksums=self.config.verify_checksums, events=self.events,
-            eviction=self.config.bank_eviction,
+            eviction=self.config.bank_eviction, pinned=self._pins,
         )  # fmt: skip
         self.stats: EngineStats = self.residency.stats
         self._micro: dict[int, int] = {}
@@ -179,13 +194,39 @@ class Engine:
         """Make `key` resident (a no-op when it is) and return its slot."""
         # Every bank change runs in inference mode: the bank's tensors are made by forwards and loads
         # in it, and torch refuses in-place changes to such tensors outside it.
-        with self._net_lock, torch.inference_mode():
-            return self.residency.ensure([key])[key]
+        with self._bank_lock, torch.inference_mode():
+            return self._ensure([key])[key]
+
+    def _ensure(self, keys: Sequence[DomainKey]) -> dict[DomainKey, int]:
+        """`Residency.ensure`, waiting for a forward to unpin a slot while every victim is pinned (the bank
+        lock held; released while waiting)."""
+        while True:
+            try:
+                return self.residency.ensure(keys)
+            except SlotsPinned:
+                self._bank_lock.wait()
+
+    @contextmanager
+    def _pinned(self, slots: Sequence[int]) -> Iterator[None]:
+        """Pin `slots` for one forward (the bank lock held on entry, released inside the block): no bank
+        change touches them until it ends; a slot dropped meanwhile is cleared when its last pin goes."""
+        self._pins.update(slots)
+        self._bank_lock.release()
+        try:
+            yield
+        finally:
+            self._bank_lock.acquire()
+            self._pins.subtract(slots)
+            for slot in slots:
+                if self._pins[slot] <= 0:
+                    del self._pins[slot]
+                    self.residency.unpinned(slot)
+            self._bank_lock.notify_all()
 
     def evict(self, domain: str, version: int | None = None) -> int:
         """Drop a deleted domain's versions (all, or one): out of the bank, and never loaded again from
         a read begun before now; returns how many slots were freed."""
-        with self._net_lock, torch.inference_mode():
+        with self._bank_lock, torch.inference_mode():
             freed = self.residency.drop(domain, version)
         self.versions.forget(domain)
         return freed
@@ -195,7 +236,7 @@ class Engine:
         """Load an artifact into the scratch slot and run a probe batch through the bank's path and the
         merged one; `ArtifactInvalid` unless it loads and every logit is finite (finite weights can still
         overflow: BN scales of 1e4 over sqrt(1e-5), layer after layer). Holds the network's lock for
-        one probe forward per path (and the merge), as a bank load does."""
+        one probe forward per path (and the merge) in the scratch slot, which nothing else uses."""
         config = adapter_config(manifest.adapter)
         pre = manifest.preprocessing
         side = pre.input_size
@@ -209,7 +250,7 @@ class Engine:
         x = normalise(probe, pre.mean, pre.std, layout="nhwc").to(self.dtype)
         x = x.contiguous(memory_format=self.memory_format)
         problem: str | None = None
-        with self._net_lock, torch.inference_mode():
+        with self._bank_lock, torch.inference_mode():
             try:
                 self.net.bank_load(self._scratch, config, tensors)
             except (DomainMismatch, ValueError, KeyError, RuntimeError) as exc:
@@ -265,19 +306,17 @@ class Engine:
         self, keys: Sequence[DomainKey], prepare: Callable[[], Tensor], top_k: int | Sequence[int]
     ) -> list[Prediction]:
         ks = [top_k] * len(keys) if isinstance(top_k, int) else list(top_k)
-        with self._net_lock, torch.inference_mode():
-            slots = self.residency.ensure(keys)
-            manifests = {k: self.manifest(k) for k in slots}  # resident now: no store read
+        with torch.inference_mode():
             x = prepare().contiguous(memory_format=self.memory_format)
-            distinct = list(slots)
-            step = self.micro_batch(x.shape[-1]) or x.shape[0]
-            if len(distinct) == 1:
-                logits = torch.cat([self._forward_single(c, slots[distinct[0]]) for c in x.split(step)])
-            else:
-                index = torch.tensor([slots[k] for k in keys], device=self.device)
-                logits = torch.cat(
-                    [self.net(c, i) for c, i in zip(x.split(step), index.split(step), strict=True)]
-                )
+            self._bank_lock.acquire()
+            try:
+                slots = self._ensure(keys)
+                manifests = {k: self.manifest(k) for k in slots}  # resident now: no store read
+                merged = len(slots) == 1 and self.residency.use_merged(slots[keys[0]])
+                with self._pinned(list(slots.values())):  # the forward runs outside the lock
+                    logits = self._forward(keys, slots, x, merged)
+            finally:
+                self._bank_lock.release()
             probs = torch.softmax(logits.float(), dim=1)
             # Ranked by logit, not probability: a saturated softmax gives real classes exactly 0 too, and
             # they must not tie with the padding of narrower heads (the network's -inf logits).
@@ -301,6 +340,31 @@ class Engine:
             )
         return out  # type: ignore[return-value]
 
+    def _forward(
+        self, keys: Sequence[DomainKey], slots: dict[DomainKey, int], x: Tensor, merged: bool
+    ) -> Tensor:
+        """Logits of a batch whose slots are pinned, in micro-batches: one domain on its merged weights
+        (`merged`: the residency keeps them) or its bank slot, several through the bank."""
+        step = self.micro_batch(x.shape[-1]) or x.shape[0]
+        if len(slots) == 1:
+            slot = slots[keys[0]]
+            forward = self.net.forward_merged if merged else self.net.forward_slot
+            chunks = [forward(c, slot) for c in x.split(step)]
+        else:
+            index = torch.tensor([slots[k] for k in keys], device=self.device)
+            chunks = [self.net(c, i) for c, i in zip(x.split(step), index.split(step), strict=True)]
+        # A mixed batch's logits are padded to the widest head resident at the time: another stream's
+        # load or drop between two micro-batches can change it (never below this batch's own heads).
+        width = max(c.shape[1] for c in chunks)
+        return torch.cat(
+            [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=float("-inf")) for c in chunks]
+        )
+
+    def enter_stream(self) -> None:
+        """Called once by each runner thread before its first forward: its intra-op thread count."""
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.stream_threads)
+
     def micro_batch(self, side: int) -> int | None:
         """The batch the device runs best at this input side (measured at warm-up), None: any size."""
         if self.config.micro_batch > 0:
@@ -317,7 +381,7 @@ class Engine:
         rate: dict[int, float] = {}
         x_full = torch.zeros(largest, 3, side, side, device=self.device, dtype=self.dtype)
         x_full = x_full.contiguous(memory_format=self.memory_format)
-        with self._net_lock, torch.inference_mode():
+        with torch.inference_mode():  # the plain backbone: no bank slot, nothing to lock
             for b in sizes:
                 x = x_full[:b]
                 self.net.forward_base(x)  # the first call at a size pays one-off costs
@@ -335,16 +399,11 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _forward_single(self, x: Tensor, slot: int) -> Tensor:
-        if self.residency.use_merged(slot):
-            return self.net.forward_merged(x, slot)
-        return self.net.forward_slot(x, slot)
-
     def warm_up(self, largest_batch: int | None = None, domains: Sequence[str] | None = None) -> None:
         """One forward through each path so the first request pays no one-off costs, with two of `domains`
         (default: the store's); with `largest_batch` (and `micro_batch` 0) also measure the best
         micro-batch for each of their input sides."""
-        with self._net_lock, torch.inference_mode():
+        with torch.inference_mode():
             size = 32
             x = torch.zeros(2, 3, size, size, device=self.device, dtype=self.dtype)
             self.net.forward_base(x.contiguous(memory_format=self.memory_format))
@@ -375,6 +434,14 @@ class Engine:
         if self.device.type == "cuda":
             return int(torch.cuda.memory_allocated(self.device))
         return process_rss_bytes()
+
+
+def _streams(device: torch.device, configured: int) -> tuple[int, int]:
+    """(forwards run at once, intra-op threads of each): `configured` streams (0: one per core torch may
+    use on the CPU, one on CUDA), sharing torch's threads between them."""
+    threads = torch.get_num_threads()
+    streams = configured or (threads if device.type == "cpu" else 1)
+    return streams, max(1, threads // streams)
 
 
 def process_rss_bytes() -> int:

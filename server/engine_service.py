@@ -67,7 +67,8 @@ class EngineService:
         self.engine.warm = True
         self.batcher = Batcher(
             self.engine,
-            max_domains_per_batch=settings.bank_slots,  # a batch never needs more slots than the bank has
+            # the batches the streams run at once never need more slots than the bank has together
+            max_domains_per_batch=max(1, settings.bank_slots // self.engine.streams),
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue,

@@ -12,9 +12,13 @@ domain; an artifact read before the latest drop is never staged or loaded (the s
 and a deleted version is then not found), so a request queued before its domain was deleted cannot bring
 it back into the bank.
 
-Locking: `ensure`, `load` and `drop` change the bank and run with the engine's network lock held (a
-forward never sees a slot change under it); the tables themselves are guarded by this object's lock, so
-store reads (`fetch`, `prefetch`) run outside the network lock.
+Locking: `ensure`, `load`, `drop`, `unpinned` and `use_merged` change the bank and run with the engine's
+bank lock held; the tables themselves are guarded by this object's lock, so store reads (`fetch`,
+`prefetch`) run outside the bank lock. Forwards run concurrently, outside the bank lock, on slots the
+engine has pinned (`pinned`: slot -> running forwards): a pinned slot is never evicted, overwritten or
+unmerged. When every victim is pinned, `ensure` raises `SlotsPinned` and the engine waits for a forward
+to end; a dropped domain's pinned slots are retired (out of the table, not reusable) and cleared by
+`unpinned` once their last forward ends.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -71,6 +75,10 @@ class Fetched:
     """The domain's drop count when the read began (stale once it changes)."""
 
 
+class SlotsPinned(Exception):
+    """Every slot a load could take is pinned by a running forward: wait for one to end and retry."""
+
+
 @dataclass
 class _Slot:
     index: int
@@ -88,6 +96,7 @@ class Residency:
         verify_checksums: bool,
         events: EngineEvents,
         eviction: EvictionName = "lfu",
+        pinned: Mapping[int, int] | None = None,
     ) -> None:
         self.store = store
         self.net = net
@@ -99,11 +108,15 @@ class Residency:
         self._lock = threading.Lock()
         self._resident: OrderedDict[DomainKey, _Slot] = OrderedDict()  # LRU order: oldest first
         self._eviction: EvictionPolicy[DomainKey] = eviction_policy(eviction, slots)
-        """Picks the victim among the resident (called with the network lock held, like every bank change)."""
+        """Picks the victim among the resident (called with the bank lock held, like every bank change)."""
         self._merged: OrderedDict[int, None] = OrderedDict()  # slots whose merged weights are kept, LRU
         self._inflight: dict[DomainKey, Future[Fetched]] = {}
         self._staged: OrderedDict[DomainKey, Fetched] = OrderedDict()  # prefetched, not yet in the bank
         self._drops: dict[str, int] = {}
+        self._pinned: Mapping[int, int] = pinned if pinned is not None else {}
+        """Slot -> forwards running on it (the engine's, read with its bank lock held)."""
+        self._retired: set[int] = set()
+        """Slots of dropped versions still pinned by a running forward: cleared by `unpinned`."""
 
     # -- what is resident -------------------------------------------------------------------------
     def resident(self) -> list[DomainKey]:
@@ -159,7 +172,7 @@ class Residency:
                 while len(self._staged) > self.slots:  # bounded: forget the oldest
                     self._staged.popitem(last=False)
 
-    # -- the bank (the engine's network lock held) -------------------------------------------------
+    # -- the bank (the engine's bank lock held) ----------------------------------------------------
     def ensure(self, keys: Sequence[DomainKey]) -> dict[DomainKey, int]:
         """Slots for `keys`, loading the misses."""
         wanted = set(keys)
@@ -215,12 +228,15 @@ class Residency:
 
     def _free_slot(self, keep: set[DomainKey]) -> int:
         """A free slot index, evicting the policy's victim among the versions not in `keep` (lock held)."""
-        used = {s.index for s in self._resident.values()}
+        used = {s.index for s in self._resident.values()} | self._retired
         for i in range(self.slots):
             if i not in used:
                 return i
-        candidates = [key for key in self._resident if key not in keep]  # oldest use first
+        others = [key for key in self._resident if key not in keep]  # oldest use first
+        candidates = [key for key in others if not self._pinned.get(self._resident[key].index)]
         if not candidates:
+            if others or self._retired:  # a running forward holds them: free once it ends
+                raise SlotsPinned("every slot a load could take is in use by a running forward")
             raise EngineError(f"a batch needs more than {self.slots} resident domains")
         key = self._eviction.victim(candidates)
         slot = self._resident.pop(key)
@@ -242,7 +258,10 @@ class Residency:
             for key in gone:
                 slot = self._resident.pop(key)
                 self._merged.pop(slot.index, None)
-                self.net.bank_clear(slot.index)
+                if self._pinned.get(slot.index):  # a forward runs on it: cleared when it ends
+                    self._retired.add(slot.index)
+                else:
+                    self.net.bank_clear(slot.index)
             count = len(self._resident)
         for key in gone:
             self.events.domain_dropped(key)
@@ -250,9 +269,18 @@ class Residency:
             self.events.resident_changed(count)
         return len(gone)
 
+    def unpinned(self, slot: int) -> None:
+        """The last forward on `slot` ended: clear it if its version was dropped meanwhile."""
+        with self._lock:
+            if slot in self._retired:
+                self._retired.discard(slot)
+                self.net.bank_clear(slot)
+
     def use_merged(self, slot: int) -> bool:
         """Whether a single-domain batch of `slot` runs on merged weights; keeps the `merged_cache` most
-        recently used slots merged (the network folds on first use and drops a slot's on reload)."""
+        recently used slots merged (the network folds on first use and drops a slot's on reload). A
+        pinned slot keeps its merged weights until it is used again after its forwards (the cache can
+        exceed its bound by the forwards running meanwhile)."""
         if self.merged_cache <= 0:
             return False
         with self._lock:
@@ -260,6 +288,8 @@ class Residency:
                 self._merged.move_to_end(slot)
             else:
                 self._merged[slot] = None
-                while len(self._merged) > self.merged_cache:
-                    self.net.unmerge(self._merged.popitem(last=False)[0])
+            unpinned = [s for s in self._merged if s != slot and not self._pinned.get(s)]  # oldest first
+            for old in unpinned[: max(0, len(self._merged) - self.merged_cache)]:
+                del self._merged[old]
+                self.net.unmerge(old)
         return True
