@@ -58,9 +58,10 @@ from server.engine import Engine, EngineConfig
 
 # -- engine only -----------------------------------------------------------------------------------
 def engine_only(store_dir: Path, args: argparse.Namespace, weights: list[float]) -> dict[str, float]:
-    engine = Engine(
-        LocalStore(store_dir), EngineConfig(device=args.device, bank_slots=args.bank_slots, merged_cache=4)
+    config = EngineConfig(
+        device=args.device, bank_slots=args.bank_slots, merged_cache=4, engine_streams=args.engine_streams
     )
+    engine = Engine(LocalStore(store_dir), config)
     keys = [engine.resolve(f"d{i}") for i in range(args.domains)]
     # uint8 pixels normalised by the engine: the work the server's engine does per batch
     x = torch.randint(0, 256, (args.batch, args.size, args.size, 3), dtype=torch.uint8)
@@ -123,6 +124,7 @@ def start_server(
             "MD_MAX_BATCH_SIZE": str(args.batch),
             "MD_MAX_WAIT_MS": str(args.max_wait_ms),
             "MD_DEVICE": args.device,
+            "MD_ENGINE_STREAMS": str(args.engine_streams),
             **env,
         },
         workers=workers,
@@ -363,6 +365,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32, help="max batch size (server) = engine-only batch size")
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--bank-slots", type=int, default=16)
+    p.add_argument(
+        "--engine-streams", type=int, default=0, help="the engine's streams, both sides (0: its default)"
+    )
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--warmup-seconds", type=float, default=5.0)
     p.add_argument("--engine-seconds", type=float, default=20.0)

@@ -248,7 +248,9 @@ def test_the_next_batch_is_staged_while_the_current_one_runs(store: LocalStore) 
             return super().network_input(keys, pixels)
 
     engine = HeldEngine(store, EngineConfig(bank_slots=2))
-    batcher = Batcher(engine, max_domains_per_batch=2, max_batch_size=8, max_wait_ms=1)
+    # one stream: its only runner is busy, so the next batch is staged ahead (tests/server/
+    # test_engine_streams.py holds every runner of two)
+    batcher = Batcher(engine, max_domains_per_batch=2, max_batch_size=8, max_wait_ms=1, streams=1)
     pixels = prepare(encode(image(3)), DOMAINS["birds"][2].image_spec(), max_pixels=10**7)
     key = engine.resolve("birds")
     batcher.start()

@@ -260,3 +260,48 @@ def test_the_batcher_runs_a_batch_while_another_stream_is_busy(store: LocalStore
         release.set()
         handle.remove()
         batcher.stop()
+
+
+def test_with_every_stream_busy_the_next_batch_is_staged_ahead(store: LocalStore) -> None:
+    """Two streams, both held in a forward: the third batch is formed and staged (normalised) meanwhile,
+    so the first runner to free up starts it at once."""
+    engine = Engine(store, EngineConfig(bank_slots=4, engine_streams=2))
+    batcher = Batcher(engine, max_domains_per_batch=2, max_batch_size=8, max_wait_ms=1)
+    birds, digits = engine.resolve("birds"), engine.resolve("digits")
+    pixels = prepare(encode(image(4)), DOMAINS["birds"][2].image_spec(), max_pixels=10**7)
+    entered = threading.Semaphore(0)  # released by each held forward
+    release = threading.Event()
+    held: set[threading.Thread] = set()
+    staged_meanwhile = threading.Event()
+
+    def hold() -> None:
+        if len(held) < 2 and threading.current_thread() not in held:
+            held.add(threading.current_thread())
+            entered.release()
+            assert release.wait(WAIT)
+
+    real_input = engine.network_input
+
+    def watched_input(keys: list[DomainKey], pixels: torch.Tensor) -> torch.Tensor:
+        if len(held) == 2 and not release.is_set():
+            staged_meanwhile.set()
+        return real_input(keys, pixels)
+
+    engine.network_input = watched_input  # type: ignore[method-assign]
+    units = engine.net.units
+    handle = units[len(units) // 2].register_forward_pre_hook(lambda m, a: hold())
+    batcher.start()
+    try:
+        first = batcher.submit(birds, [pixels])
+        assert entered.acquire(timeout=WAIT)
+        second = batcher.submit(digits, [pixels])  # the second runner takes it while the first is held
+        assert entered.acquire(timeout=WAIT)
+        third = batcher.submit(birds, [pixels])
+        staged = staged_meanwhile.wait(WAIT)
+        release.set()
+        assert [f.result(timeout=WAIT).key for f in first + second + third] == [birds, digits, birds]
+    finally:
+        release.set()
+        handle.remove()
+        batcher.stop()
+    assert staged, "the third batch was staged only after a runner had freed up"
