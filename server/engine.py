@@ -235,8 +235,8 @@ class Engine:
     def trial(self, manifest: DomainManifest, tensors: dict[str, Tensor]) -> None:
         """Load an artifact into the scratch slot and run a probe batch through the bank's path and the
         merged one; `ArtifactInvalid` unless it loads and every logit is finite (finite weights can still
-        overflow: BN scales of 1e4 over sqrt(1e-5), layer after layer). Holds the network's lock for
-        one probe forward per path (and the merge) in the scratch slot, which nothing else uses."""
+        overflow: BN scales of 1e4 over sqrt(1e-5), layer after layer). Holds the bank lock for one
+        probe forward per path (and the merge) in the scratch slot, which no other forward uses."""
         config = adapter_config(manifest.adapter)
         pre = manifest.preprocessing
         side = pre.input_size
@@ -353,6 +353,8 @@ class Engine:
         else:
             index = torch.tensor([slots[k] for k in keys], device=self.device)
             chunks = [self.net(c, i) for c, i in zip(x.split(step), index.split(step), strict=True)]
+        if len(chunks) == 1:
+            return chunks[0]
         # A mixed batch's logits are padded to the widest head resident at the time: another stream's
         # load or drop between two micro-batches can change it (never below this batch's own heads).
         width = max(c.shape[1] for c in chunks)
