@@ -32,6 +32,8 @@ class Recipe:
     """Linear warm-up: a fresh head on a frozen body sees its largest gradients in the first steps."""
     clip_grad_norm: float | None = 5.0
     """Global gradient-norm clip: bounds the steps a bad batch can take, rarely active otherwise."""
+    head_lr: float | None = None
+    """The head's own initial learning rate (``TrainConfig.head_lr``; None: ``lr``)."""
     bn_warm_start: bool = False
     """Start the domain BN's running statistics from the training images (``TrainConfig.bn_warm_start``)."""
 

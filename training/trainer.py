@@ -69,6 +69,9 @@ class TrainConfig:
     adapter_lr: float | None = None
     """Initial learning rate of the adapter tensors (None: ``lr``). Zero-initialised low-rank
     adapters on 1x1 convs get small gradients; BN and head are unstable at the same high rate."""
+    head_lr: float | None = None
+    """Initial learning rate of the head (None: ``lr``). A fresh linear head on fixed features takes a
+    higher rate than the adapters and BN that perturb a pretrained body."""
     warmup_epochs: float = 0.0
     """Linear learning-rate warm-up from lr/steps to lr over this many epochs (0: none). The first
     steps of a fresh head on a pretrained body see the largest gradients."""
@@ -144,10 +147,18 @@ def trainable_parameters(net: MultiDomainNet, name: str, trainable: Trainable) -
 
 
 def _param_groups(params: dict[str, nn.Parameter], cfg: TrainConfig) -> list[dict[str, Any]]:
+    """BN (and, fine-tuning, shared weights) at ``lr`` first (the rate progress and errors name), then the
+    head at ``head_lr`` and the adapters at ``adapter_lr`` where those are set."""
     adapter = [p for k, p in params.items() if is_adapter_tensor(k)]  # 1x1 matrices, depthwise deltas
-    rest = [p for k, p in params.items() if not is_adapter_tensor(k)]
+    own_head = cfg.head_lr is not None
+    head = [p for k, p in params.items() if own_head and k.startswith("head.")]
+    rest = [
+        p for k, p in params.items() if not is_adapter_tensor(k) and not (own_head and k.startswith("head."))
+    ]
     adapter_wd = cfg.weight_decay if cfg.adapter_weight_decay is None else cfg.adapter_weight_decay
     groups: list[dict[str, Any]] = [{"params": rest, "weight_decay": cfg.weight_decay}]
+    if head:
+        groups.append({"params": head, "weight_decay": cfg.weight_decay, "lr": cfg.head_lr})
     if adapter:
         lr = cfg.lr if cfg.adapter_lr is None else cfg.adapter_lr
         groups.append({"params": adapter, "weight_decay": adapter_wd, "lr": lr})

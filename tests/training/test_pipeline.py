@@ -162,3 +162,17 @@ def test_adapters_get_their_own_weight_decay_and_learning_rate(net: MultiDomainN
     assert len(rest["params"]) + len(adapters["params"]) == len(params)
     assert (adapters["weight_decay"], adapters["lr"]) == (1e-2, 0.5)
     assert rest["weight_decay"] == 1e-4 and "lr" not in rest  # the optimiser's default: cfg.lr
+
+
+def test_the_head_gets_its_own_learning_rate_only_when_set(net: MultiDomainNet) -> None:
+    from training.trainer import _param_groups
+
+    net.add_domain("d", AdapterConfig(kind="bn"), 4)
+    params = net.domain_parameters("d")
+    head = {id(p) for k, p in params.items() if k.startswith("head.")}
+    assert len(head) == 2  # weight and bias
+    (alone,) = _param_groups(params, TrainConfig(lr=0.03))
+    assert head <= {id(p) for p in alone["params"]}  # no head_lr: one group at cfg.lr
+    rest, own = _param_groups(params, TrainConfig(lr=0.03, head_lr=0.1))
+    assert {id(p) for p in own["params"]} == head and own["lr"] == 0.1
+    assert len(rest["params"]) == len(params) - 2 and "lr" not in rest
