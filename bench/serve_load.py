@@ -366,7 +366,10 @@ def main() -> None:
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--bank-slots", type=int, default=16)
     p.add_argument(
-        "--engine-streams", type=int, default=0, help="the engine's streams, both sides (0: its default)"
+        "--engine-streams",
+        type=int,
+        default=EngineConfig.model_fields["engine_streams"].default,
+        help="the engine's streams, both sides (default: the server's; 0: one per CPU thread)",
     )
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--warmup-seconds", type=float, default=5.0)
