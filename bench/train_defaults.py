@@ -52,7 +52,7 @@ from training.backbones import load_backbone
 from training.data import DomainData, load_domain_data, load_raw
 from training.recipes import DEFAULT_LOWRANK_RANK, recipe_for
 from training.rendered import FONT_DIRS, PHOTOS, font_files, informative, photo_tiles, random_glyph
-from training.trainer import TrainConfig, TrainingDiverged, train_domain
+from training.trainer import TrainingDiverged, train_domain
 
 ROOT = Path(__file__).resolve().parent.parent
 CHOOSE, JUDGE = "choose", "judge"
@@ -173,16 +173,7 @@ def train_once(
     net: MultiDomainNet, arch: str, kind: str, data: DomainData, epochs: int, lr: float | None, seed: int = 0
 ) -> dict[str, Any]:
     recipe = replace(recipe_for(arch, kind), **OVERRIDES)
-    cfg = TrainConfig(
-        epochs=epochs,
-        lr=recipe.lr if lr is None else lr,
-        warmup_epochs=recipe.warmup_epochs,
-        clip_grad_norm=recipe.clip_grad_norm,
-        bn_warm_start=recipe.bn_warm_start,
-        head_lr=recipe.head_lr,
-        seed=seed,
-        progress=False,
-    )
+    cfg = recipe.train_config(epochs=epochs, seed=seed, progress=False, **({} if lr is None else {"lr": lr}))
     rank = DEFAULT_LOWRANK_RANK if kind == "lowrank" else None
     torch.manual_seed(seed)  # the new head is drawn from the global RNG, as in the CLI
     net.add_domain(data.name, AdapterConfig(kind=kind, rank=rank), data.num_classes)  # type: ignore[arg-type]

@@ -121,21 +121,16 @@ def _train_config(args: argparse.Namespace, recipe: Recipe) -> TrainConfig:
     """The run's settings: the flags given, the recipe for the rest."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    lr = recipe.lr if args.lr is None else args.lr
-    warmup = recipe.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs
-    clip = recipe.clip_grad_norm if args.clip_grad_norm is None else (args.clip_grad_norm or None)
-    _say(
-        f"settings: lr {lr:g}, warm-up {warmup:g} epochs, gradient clip {clip if clip is not None else 'none'}, "
-        f"BN statistics from {'the training images' if recipe.bn_warm_start else 'the backbone'}, "
-        f"{args.epochs} epochs of batch {args.batch_size}"
-    )
-    return TrainConfig(
+    flags: dict[str, object] = {}  # the optimisation flags given; the recipe has the rest
+    if args.lr is not None:
+        flags["lr"] = args.lr
+    if args.warmup_epochs is not None:
+        flags["warmup_epochs"] = args.warmup_epochs
+    if args.clip_grad_norm is not None:
+        flags["clip_grad_norm"] = args.clip_grad_norm or None
+    cfg = recipe.train_config(
         epochs=args.epochs,
         batch_size=args.batch_size,
-        lr=lr,
-        warmup_epochs=warmup,
-        clip_grad_norm=clip,
-        bn_warm_start=recipe.bn_warm_start,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
         adapter_weight_decay=args.adapter_weight_decay,
@@ -143,7 +138,15 @@ def _train_config(args: argparse.Namespace, recipe: Recipe) -> TrainConfig:
         seed=args.seed,
         device=args.device,
         progress=not args.no_progress,
+        **flags,
     )
+    clip = cfg.clip_grad_norm
+    _say(
+        f"settings: lr {cfg.lr:g}, warm-up {cfg.warmup_epochs:g} epochs, gradient clip {clip if clip is not None else 'none'}, "
+        f"BN statistics from {'the training images' if cfg.bn_warm_start else 'the backbone'}, "
+        f"{cfg.epochs} epochs of batch {cfg.batch_size}"
+    )
+    return cfg
 
 
 def _load_data(args: argparse.Namespace, name: str | None) -> DomainData:

@@ -327,13 +327,9 @@ def train_config(preset: DecathlonPreset, arch: str, method: Method, seed: int, 
         recipe = recipe_for(arch, method.kind)
     except (ValueError, KeyError):
         recipe = recipe_for(arch, "parallel")
-    return TrainConfig(
+    return recipe.train_config(
         epochs=preset.epochs,
         batch_size=preset.batch_size,
-        lr=recipe.lr,
-        warmup_epochs=recipe.warmup_epochs,
-        clip_grad_norm=recipe.clip_grad_norm,
-        bn_warm_start=recipe.bn_warm_start,
         weight_decay=preset.weight_decay,
         adapter_weight_decay=method.adapter_weight_decay,
         seed=seed,

@@ -11,9 +11,11 @@ share its settings, unmeasured).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from residual_adapters import ADAPTER_KINDS
+from training.trainer import TrainConfig
 
 FINETUNE = "finetune"
 """The pseudo-kind of ``train finetune`` (every weight trained)."""
@@ -36,6 +38,11 @@ class Recipe:
     """The head's own initial learning rate (``TrainConfig.head_lr``; None: ``lr``)."""
     bn_warm_start: bool = False
     """Start the domain BN's running statistics from the training images (``TrainConfig.bn_warm_start``)."""
+
+    def train_config(self, **fields: Any) -> TrainConfig:
+        """A ``TrainConfig`` with these settings (its fields of the same names); ``fields`` set the others
+        and override these (a flag given on the command line)."""
+        return TrainConfig(**{**asdict(self), **fields})
 
 
 # Chosen on digits, textures and photo patches at 32 px, 4 epochs (training/README.md has the runs).
