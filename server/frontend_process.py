@@ -9,6 +9,7 @@ flight.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import resource
 import sys
@@ -36,6 +37,20 @@ def _allow_connections(connections: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
 
 
+def _yield_to_engine() -> OSError | None:
+    """SCHED_BATCH for this process's threads (the policy is per thread on Linux: those started at import
+    too) and the threads they start (`MD_FRONTEND_SCHED_BATCH`); needs no privilege. A real-time policy
+    (an operator's `chrt`) is the operator's choice and is kept."""
+    if not sys.platform.startswith("linux") or os.sched_getscheduler(0) != os.SCHED_OTHER:
+        return None
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            os.sched_setscheduler(int(tid), os.SCHED_BATCH, os.sched_param(0))
+    except OSError as exc:  # a sandbox without the syscall: run as before rather than fail
+        return exc
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--log-level", default="info")
@@ -43,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     if not settings.engine_endpoints:
         parser.error("MD_ENGINE_ENDPOINTS is not set: front ends are started by the supervisor")
+    # Before the app's threads start: they inherit the policy.
+    refused = _yield_to_engine() if settings.frontend_sched_batch else None
     configure_logging(f"frontend-{os.getpid()}", args.log_level, json_lines=settings.log_json)
+    if refused is not None:
+        logging.getLogger(__name__).warning("front end keeps SCHED_OTHER (%s)", refused)
     _allow_connections(ConnectionLimits.for_frontend(settings).max_connections)
     listening = reuseport_socket(settings.host, settings.port)
     listening.listen(2048)

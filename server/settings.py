@@ -40,6 +40,11 @@ class Settings(BaseSettings, EngineConfig):
     devices: str | None = None
     """Engines, one process per device, comma-separated (e.g. `cuda:0,cuda:1`, or `cpu,cpu` for tests);
     None: one engine on `device`."""
+    frontend_sched_batch: bool = True
+    """Front ends run under the OS's SCHED_BATCH policy (Linux; left alone under a real-time policy): their
+    wake-ups (each request, each decode) then do not preempt the engine's intra-op threads in the middle of
+    an operator, which stalls every one of them at its barrier; they run on a free core or at the
+    scheduler's next tick. Same CPU share, fewer interruptions (server/README.md, Benchmark)."""
     slab_bytes: int = Field(default=16 * MiB, ge=MiB)
     """Each front end's shared-memory slab for pixels in flight: K of them must fit /dev/shm (Docker's
     default is 64 MiB; the compose file raises it)."""

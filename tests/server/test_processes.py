@@ -57,6 +57,22 @@ def test_front_ends_do_not_load_torch(processes: Processes) -> None:
     assert "libtorch" in Path(f"/proc/{engines[0]}/maps").read_text()  # the check can fail
 
 
+def test_front_ends_run_under_sched_batch_and_the_engine_does_not(processes: Processes) -> None:
+    """MD_FRONTEND_SCHED_BATCH (default true): every front-end thread is SCHED_BATCH, so its wake-ups do not
+    preempt the engine's intra-op threads; the engine keeps the policy it was started with. Under a
+    real-time policy (a `chrt` run of the suite) the front ends keep it too."""
+    inherited = os.sched_getscheduler(0)
+    expected = os.SCHED_BATCH if inherited == os.SCHED_OTHER else inherited
+
+    def policies(pid: int) -> set[int]:
+        return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+    for pid in processes.pids("frontend").values():
+        assert policies(pid) == {expected}, f"front end {pid}"
+    [engine] = processes.pids("engine").values()
+    assert policies(engine) == {inherited}
+
+
 def test_an_upload_through_one_front_end_is_served_by_the_others(
     processes: Processes, world: TinyWorld
 ) -> None:
