@@ -37,18 +37,17 @@ def _allow_connections(connections: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
 
 
-def _yield_to_engine() -> OSError | None:
-    """SCHED_BATCH for this process's threads (the policy is per thread on Linux: those started at import
+def _yield_to_engine() -> None:
+    """SCHED_BATCH for this process's threads (the policy is per thread on Linux: those already started
     too) and the threads they start (`MD_FRONTEND_SCHED_BATCH`); needs no privilege. A real-time policy
     (an operator's `chrt`) is the operator's choice and is kept."""
     if not sys.platform.startswith("linux") or os.sched_getscheduler(0) != os.SCHED_OTHER:
-        return None
+        return
     try:
         for tid in os.listdir("/proc/self/task"):
             os.sched_setscheduler(int(tid), os.SCHED_BATCH, os.sched_param(0))
     except OSError as exc:  # a sandbox without the syscall: run as before rather than fail
-        return exc
-    return None
+        logging.getLogger(__name__).warning("front end keeps SCHED_OTHER (%s)", exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,11 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     if not settings.engine_endpoints:
         parser.error("MD_ENGINE_ENDPOINTS is not set: front ends are started by the supervisor")
-    # Before the app's threads start: they inherit the policy.
-    refused = _yield_to_engine() if settings.frontend_sched_batch else None
     configure_logging(f"frontend-{os.getpid()}", args.log_level, json_lines=settings.log_json)
-    if refused is not None:
-        logging.getLogger(__name__).warning("front end keeps SCHED_OTHER (%s)", refused)
+    if settings.frontend_sched_batch:
+        _yield_to_engine()  # before the app's threads start: they inherit the policy
     _allow_connections(ConnectionLimits.for_frontend(settings).max_connections)
     listening = reuseport_socket(settings.host, settings.port)
     listening.listen(2048)
