@@ -306,7 +306,7 @@ def test_global_limits_are_split_over_the_front_ends() -> None:
 def test_the_guard_refuses_what_passes_its_limits_and_counts_nothing_for_it() -> None:
     limits = ConnectionLimits.for_frontend(
         Settings(workers=1, max_connections=3, max_connections_per_address=2, max_body_bytes=10,
-                 body_buffer_bytes=25, body_buffer_per_address_bytes=15, trusted_proxies="10.0.0.0/8")
+                 body_buffer_bytes=25, body_buffer_per_address_bytes=15, trusted_proxies="10.1.0.0/16,10.4.0.0/16")
     )  # fmt: skip
     guard = ConnectionGuard(limits)
     assert guard.open_connection("a", proxy=False) is None
