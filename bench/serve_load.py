@@ -1,14 +1,16 @@
 """Load benchmark of the multi-process server (`server.supervisor`: K front ends, one engine) on 127.0.0.1.
 
 Measures, side by side in one run on the same model, resolution and batch size:
-  1. engine-only images/s (mixed-domain batches drawn from the same Zipf mix, no HTTP; one thread per
-     engine stream, as the server runs it), and the store -> bank load latency of a cold domain (the
-     engine's own timing);
-  2. end-to-end for each K in --workers (front-end processes): N concurrent clients (asyncio, one
-     keep-alive connection each, requests built once: `bench.harness.KeepAliveConnection`) over M
-     domains with a Zipf mix, sending raw PNGs; throughput, p50/p95/p99 latency, errors, the engine's
-     busy fraction (of all its streams), front-end CPU ms per image, the load generator's own CPU share,
-     RSS and PSS of every process; then cold-domain first-request latency against warm;
+  1. the store -> bank load latency of a cold domain (the engine's own timing);
+  2. for each K in --workers (front-end processes), --rounds times in turn: engine-only images/s (mixed-
+     domain batches drawn from the same Zipf mix, no HTTP, in this process while the server idles; one
+     thread per engine stream, as the server runs it), then end to end: N concurrent clients (asyncio,
+     one keep-alive connection each, requests built once: `bench.harness.KeepAliveConnection`) over M
+     domains with a Zipf mix, sending raw PNGs. Taking the two in turn makes their ratio compare one
+     machine state (a VM with CPU steal drifts by 15% or more within minutes). Reported: both
+     throughputs and their ratio, p50/p95/p99 latency, errors, the engine's busy fraction (of all its
+     streams), front-end CPU ms per image, the load generator's own CPU share, RSS and PSS of every
+     process; then cold-domain first-request latency against warm;
   3. resident memory (RSS of all the server's processes) with 1, 10 and 100 registered domains, 1 and 10
      resident.
 The last line is one JSON summary.
@@ -57,55 +59,75 @@ from server.engine import Engine, EngineConfig
 
 
 # -- engine only -----------------------------------------------------------------------------------
-def engine_only(store_dir: Path, args: argparse.Namespace, weights: list[float]) -> dict[str, float]:
-    config = EngineConfig(
-        device=args.device, bank_slots=args.bank_slots, merged_cache=4, engine_streams=args.engine_streams
-    )
-    engine = Engine(LocalStore(store_dir), config)
-    keys = [engine.resolve(f"d{i}") for i in range(args.domains)]
-    # uint8 pixels normalised by the engine: the work the server's engine does per batch
-    x = torch.randint(0, 256, (args.batch, args.size, args.size, 3), dtype=torch.uint8)
-    for k in keys:
-        engine.load(k)
-    # As the server drives it: `engine.streams` threads, each one stream (`enter_stream`: its share of
-    # the intra-op threads) running batches of --batch back to back.
-    batches = [0] * engine.streams
-    window: list[float] = []  # [start, stop]: set once every stream is warm, before any is released
+class EngineOnly:
+    """The engine as the server drives it, in this process, timed in slices: `engine.streams` threads,
+    each one stream (`enter_stream`: its share of the intra-op threads) running mixed batches of --batch
+    drawn from the Zipf mix back to back, on uint8 pixels the engine normalises (the server's work per
+    batch). The load phase takes a slice beside each of its own (`--rounds`): on a VM with CPU steal the
+    machine's speed drifts by 15% or more within minutes, so an engine-only figure taken minutes before
+    the end-to-end one compares two machines."""
 
-    def open_window() -> None:
-        now = time.perf_counter()
-        window[:] = [now, now + args.engine_seconds]
+    def __init__(self, store_dir: Path, args: argparse.Namespace, weights: list[float]) -> None:
+        config = EngineConfig(
+            device=args.device, bank_slots=args.bank_slots, merged_cache=4, engine_streams=args.engine_streams
+        )
+        self.engine = Engine(LocalStore(store_dir), config)
+        self.keys = [self.engine.resolve(f"d{i}") for i in range(args.domains)]
+        self.weights = weights
+        self.batch = args.batch
+        self.x = torch.randint(0, 256, (args.batch, args.size, args.size, 3), dtype=torch.uint8)
+        for k in self.keys:
+            self.engine.load(k)
+        self.images = 0
+        self.seconds = 0.0
+        self.run(0.0)  # warm-up: every stream's first forwards (and every domain resident)
+        self.images, self.seconds = 0, 0.0
 
-    start_together = threading.Barrier(engine.streams, action=open_window)
+    def run(self, seconds: float) -> float:
+        """Run every stream for `seconds` (at least three batches each); add to the totals; images/s."""
+        streams = self.engine.streams
+        batches = [0] * streams
+        window: list[float] = []  # [start, stop]: set once every stream is ready, before any is released
 
-    def stream(index: int) -> None:
-        engine.enter_stream()
-        rng = random.Random(1 + index)
-        for _ in range(2):  # warm-up (also makes every domain resident)
-            engine.infer_pixels(rng.choices(keys, weights, k=args.batch), x, 5)
-        start_together.wait()
-        while time.perf_counter() < window[1] or batches[index] < 3:
-            engine.infer_pixels(rng.choices(keys, weights, k=args.batch), x, 5)
-            batches[index] += 1
+        def open_window() -> None:
+            now = time.perf_counter()
+            window[:] = [now, now + seconds]
 
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(engine.streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    n = sum(batches)
-    ips = n * args.batch / (time.perf_counter() - window[0])
+        start_together = threading.Barrier(streams, action=open_window)
 
-    # cold loads: a 2-slot bank cycling over the domains evicts on every load
+        def stream(index: int) -> None:
+            self.engine.enter_stream()
+            rng = random.Random(1 + index + self.images)
+            start_together.wait()
+            while time.perf_counter() < window[1] or batches[index] < 3:
+                self.engine.infer_pixels(rng.choices(self.keys, self.weights, k=self.batch), self.x, 5)
+                batches[index] += 1
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(streams)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - window[0]
+        images = sum(batches) * self.batch
+        self.images += images
+        self.seconds += elapsed
+        return images / elapsed
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def bank_loads(store_dir: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Store -> bank load latency of a cold domain (the engine's own timing): a 2-slot bank cycling over
+    the domains evicts on every load."""
     cold = Engine(LocalStore(store_dir), EngineConfig(device=args.device, bank_slots=2, merged_cache=0))
     cold_keys = [cold.resolve(f"d{i}") for i in range(args.domains)]
     for k in cold_keys * 2:
         cold.load(k)
     loads = cold.stats.load_seconds[2:]  # skip the first two (cold caches)
     return {
-        "engine_images_per_s": ips,
-        "engine_batches": n,
-        "engine_streams": engine.streams,
         "bank_load_p50_ms": pct(loads, 50) * 1e3,
         "bank_load_p95_ms": pct(loads, 95) * 1e3,
         "bank_loads_measured": len(loads),
@@ -140,9 +162,11 @@ def _engine_busy_seconds(metrics_text: str) -> float:
 
 
 async def load_phase(
-    server: SupervisorProcess, args: argparse.Namespace, weights: list[float], streams: int
+    server: SupervisorProcess, args: argparse.Namespace, weights: list[float], engine: EngineOnly
 ) -> dict[str, object]:
-    """`streams`: the engine's, so its busy fraction is of all of them (stream-seconds / streams)."""
+    """--rounds load slices of the server, each after a slice of `engine` (engine only, in this process,
+    the server idle), so the ratio of the two compares one machine state; then cold domains."""
+    streams = engine.engine.streams  # the engine's busy fraction is of all of them (stream-seconds / S)
     url = server.url
     images = png_images(64, args.size)
     names = [f"d{i}" for i in range(args.domains)]
@@ -191,15 +215,24 @@ async def load_phase(
         errors.clear()
         done_images = 0
         procs = server.processes()
-        busy_before = _engine_busy_seconds((await client.get("/metrics")).text)
-        cpu_before = {pid: cpu_seconds(pid) for pid in procs}
-        own_before = time.process_time()
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(w, start + args.duration) for w in range(args.clients)))
-        elapsed = time.perf_counter() - start
-        own_cpu = time.process_time() - own_before
-        cpu = {pid: cpu_seconds(pid) - cpu_before[pid] for pid in procs}
-        busy = _engine_busy_seconds((await client.get("/metrics")).text) - busy_before
+        cpu = dict.fromkeys(procs, 0.0)
+        busy = elapsed = own_cpu = 0.0
+        engine_before = engine.images, engine.seconds
+        slice_seconds = args.duration / args.rounds
+        for round_ in range(args.rounds):  # an engine-only slice, then a load slice (server idle meanwhile)
+            engine.run(args.engine_seconds / args.rounds)
+            busy_before = _engine_busy_seconds((await client.get("/metrics")).text)
+            cpu_before = {pid: cpu_seconds(pid) for pid in procs}
+            own_before = time.process_time()
+            start = time.perf_counter()
+            until = start + slice_seconds
+            await asyncio.gather(*(worker(w + 1000 * round_, until) for w in range(args.clients)))
+            elapsed += time.perf_counter() - start
+            own_cpu += time.process_time() - own_before
+            for pid in procs:
+                cpu[pid] += cpu_seconds(pid) - cpu_before[pid]
+            busy += _engine_busy_seconds((await client.get("/metrics")).text) - busy_before
+        engine_ips = (engine.images - engine_before[0]) / (engine.seconds - engine_before[1])
         memory = {pid: (rss_bytes(pid) / 2**20, pss_bytes(pid) / 2**20) for pid in procs}
 
         # cold domains: first request vs the next one, sequential, idle server
@@ -218,6 +251,8 @@ async def load_phase(
         metrics = (await client.get("/metrics")).text
     return {
         "e2e_images_per_s": done_images / elapsed,
+        "engine_images_per_s": engine_ips,
+        "e2e_over_engine": done_images / elapsed / engine_ips,
         "requests": done_images,
         "errors": sum(errors.values()),
         "error_kinds": errors,  # type: ignore[dict-item]
@@ -371,9 +406,12 @@ def main() -> None:
         default=EngineConfig.model_fields["engine_streams"].default,
         help="the engine's streams, both sides (default: the server's; 0: one per CPU thread)",
     )
-    p.add_argument("--duration", type=float, default=60.0)
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of load per K, in --rounds slices")
     p.add_argument("--warmup-seconds", type=float, default=5.0)
-    p.add_argument("--engine-seconds", type=float, default=20.0)
+    p.add_argument(
+        "--engine-seconds", type=float, default=20.0, help="engine-only seconds per K, in --rounds slices"
+    )
+    p.add_argument("--rounds", type=int, default=4, help="engine-only and load slices taken in turn, per K")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument(
         "--workers",
@@ -411,27 +449,27 @@ def main() -> None:
 
         if args.device_check:
             summary["device_check"] = device_check(args, store_dir, weights)
-        eng = engine_only(store_dir, args, weights)
+        engine = EngineOnly(store_dir, args, weights)
+        loads = bank_loads(store_dir, args)
         print(
-            f"engine only: {eng['engine_images_per_s']:.1f} images/s (mixed batches of {args.batch}); "
-            f"store->bank load p50 {eng['bank_load_p50_ms']:.1f} ms, p95 {eng['bank_load_p95_ms']:.1f} ms",
+            f"store->bank load p50 {loads['bank_load_p50_ms']:.1f} ms, p95 {loads['bank_load_p95_ms']:.1f} ms",
             flush=True,
         )
-        summary.update(eng)
+        summary.update(loads, engine_streams=engine.engine.streams)
 
         per_workers: dict[str, dict[str, object]] = {}
         for workers in args.workers:
             server = start_server(store_dir, args, workers=workers)
             try:
                 server.wait_ready()
-                e2e = asyncio.run(load_phase(server, args, weights, int(eng["engine_streams"])))
+                e2e = asyncio.run(load_phase(server, args, weights, engine))
             finally:
                 server.stop()
-            e2e["e2e_over_engine"] = float(e2e["e2e_images_per_s"]) / eng["engine_images_per_s"]  # type: ignore[arg-type]
             per_workers[str(workers)] = e2e
             print(
-                f"end to end, {workers} front end(s): {e2e['e2e_images_per_s']:.1f} images/s "
-                f"({e2e['e2e_over_engine']:.2f}x engine-only), p50 {e2e['p50_ms']:.0f} ms, "
+                f"end to end, {workers} front end(s): {e2e['e2e_images_per_s']:.1f} images/s, engine only "
+                f"beside it {e2e['engine_images_per_s']:.1f} (mixed batches of {args.batch}): "
+                f"{e2e['e2e_over_engine']:.2f}x; p50 {e2e['p50_ms']:.0f} ms, "
                 f"p95 {e2e['p95_ms']:.0f} ms, p99 {e2e['p99_ms']:.0f} ms, {e2e['errors']} errors, "
                 f"mean batch {e2e['mean_batch_size']:.1f}, engine busy {e2e['engine_busy_fraction']:.2f}, "
                 f"front-end CPU {e2e['frontend_cpu_ms_per_image']:.2f} ms/image, engine CPU "
