@@ -292,15 +292,13 @@ class Engine:
         # pinned on CUDA, so the copy runs asynchronously with the host's work; uint8: 4x fewer bytes
         host = pixels.pin_memory() if self.device.type == "cuda" else pixels
         on_device = host.to(self.device, non_blocking=True)
-        rows: dict[DomainKey, list[int]] = {}
-        for row, key in enumerate(keys):
-            rows.setdefault(key, []).append(row)
-        x = torch.empty(len(keys), 3, *pixels.shape[1:3], device=self.device, dtype=self.dtype)
-        for key, idx in rows.items():  # the one normalisation, per domain (its own mean and std)
-            pre = self.manifest(key).preprocessing
-            index = torch.tensor(idx, device=self.device)
-            x[index] = normalise(on_device[index], pre.mean, pre.std, layout="nhwc").to(self.dtype)
-        return x
+        pre = {key: self.manifest(key).preprocessing for key in set(keys)}
+        # the one normalisation, each row with its own domain's mean and std, in one pass: a handful of ops
+        # per batch instead of a gather and a scatter per domain (staging ran ~5 ms per batch that way on
+        # 2 cores, time the next batch's runner could wait for)
+        mean = [pre[key].mean for key in keys]
+        std = [pre[key].std for key in keys]
+        return normalise(on_device, mean, std, layout="nhwc").to(self.dtype)
 
     def _infer(
         self, keys: Sequence[DomainKey], prepare: Callable[[], Tensor], top_k: int | Sequence[int]

@@ -32,6 +32,16 @@ def test_layouts_and_batch_sizes_give_bit_identical_values() -> None:
         assert torch.equal(normalise(nhwc[i : i + 1], MEAN, STD, layout="nhwc")[0], batch[i])
 
 
+def test_a_triple_per_image_gives_each_image_its_own_bits() -> None:
+    """A batch mixing domains is normalised in one pass, each row exactly as if alone with its domain's."""
+    nhwc = pixels(4, 3)
+    stats = [(MEAN, STD), ([0.5] * 3, [0.25] * 3), (MEAN, STD), ([0.1, 0.2, 0.3], [0.9, 0.8, 0.7])]
+    batch = normalise(nhwc, [m for m, _ in stats], [s for _, s in stats], layout="nhwc")
+    for i, (mean, std) in enumerate(stats):
+        assert torch.equal(batch[i], normalise(nhwc[i : i + 1], mean, std, layout="nhwc")[0])
+    assert not torch.equal(batch[0], normalise(nhwc[:1], [0.5] * 3, [0.25] * 3, layout="nhwc")[0])
+
+
 def test_grayscale_is_replicated_to_three_channels() -> None:
     gray = pixels(2, 1)
     out = normalise(gray, [0.5] * 3, [0.25] * 3, layout="nhwc")
@@ -51,5 +61,9 @@ def test_bad_inputs_are_refused_by_name() -> None:
         normalise(pixels(1, 4), MEAN, STD, layout="nhwc")
     with pytest.raises(ValueError, match="1 or 3 channels"):
         normalise(pixels(1, 3), MEAN, STD, layout="nchw")  # [1, 5, 5, 3] read as 5 channels
-    with pytest.raises(ValueError, match="3 values"):
+    with pytest.raises(ValueError, match="mean needs 3 values"):
         normalise(pixels(1, 3), [0.5], STD, layout="nhwc")
+    with pytest.raises(ValueError, match=r"std needs 3 values, or 3 for each of the 2 images; got \[3, 3\]"):
+        normalise(pixels(2, 3), MEAN, [STD] * 3, layout="nhwc")  # a triple per image, for 3 images
+    with pytest.raises(ValueError, match="mean needs 3 values, or 3 for each image"):
+        normalise(pixels(2, 3), [MEAN, [0.5]], [STD, STD], layout="nhwc")  # ragged
