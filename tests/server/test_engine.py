@@ -265,3 +265,35 @@ def test_the_next_batch_is_staged_while_the_current_one_runs(store: LocalStore) 
         release.set()
         batcher.stop()
     assert staged, "the second batch was staged only after the first had ended"
+
+
+def test_a_runner_freed_early_takes_the_queue_without_a_wait_window(store: LocalStore) -> None:
+    """The next batch is staged just before the running one is expected to end; when it ends earlier, what
+    is queued runs at once (staging ahead would have taken just that), not after `max_wait_ms`."""
+    running, release = threading.Event(), threading.Event()
+
+    class HeldEngine(Engine):
+        def infer(self, keys, images, top_k=5):  # type: ignore[no-untyped-def]
+            if not running.is_set():
+                running.set()
+                release.wait(60)  # the first batch runs until the test lets it end
+            return super().infer(keys, images, top_k)
+
+    engine = HeldEngine(store, EngineConfig(bank_slots=2))
+    # a ten-minute window: waiting through it would fail the result's timeout below
+    batcher = Batcher(engine, max_domains_per_batch=2, max_batch_size=2, max_wait_ms=600_000, streams=1)
+    pixels = prepare(encode(image(3)), DOMAINS["birds"][2].image_spec(), max_pixels=10**7)
+    key = engine.resolve("birds")
+    with batcher._cond:  # batches are expected to take an hour per image: the first ends "early"
+        batcher._seconds_per_image = 3600.0
+    batcher.start()
+    try:
+        first = batcher.submit(key, [pixels, pixels])  # a full batch: it runs at once
+        assert running.wait(60)
+        [second] = batcher.submit(key, [pixels])  # queued while the first runs, long before its end
+        release.set()
+        assert all(f.result(timeout=60).key == key for f in first)
+        assert second.result(timeout=60).key == key
+    finally:
+        release.set()
+        batcher.stop()
