@@ -6,8 +6,9 @@ Measures, side by side in one run on the same model, resolution and batch size:
      domain batches drawn from the same Zipf mix, no HTTP, in this process while the server idles; one
      thread per engine stream, as the server runs it), then end to end: N concurrent clients (asyncio,
      one keep-alive connection each, requests built once: `bench.harness.KeepAliveConnection`) over M
-     domains with a Zipf mix, sending raw PNGs. Taking the two in turn makes their ratio compare one
-     machine state (a VM with CPU steal drifts by 15% or more within minutes). Reported: both
+     domains with a Zipf mix, sending raw PNGs; each load slice counts from --settle-seconds after its
+     start to its end (not the ramp, not the drain). Taking the two in turn makes their ratio compare
+     one machine state (a VM with CPU steal drifts by 15% or more within minutes). Reported: both
      throughputs and their ratio, p50/p95/p99 latency, errors, the engine's busy fraction (of all its
      streams), front-end CPU ms per image, the load generator's own CPU share, RSS and PSS of every
      process; then cold-domain first-request latency against warm;
@@ -79,9 +80,9 @@ class EngineOnly:
         for k in self.keys:
             self.engine.load(k)
         self.images = 0
-        self.seconds = 0.0
+        self.seconds = self.cpu_seconds = 0.0
         self.run(0.0)  # warm-up: every stream's first forwards (and every domain resident)
-        self.images, self.seconds = 0, 0.0
+        self.images, self.seconds, self.cpu_seconds = 0, 0.0, 0.0
 
     def run(self, seconds: float) -> float:
         """Run every stream for `seconds` (at least three batches each); add to the totals; images/s."""
@@ -104,11 +105,13 @@ class EngineOnly:
                 batches[index] += 1
 
         threads = [threading.Thread(target=stream, args=(i,)) for i in range(streams)]
+        cpu_before = time.process_time()  # this process: the streams (the load generator is idle)
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         elapsed = time.perf_counter() - window[0]
+        self.cpu_seconds += time.process_time() - cpu_before
         images = sum(batches) * self.batch
         self.images += images
         self.seconds += elapsed
@@ -177,21 +180,19 @@ async def load_phase(
         for i, body in enumerate(images)
     }
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    latencies: list[float] = []
+    answers: list[tuple[float, float]] = []  # (when, latency) of every 200
     errors: dict[str, int] = {}
-    done_images = 0
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:  # metrics, cold domains
 
         async def one(connection: KeepAliveConnection, domain: str, image: int) -> None:
-            nonlocal done_images
             t0 = time.perf_counter()
             try:
                 status = str((await connection.send(requests[domain, image]))[0])
             except (OSError, TimeoutError, httptools.HttpParserError) as exc:
                 status = type(exc).__name__
             if status == "200":
-                latencies.append(time.perf_counter() - t0)
-                done_images += 1
+                now = time.perf_counter()
+                answers.append((now, now - t0))
             else:
                 errors[status] = errors.get(status, 0) + 1
 
@@ -211,16 +212,17 @@ async def load_phase(
         first.close()
         warm_until = time.perf_counter() + args.warmup_seconds
         await asyncio.gather(*(worker(1000 + w, warm_until) for w in range(args.clients)))
-        latencies.clear()
+        answers.clear()
         errors.clear()
-        done_images = 0
+        latencies: list[float] = []  # of the answers in the slices' steady windows
         procs = server.processes()
         cpu = dict.fromkeys(procs, 0.0)
-        busy = elapsed = own_cpu = 0.0
-        engine_before = engine.images, engine.seconds
+        busy = elapsed = own_cpu = window_seconds = 0.0
+        rounds: list[dict[str, float]] = []
+        engine_before = engine.images, engine.seconds, engine.cpu_seconds
         slice_seconds = args.duration / args.rounds
         for round_ in range(args.rounds):  # an engine-only slice, then a load slice (server idle meanwhile)
-            engine.run(args.engine_seconds / args.rounds)
+            engine_round = engine.run(args.engine_seconds / args.rounds)
             busy_before = _engine_busy_seconds((await client.get("/metrics")).text)
             cpu_before = {pid: cpu_seconds(pid) for pid in procs}
             own_before = time.process_time()
@@ -228,11 +230,22 @@ async def load_phase(
             until = start + slice_seconds
             await asyncio.gather(*(worker(w + 1000 * round_, until) for w in range(args.clients)))
             elapsed += time.perf_counter() - start
+            # throughput and latency from the steady part: not the ramp (clients connect, the pipeline
+            # fills) nor the answers after the slice's end (the drain)
+            steady = start + args.settle_seconds
+            steady_answers = [latency for when, latency in answers if steady <= when <= until]
+            latencies += steady_answers
+            window_seconds += until - steady
+            e2e_round = len(steady_answers) / (until - steady)
+            rounds.append({"engine_images_per_s": engine_round, "e2e_images_per_s": e2e_round})
             own_cpu += time.process_time() - own_before
             for pid in procs:
                 cpu[pid] += cpu_seconds(pid) - cpu_before[pid]
             busy += _engine_busy_seconds((await client.get("/metrics")).text) - busy_before
-        engine_ips = (engine.images - engine_before[0]) / (engine.seconds - engine_before[1])
+        answered = len(answers)  # every image answered in the slices, for CPU per image
+        engine_images = engine.images - engine_before[0]
+        engine_ips = engine_images / (engine.seconds - engine_before[1])
+        engine_only_cpu_ms = 1e3 * (engine.cpu_seconds - engine_before[2]) / engine_images
         memory = {pid: (rss_bytes(pid) / 2**20, pss_bytes(pid) / 2**20) for pid in procs}
 
         # cold domains: first request vs the next one, sequential, idle server
@@ -250,10 +263,11 @@ async def load_phase(
                 bucket.append(time.perf_counter() - t0)
         metrics = (await client.get("/metrics")).text
     return {
-        "e2e_images_per_s": done_images / elapsed,
+        "e2e_images_per_s": len(latencies) / window_seconds,
         "engine_images_per_s": engine_ips,
-        "e2e_over_engine": done_images / elapsed / engine_ips,
-        "requests": done_images,
+        "e2e_over_engine": len(latencies) / window_seconds / engine_ips,
+        "requests": answered,
+        "rounds": rounds,  # type: ignore[dict-item]
         "errors": sum(errors.values()),
         "error_kinds": errors,  # type: ignore[dict-item]
         "p50_ms": pct(latencies, 50) * 1e3,
@@ -265,12 +279,13 @@ async def load_phase(
         "engine_busy_fraction": busy / elapsed / streams,
         "frontend_cpu_ms_per_image": 1e3
         * sum(c for p, c in cpu.items() if procs[p] == "frontend")
-        / max(1, done_images),
+        / max(1, answered),
         "engine_cpu_cores": sum(c for p, c in cpu.items() if procs[p] == "engine") / elapsed,
         # CPU time, unlike wall time, hardly moves with the machine's load: comparable between runs
         "engine_cpu_ms_per_image": 1e3
         * sum(c for p, c in cpu.items() if procs[p] == "engine")
-        / max(1, done_images),
+        / max(1, answered),
+        "engine_only_cpu_ms_per_image": engine_only_cpu_ms,
         "loadgen_cpu_cores": own_cpu / elapsed,
         "loadgen_cpu_share": own_cpu / elapsed / (os.cpu_count() or 1),
         "processes": [
@@ -412,6 +427,12 @@ def main() -> None:
         "--engine-seconds", type=float, default=20.0, help="engine-only seconds per K, in --rounds slices"
     )
     p.add_argument("--rounds", type=int, default=4, help="engine-only and load slices taken in turn, per K")
+    p.add_argument(
+        "--settle-seconds",
+        type=float,
+        default=1.0,
+        help="the start of each load slice not counted (clients connect, the pipeline fills)",
+    )
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument(
         "--workers",
@@ -425,6 +446,8 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.duration, args.warmup_seconds, args.engine_seconds = 20.0, 3.0, 10.0
+    if args.duration / args.rounds <= args.settle_seconds:
+        p.error(f"each load slice ({args.duration / args.rounds:g} s) must outlast --settle-seconds")
 
     weights = zipf_weights(args.domains, args.zipf)
     summary: dict[str, object] = {
@@ -473,10 +496,14 @@ def main() -> None:
                 f"p95 {e2e['p95_ms']:.0f} ms, p99 {e2e['p99_ms']:.0f} ms, {e2e['errors']} errors, "
                 f"mean batch {e2e['mean_batch_size']:.1f}, engine busy {e2e['engine_busy_fraction']:.2f}, "
                 f"front-end CPU {e2e['frontend_cpu_ms_per_image']:.2f} ms/image, engine CPU "
-                f"{e2e['engine_cpu_ms_per_image']:.1f} ms/image, load generator "
+                f"{e2e['engine_cpu_ms_per_image']:.1f} ms/image (engine only "
+                f"{e2e['engine_only_cpu_ms_per_image']:.1f}), load generator "
                 f"{e2e['loadgen_cpu_share']:.2f} of the cores, PSS {e2e['pss_total_mb']:.0f} MB",
                 flush=True,
             )
+            rounds: list[dict[str, float]] = e2e["rounds"]  # type: ignore[assignment]
+            pairs = ", ".join(f"{r['engine_images_per_s']:.1f} / {r['e2e_images_per_s']:.1f}" for r in rounds)
+            print(f"  rounds, engine only / end to end images/s: {pairs}")
             for proc in e2e["processes"]:  # type: ignore[attr-defined]
                 print(
                     f"  {proc['kind']:>16} pid {proc['pid']}: RSS {proc['rss_mb']:.0f} MB, PSS {proc['pss_mb']:.0f} MB"
