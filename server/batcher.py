@@ -16,14 +16,14 @@ front ends' shared memory, the copy to the device, the normalisation), and `stre
 engine's: one forward each at a time, concurrently; `Engine.streams`) run the forwards. While a runner is
 idle the stager forms a batch by the rules above. While every runner is busy it forms the next batch when
 a full one is queued, or when the first running batch is expected to end (its images x the recent time
-per image) within the time staging takes, plus twice the recent error of that expectation (batch times
-vary by ~10%): a partial batch formed much earlier would miss the images arriving meanwhile, and one formed only once a runner is free would leave it idle through the wait window
+per image) within the time staging takes: a partial batch formed any earlier would miss the images
+arriving meanwhile, and one formed only once a runner is free would leave it idle through the wait window
 and the staging (about 9% of the time with 32 closed-loop clients on 2 cores, measured as the engine's
 busy fraction of 0.91). A runner that frees before its batch was expected to end gets what is queued at
 once, without a wait window: staging ahead would have taken just that. So a saturated engine hardly waits
-for its next input; an idle one still gives a first image `max_wait_ms` to find company. With several streams, each batch holds at most
-`max_domains_per_batch` domains (the caller passes bank_slots // streams), so the batches running at once
-always fit the bank together.
+for its next input; an idle one still gives a first image `max_wait_ms` to find company. With several
+streams, each batch holds at most `max_domains_per_batch` domains (the caller passes bank_slots //
+streams), so the batches running at once always fit the bank together.
 
 `submit` returns concurrent futures, so synchronous callers (benchmarks, the reliability suite) can use it
 as well as the event loop (`classify` wraps them for asyncio).
@@ -106,8 +106,6 @@ class Batcher:
         """Runner time per image of recent batches, per stream (smoothed; guarded by `_cond`)."""
         self._stage_seconds = 0.0
         """How long forming and staging a batch takes (smoothed; guarded by `_cond`)."""
-        self._end_error = 0.0
-        """How far a batch's end falls from its expected end, either way (smoothed; guarded by `_cond`)."""
         self._free_since = 0.0
         """When a runner last finished a batch (guarded by `_cond`)."""
         self._pending = 0
@@ -190,17 +188,16 @@ class Batcher:
                 self._cond.wait()
             # While every runner is busy (or has a staged batch waiting for it), the next batch is formed
             # when a full one is queued, or once the first running batch is expected to end within the
-            # time staging takes plus twice the recent error of that expectation: then that runner starts
-            # the next batch the moment it is free instead of idling through a wait window and the
-            # staging. (Formed much earlier, a partial batch would leave out the images arriving meanwhile.)
+            # time staging takes: then that runner starts the next batch the moment it is free instead of
+            # idling through a wait window and the staging. (Formed earlier, a partial batch would leave
+            # out the images arriving meanwhile.)
             ahead = False
             while self._all_claimed() and len(self._queue) < self.max_batch_size and not self._stopping:
                 ahead = True
                 if self._pending:  # a batch is staged already: the next one follows it, not this one
                     self._cond.wait()
                     continue
-                lead = self._stage_seconds + 2 * self._end_error  # ready even when the batch ends early
-                remaining = min(self._running.values()) - lead - time.monotonic()
+                remaining = min(self._running.values()) - self._stage_seconds - time.monotonic()
                 if remaining <= 0:
                     return self._select()
                 self._cond.wait(remaining)
@@ -284,8 +281,7 @@ class Batcher:
             started = time.monotonic()
             with self._cond:
                 self._pending -= 1
-                expected_end = started + len(batch) * self._seconds_per_image
-                self._running[index] = expected_end
+                self._running[index] = started + len(batch) * self._seconds_per_image
                 self._cond.notify_all()
             for item in batch:
                 self.events.queue_wait(started - item.enqueued)
@@ -297,7 +293,6 @@ class Batcher:
                 with self._cond:
                     self.last_batch_seconds = seconds
                     self._seconds_per_image = 0.7 * self._seconds_per_image + 0.3 * seconds / len(batch)
-                    self._end_error = 0.8 * self._end_error + 0.2 * abs(finished - expected_end)
                     del self._running[index]  # before the stager's next put: never a stale "idle"
                     self._free_since = finished
                     self._cond.notify_all()
