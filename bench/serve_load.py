@@ -220,13 +220,14 @@ async def load_phase(
         latencies: list[float] = []  # of the answers in the slices' steady windows
         procs = server.processes()
         cpu = dict.fromkeys(procs, 0.0)
-        busy = elapsed = own_cpu = window_seconds = 0.0
+        busy = elapsed = own_cpu = window_seconds = batched_images = batches = 0.0
         rounds: list[dict[str, float]] = []
         engine_before = engine.images, engine.seconds, engine.cpu_seconds
         slice_seconds = args.duration / args.rounds
         for round_ in range(args.rounds):  # an engine-only slice, then a load slice (server idle meanwhile)
             engine_round = engine.run(args.engine_seconds / args.rounds)
-            busy_before = _engine_busy_seconds((await client.get("/metrics")).text)
+            before = (await client.get("/metrics")).text
+            busy_before, batches_before = _engine_busy_seconds(before), _batches(before)
             cpu_before = {pid: cpu_seconds(pid) for pid in procs}
             own_before = time.process_time()
             start = time.perf_counter()
@@ -244,7 +245,10 @@ async def load_phase(
             own_cpu += time.process_time() - own_before
             for pid in procs:
                 cpu[pid] += cpu_seconds(pid) - cpu_before[pid]
-            busy += _engine_busy_seconds((await client.get("/metrics")).text) - busy_before
+            after = (await client.get("/metrics")).text
+            busy += _engine_busy_seconds(after) - busy_before
+            batched_images += _batches(after)[0] - batches_before[0]
+            batches += _batches(after)[1] - batches_before[1]
         answered = len(answers)  # every image answered in the slices, for CPU per image
         engine_images = engine.images - engine_before[0]
         engine_ips = engine_images / (engine.seconds - engine_before[1])
@@ -264,7 +268,6 @@ async def load_phase(
                 )
                 r.raise_for_status()
                 bucket.append(time.perf_counter() - t0)
-        metrics = (await client.get("/metrics")).text
     return {
         "e2e_images_per_s": len(latencies) / window_seconds,
         "engine_images_per_s": engine_ips,
@@ -278,7 +281,7 @@ async def load_phase(
         "p99_ms": pct(latencies, 99) * 1e3,
         "cold_first_request_p50_ms": statistics.median(cold) * 1e3,
         "warm_request_p50_ms": statistics.median(warm) * 1e3,
-        "mean_batch_size": _mean_batch(metrics),
+        "mean_batch_size": batched_images / max(1.0, batches),  # the load slices' batches only
         "engine_busy_fraction": busy / elapsed / streams,
         "frontend_cpu_ms_per_image": 1e3
         * sum(c for p, c in cpu.items() if procs[p] == "frontend")
@@ -299,13 +302,14 @@ async def load_phase(
     }
 
 
-def _mean_batch(metrics_text: str) -> float:
+def _batches(metrics_text: str) -> tuple[float, float]:
+    """(images, batches) the engines have run: `md_batch_size`'s sum and count, summed over engines."""
     values = {"md_batch_size_sum": 0.0, "md_batch_size_count": 0.0}
     for line in metrics_text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
         if name in values:  # summed over engines (label `engine`)
             values[name] += float(line.rsplit(" ", 1)[1])
-    return values["md_batch_size_sum"] / max(1.0, values["md_batch_size_count"])
+    return values["md_batch_size_sum"], values["md_batch_size_count"]
 
 
 def memory_phase(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
