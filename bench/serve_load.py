@@ -120,10 +120,6 @@ class EngineOnly:
         self.seconds += elapsed
         return images / elapsed
 
-    @property
-    def images_per_s(self) -> float:
-        return self.images / max(self.seconds, 1e-9)
-
 
 def bank_loads(store_dir: Path, args: argparse.Namespace) -> dict[str, float]:
     """Store -> bank load latency of a cold domain (the engine's own timing): a 2-slot bank cycling over
@@ -247,8 +243,9 @@ async def load_phase(
                 cpu[pid] += cpu_seconds(pid) - cpu_before[pid]
             after = (await client.get("/metrics")).text
             busy += _engine_busy_seconds(after) - busy_before
-            batched_images += _batches(after)[0] - batches_before[0]
-            batches += _batches(after)[1] - batches_before[1]
+            images_after, batches_after = _batches(after)
+            batched_images += images_after - batches_before[0]
+            batches += batches_after - batches_before[1]
         answered = len(answers)  # every image answered in the slices, for CPU per image
         engine_images = engine.images - engine_before[0]
         engine_ips = engine_images / (engine.seconds - engine_before[1])
