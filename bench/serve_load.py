@@ -217,13 +217,14 @@ async def load_phase(
         procs = server.processes()
         cpu = dict.fromkeys(procs, 0.0)
         busy = elapsed = own_cpu = window_seconds = batched_images = batches = 0.0
+        answered = 0  # every image answered in the slices, for CPU per image
         rounds: list[dict[str, float]] = []
         engine_before = engine.images, engine.seconds, engine.cpu_seconds
         slice_seconds = args.duration / args.rounds
         for round_ in range(args.rounds):  # an engine-only slice, then a load slice (server idle meanwhile)
             engine_round = engine.run(args.engine_seconds / args.rounds)
             before = (await client.get("/metrics")).text
-            busy_before, batches_before = _engine_busy_seconds(before), _batches(before)
+            busy_before, (images_before, batches_before) = _engine_busy_seconds(before), _batches(before)
             cpu_before = {pid: cpu_seconds(pid) for pid in procs}
             own_before = time.process_time()
             start = time.perf_counter()
@@ -234,6 +235,8 @@ async def load_phase(
             # fills) nor the answers after the slice's end (the drain)
             steady = start + args.settle_seconds
             steady_answers = [latency for when, latency in answers if steady <= when <= until]
+            answered += len(answers)
+            answers.clear()
             latencies += steady_answers
             window_seconds += until - steady
             e2e_round = len(steady_answers) / (until - steady)
@@ -244,9 +247,8 @@ async def load_phase(
             after = (await client.get("/metrics")).text
             busy += _engine_busy_seconds(after) - busy_before
             images_after, batches_after = _batches(after)
-            batched_images += images_after - batches_before[0]
-            batches += batches_after - batches_before[1]
-        answered = len(answers)  # every image answered in the slices, for CPU per image
+            batched_images += images_after - images_before
+            batches += batches_after - batches_before
         engine_images = engine.images - engine_before[0]
         engine_ips = engine_images / (engine.seconds - engine_before[1])
         engine_only_cpu_ms = 1e3 * (engine.cpu_seconds - engine_before[2]) / engine_images
