@@ -68,6 +68,17 @@ def test_scan_markers_inside_other_segments_are_not_counted() -> None:
     assert jpeg_scans(data) == jpeg_scans(jpeg(photo()))
 
 
+def test_fill_bytes_before_a_marker_are_skipped() -> None:
+    progressive = jpeg(photo(), progressive=True)
+    first_scan, end = progressive.index(b"\xff\xda"), progressive.rindex(b"\xff\xd9")
+    filled = (
+        progressive[:first_scan] + b"\xff" * 1000 + progressive[first_scan:end] + b"\xff" * 7 + b"\xff\xd9"
+    )
+    assert jpeg_scans(filled) == jpeg_scans(progressive)
+    unfinished = progressive[:first_scan] + b"\xff" * 1000  # fill bytes and no marker after them
+    assert jpeg_scans(unfinished) == jpeg_scans(progressive[:first_scan])
+
+
 def test_counting_stops_where_asked_and_at_the_data_end() -> None:
     bomb = repeat_last_scan(jpeg(photo(), progressive=True), 1000)
     assert jpeg_scans(bomb) is not None and jpeg_scans(bomb).scans == 1010  # type: ignore[union-attr]
