@@ -75,6 +75,10 @@ class Settings(BaseSettings, EngineConfig):
     decode_threads: int = Field(default=2, ge=1)
     """Thread pool for image decoding and preprocessing (off the event loop), per front end. Images are
     handed to it smallest request first (`server.decoding`)."""
+    inline_decode_pixels: int = Field(default=128 * 128, ge=0)
+    """Requests of at most this many pixels in all, with bodies of at most 16 KiB, have their headers read
+    and their images decoded on the event loop rather than in the pools (`server.routes.classify`): for
+    such images the two thread hand-offs cost more CPU than the work. 0: every request uses the pools."""
     large_decode_nice: int = Field(default=19, ge=0, le=19)
     """OS priority (nice, Linux) of the decode lane for large images (over 1/64 of a front end's pixel
     share): a pool of its own of max(1, `decode_threads` - 1) threads, so a flood of large images yields

@@ -159,7 +159,9 @@ def _array_plan(pixels: np.ndarray, settings: Settings, spec: ImageSpec) -> Deco
 
         return [(task(row), height * width) for row in range(count)]
 
-    return count * height * width, tasks
+    # no header or bitstream to parse: the cost is the pixels'
+    inline = count * height * width <= settings.inline_decode_pixels
+    return DecodePlan(count * height * width, tasks, inline)
 
 
 async def _infer(request: Request, frontend: FrontEndDep, domain: str, version: int | None) -> Response:

@@ -33,7 +33,7 @@ path ever waits this long)."""
 @pytest.fixture
 def held_server(world: TinyWorld, tmp_path: Path) -> Iterator[tuple[ServerThread, threading.Event]]:
     store = make_store(world, tmp_path / "store")
-    app = create_app(settings_for(store, max_queue=MAX_QUEUE, decode_threads=1))
+    app = create_app(settings_for(store, max_queue=MAX_QUEUE, decode_threads=1, inline_decode_pixels=0))
     release = threading.Event()
     with ServerThread(app) as server:
         assert httpx.get(f"{server.url}/readyz", timeout=60).status_code == 200  # waits for start-up

@@ -35,6 +35,9 @@ ANSWER_S = 60.0
 
 @contextmanager
 def serving(world: TinyWorld, tmp_path: Path, **settings: object) -> Iterator[tuple[ServerThread, FrontEnd]]:
+    """The app on loopback. Its tiny images decode in the pools, not on the event loop (these tests hold
+    the pools; `inline_decode_pixels` unless a test sets it)."""
+    settings.setdefault("inline_decode_pixels", 0)
     store = make_store(world, tmp_path / "store")
     app = create_app(settings_for(store, **settings))
     with ServerThread(app) as server:

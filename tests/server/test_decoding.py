@@ -154,3 +154,31 @@ def test_with_a_large_lane_small_images_use_every_thread_and_large_ones_only_the
         return order
 
     assert asyncio.run(scenario()) == ["small", "large0", "large1"]
+
+
+def test_an_inline_request_runs_at_once_on_the_calling_thread_and_stops_like_the_others() -> None:
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            scheduler = DecodeScheduler(pool, threads=1)
+            gate = threading.Event()  # the only thread stays busy: an inline job never needs it
+            held = asyncio.create_task(scheduler.run([(recorder([], "held", gate), 1)], lambda: False))
+            await _started(scheduler, 1)
+            loop_thread, ran_on = threading.get_ident(), []
+            await scheduler.run(
+                [(lambda: ran_on.append(threading.get_ident()), 1)] * 2, lambda: False, inline=True
+            )
+            assert ran_on == [loop_thread, loop_thread] and scheduler.images_decoded == 2
+            assert scheduler.jobs == 1  # it never queued
+
+            def corrupt() -> None:
+                raise ValueError("corrupt")
+
+            with pytest.raises(ValueError, match="corrupt"):  # the task's own error, as from the pool
+                await scheduler.run([(corrupt, 1)], lambda: False, inline=True)
+            with pytest.raises(DecodeStopped):  # its request gave up before it started
+                await scheduler.run([(recorder([], "late"), 1)] * 3, lambda: True, inline=True)
+            assert scheduler.images_skipped == 3 and scheduler.images_decoded == 3
+            gate.set()
+            await held
+
+    asyncio.run(scenario())
