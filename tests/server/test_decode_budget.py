@@ -35,8 +35,8 @@ ANSWER_S = 60.0
 
 @contextmanager
 def serving(world: TinyWorld, tmp_path: Path, **settings: object) -> Iterator[tuple[ServerThread, FrontEnd]]:
-    """The app on loopback. Its tiny images decode in the pools, not on the event loop (these tests hold
-    the pools; `inline_decode_pixels` unless a test sets it)."""
+    """The app on loopback. These tests hold the pools, so their tiny images decode there, not on the
+    event loop: `inline_decode_pixels` is 0 unless a test sets it."""
     settings.setdefault("inline_decode_pixels", 0)
     store = make_store(world, tmp_path / "store")
     app = create_app(settings_for(store, **settings))

@@ -5,33 +5,19 @@ that wait on an event, so a request that needs them cannot be answered until the
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 from PIL import Image
 
-from server.frontend import FrontEnd
 from server.routes.classify import INLINE_BODY_BYTES
 from server.settings import Settings
 from tests.server.conftest import TinyWorld, encode, image
 from tests.server.test_decode_budget import ANSWER_S, error, held_pool, jobs_reach, post, serving
+from tests.server.test_large_decode_lane import held
 
 DEFAULT = Settings.model_fields["inline_decode_pixels"].default
-
-
-@contextmanager
-def held_header_pool(frontend: FrontEnd) -> Iterator[threading.Event]:
-    release = threading.Event()
-    holder = frontend.header_pool.submit(release.wait)
-    try:
-        yield release
-    finally:
-        release.set()
-        holder.result(timeout=ANSWER_S)
 
 
 def test_a_small_request_is_answered_while_every_pool_is_busy(world: TinyWorld, tmp_path: Path) -> None:
@@ -40,7 +26,7 @@ def test_a_small_request_is_answered_while_every_pool_is_busy(world: TinyWorld, 
     with (
         serving(world, tmp_path, decode_threads=1, inline_decode_pixels=DEFAULT) as (server, frontend),
         held_pool(frontend),
-        held_header_pool(frontend),
+        held(frontend.header_pool),
     ):
         decoded = frontend.decoder.images_decoded
         r = post(server, small)
@@ -59,7 +45,7 @@ def test_a_body_over_the_bound_has_its_header_read_in_the_header_pool(
     assert len(large_body) > INLINE_BODY_BYTES
     with (
         serving(world, tmp_path, decode_threads=1, inline_decode_pixels=DEFAULT) as (server, frontend),
-        held_header_pool(frontend) as release,
+        held(frontend.header_pool) as release,
         ThreadPoolExecutor(1) as clients,
     ):
         waiting: Future[httpx.Response] = clients.submit(post, server, large_body)
