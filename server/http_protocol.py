@@ -13,7 +13,8 @@ and is refused at accept beyond the connection limits (503 for the process's, 42
 or, from a trusted proxy, when its headers name a client over its limit (429). Every answer given here
 is the API's JSON error (the Open Inference form under /v2), with `Connection: close`; then the write
 side is shut and what the client still sends is read and dropped for a moment before the socket
-closes, so the client reads the answer instead of a reset.
+closes, so the client reads the answer instead of a reset. An app's answer leaves in one write, its
+head held until its body comes (`_HeadHoldingTransport`): one send and one wake-up of the client each.
 
 Why httptools' protocol rather than h11's: it is the one uvicorn already runs here (its "auto" picks it
 when httptools is installed) and its C parser costs the front ends less CPU per request than h11's pure
@@ -76,6 +77,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # -- connection --------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.transport = _HeadHoldingTransport(transport, self)  # type: ignore[assignment]
         self._peer = self.client[0] if self.client else ""
         self._proxy = self.guard.is_trusted_proxy(self._peer)
         self._began = self.loop.time()
@@ -199,6 +201,53 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._deadline = self.loop.call_later(_LINGER_S, self.transport.close)
         else:
             self.transport.close()
+
+
+class _HeadHoldingTransport:
+    """The connection's transport, but a response's head is held until its body is written, and both go
+    out in one write: one send() and one TCP segment per answer instead of two, so one wake-up of the
+    client instead of two. uvicorn writes the head as soon as the app sends `http.response.start` (and
+    has no option to join it with the body), hence this wrapper. A head whose body does not follow at
+    once (a streamed or HEAD response) is written at the end of this turn of the event loop, or before
+    the transport closes or ends its writing."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedHttpToolsProtocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._held = b""
+        self._head_of: object = None
+        """The request cycle whose head was last written: a cycle's first write once its response has
+        started is its head (uvicorn's 100 Continue is written before)."""
+
+    def write(self, data: bytes) -> None:
+        if self._held:
+            data, self._held = self._held + data, b""
+        else:
+            cycle = self._protocol.cycle
+            if cycle is not None and cycle.response_started and cycle is not self._head_of:
+                self._head_of, self._held = cycle, data
+                self._protocol.loop.call_soon(self.flush)
+                return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._held:
+            data, self._held = self._held, b""
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + len(self._held)
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the transport's own
+        return getattr(self._transport, name)
 
 
 def protocol_class(guard: ConnectionGuard) -> type[GuardedHttpToolsProtocol]:
