@@ -221,13 +221,14 @@ class _HeadHoldingTransport:
 
     def write(self, data: bytes) -> None:
         if self._held:
-            data, self._held = self._held + data, b""
-        else:
-            cycle = self._protocol.cycle
-            if cycle is not None and cycle.response_started and cycle is not self._head_of:
-                self._head_of, self._held = cycle, data
-                self._protocol.loop.call_soon(self.flush)
-                return
+            head, self._held = self._held, b""
+            self._transport.writelines((head, data))  # one writev(), the body not copied
+            return
+        cycle = self._protocol.cycle
+        if cycle is not None and cycle.response_started and cycle is not self._head_of:
+            self._head_of, self._held = cycle, data
+            self._protocol.loop.call_soon(self.flush)
+            return
         self._transport.write(data)
 
     def flush(self) -> None:
