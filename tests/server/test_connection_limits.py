@@ -1,7 +1,8 @@
 """No client can stall the server: read deadlines, connection limits per address (trusted proxies'
-X-Forwarded-For), the body buffer, and in-flight slots taken only once a body has arrived.
+X-Forwarded-For), the body buffer, and in-flight slots taken only once a body has arrived; and each
+answer written in one piece (the protocol holds its head for its body).
 
-Real uvicorn on loopback (`ServerThread`, the app with its engine process; one test against the
+Real uvicorn on loopback (`ServerThread`, the app with its engine process; two tests against the
 multi-process server). Attackers connect from other loopback addresses (127.0.0.2 and up: the socket's
 source address is bound) than the well-behaved client (127.0.0.1). Nothing sleeps to synchronise: the
 deadlines are made small and the tests wait for what the server does (an answer read, a socket closed,
