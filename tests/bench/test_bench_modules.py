@@ -3,6 +3,7 @@ only when someone runs one), and none reaches another through ``sys.path``."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from pathlib import Path
 
@@ -17,3 +18,14 @@ def test_benchmark_imports_and_has_a_main(name: str) -> None:
     module = importlib.import_module(f"bench.{name}")
     assert name == "harness" or callable(getattr(module, "main", None))
     assert "sys.path" not in (BENCH / f"{name}.py").read_text()
+
+
+def test_the_asgi_cost_bench_times_the_answers_it_names() -> None:
+    # `measure` raises when an answer's status is not the one its name promises (the stub front end
+    # drifting from what the routes read would otherwise time a 500)
+    asgi_cost = importlib.import_module("bench.asgi_cost")
+    results = asyncio.run(asgi_cost.measure(3))
+    assert {name: row["status"] for name, row in results.items()} == {
+        name: status for name, status, *_ in asgi_cost.ANSWERS
+    }
+    assert results["healthz"]["over_healthz"] == 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import zlib
 from collections.abc import Iterator
@@ -74,6 +75,15 @@ def _bomb() -> bytes:
     out = io.BytesIO()
     Image.new("L", (4000, 4000)).save(out, format="PNG", optimize=True)
     return out.getvalue()
+
+
+def test_every_error_handler_runs_on_the_event_loop() -> None:
+    # Starlette sends a plain `def` handler through its thread pool: a thread hop for every refusal,
+    # which a flood of bad or shed requests (429) pays on the front end's one event loop
+    handlers = create_app(Settings()).exception_handlers
+    assert handlers
+    sync = [h.__name__ for h in handlers.values() if not inspect.iscoroutinefunction(h)]
+    assert sync == []
 
 
 def test_missing_domain_header(client: httpx.Client) -> None:
