@@ -87,8 +87,13 @@ class RequestLifetime:
         return f"the request's deadline of {self.timeout_s:g} s passed before it was answered"
 
     def close(self) -> None:
+        # The watcher ends in a CancelledError that its task keeps, with the traceback's frames and, through
+        # them, this lifetime: a cycle per request (with the request and its ASGI cycle hanging off it) that
+        # only the garbage collector would free. Dropping the lifetime's links to both tasks leaves none.
         if self._watcher is not None:
             self._watcher.cancel()
+            self._watcher = None
+        self._task = None
 
 
 @asynccontextmanager
