@@ -9,6 +9,7 @@ flight.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import resource
@@ -22,6 +23,9 @@ from server.logs import configure_logging
 from server.serving import uvicorn_config
 from server.settings import Settings
 from server.supervisor import reuseport_socket
+
+_YOUNG_COLLECTION_THRESHOLD = 10_000
+"""Net container allocations between two young collections (Python's default: 700)."""
 
 _SPARE_FILES = 256
 """File descriptors beside client connections (engine sockets, shared memory, logs, the store)."""
@@ -50,6 +54,20 @@ def _yield_to_engine() -> None:
         logging.getLogger(__name__).warning("front end keeps SCHED_OTHER (%s)", exc)
 
 
+def _quiet_garbage_collector() -> None:
+    """Keep the cyclic garbage collector off the request path, once the modules are imported.
+
+    A request's objects are freed by reference counting (it leaves no cycles: tests/server/
+    test_lifetime.py), so the collector only re-traversed live objects: about 8% of a front end's CPU under
+    the bench's load, in full collections over the ~80,000 objects of FastAPI, pydantic and the routes
+    (~60 ms each) and young ones every ~10 requests over the ~2,000 objects of the requests in flight.
+    Frozen, the imported objects are never traversed again; a real build-up of cycles still crosses the
+    higher young threshold and is collected."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(_YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--log-level", default="info")
@@ -68,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         create_app(settings), log_level=args.log_level, access_log=False, log_config=None,
         timeout_graceful_shutdown=30,
     )  # fmt: skip
+    _quiet_garbage_collector()
     uvicorn.Server(config).run(sockets=[listening])
     return 0
 
