@@ -2,9 +2,10 @@
 called in this process, no sockets, no engine, for answers that need none.
 
 Each kind of answer is timed over `--requests` calls in rounds taken in turn with the other kinds, and
-reported (the median round) in microseconds of CPU and as a ratio to a `GET /healthz` in the same run (the cheapest route: what the stack costs around
-any answer). Refusals matter most: under overload or attack most answers are 429s and 4xx, and each one
-costs a front end CPU that its admitted requests then lack.
+reported (the median round) in microseconds of CPU and as a ratio to a `GET /healthz` in the same run:
+the cheapest route, what the stack costs around any answer. Refusals matter most: under overload or
+attack most answers are 429s and 4xx, and each one costs a front end CPU that its admitted requests
+then lack.
 
     python -m bench.asgi_cost
 The last line is one JSON summary.
@@ -98,9 +99,8 @@ def main() -> None:
     args = p.parse_args()
     results = asyncio.run(measure(args.requests))
     for name, row in results.items():
-        print(
-            f"{int(row['status'])} {name:12s} {row['cpu_us']:6.0f} us of CPU  {row['over_healthz']:.2f}x healthz"
-        )
+        cost = f"{row['cpu_us']:6.0f} us of CPU  {row['over_healthz']:.2f}x healthz"
+        print(f"{int(row['status'])} {name:12s} {cost}")
     print(json.dumps({"bench": "asgi_cost", "requests": args.requests, "answers": results}))
 
 
