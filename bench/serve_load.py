@@ -70,8 +70,9 @@ class EngineOnly:
 
     def __init__(self, store_dir: Path, args: argparse.Namespace, weights: list[float]) -> None:
         config = EngineConfig(
-            device=args.device, bank_slots=args.bank_slots, merged_cache=4, engine_streams=args.engine_streams
-        )
+            device=args.device, bank_slots=args.bank_slots, merged_cache=4, engine_streams=args.engine_streams,
+            dtype=args.dtype, channels_last=args.channels_last,
+        )  # fmt: skip
         self.engine = Engine(LocalStore(store_dir), config)
         self.keys = [self.engine.resolve(f"d{i}") for i in range(args.domains)]
         self.weights = weights
@@ -149,6 +150,10 @@ def start_server(
             "MD_MAX_WAIT_MS": str(args.max_wait_ms),
             "MD_DEVICE": args.device,
             "MD_ENGINE_STREAMS": str(args.engine_streams),
+            "MD_DTYPE": args.dtype,
+            "MD_CHANNELS_LAST": str(args.channels_last).lower(),
+            # every client, and the bench's metrics client, connects from 127.0.0.1: one address
+            "MD_MAX_CONNECTIONS_PER_ADDRESS": str(max(128, args.clients + 8)),
             **env,
         },
         workers=workers,
@@ -411,6 +416,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="short phases (a few minutes in all)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="engine-only and server device")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default="float32",
+        help="compute dtype on CUDA, both sides (the CPU always runs float32)",
+    )
+    p.add_argument("--channels-last", action="store_true", help="channels_last on CUDA, both sides")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--domains", type=int, default=10)
     p.add_argument("--cold-domains", type=int, default=5)
@@ -459,6 +471,8 @@ def main() -> None:
     summary: dict[str, object] = {
         "bench": "serve_load",
         "device": args.device,
+        "dtype": args.dtype if args.device == "cuda" else "float32",
+        "channels_last": args.channels_last and args.device == "cuda",
         "model": f"resnet26 width {args.width}",
         "size": args.size,
         "clients": args.clients,
