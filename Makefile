@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := domain_format residual_adapters adapters_store model_artifacts training server multidomain
 
-.PHONY: install browser lint test test-portability serve cluster bench bench-data clean
+.PHONY: install browser lint test test-portability serve cluster bench gpu-wheels bench-data clean
 
 install: $(STAMP) browser
 
@@ -69,6 +69,16 @@ cluster: install
 
 bench: install
 	$(BIN)/python -m bench.engine --quick
+
+# What the GPU machine's image lacks (Python 3.12, no fastapi, uvicorn, pydantic or pyzmq; ../shared/ENVIRONMENT.md),
+# as wheels for it, at the versions this venv tests: bench/gpu_check.sh installs them there from gpu_wheels/
+# (the device tool's `carry`).
+GPU_WHEELS := fastapi 'uvicorn[standard]' pydantic pydantic-settings python-multipart pyzmq msgpack filelock
+gpu-wheels: install
+	rm -rf gpu_wheels && mkdir gpu_wheels && $(BIN)/pip freeze --exclude-editable | grep '==' > gpu_wheels/tested.txt
+	$(BIN)/pip download -q --python-version 3.12 --only-binary=:all: -c gpu_wheels/tested.txt \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+		-d gpu_wheels $(GPU_WHEELS)
 
 # Offline data for bench/train_defaults.py and the decathlon (Fashion-MNIST from Debian; the fonts of the letters
 # and glyphs: DejaVu, Liberation, FreeFont); needs root.

@@ -1,16 +1,49 @@
 #!/usr/bin/env bash
-# The checks that need the GPU machine, in one call (see ../shared/ENVIRONMENT.md): engine throughput on
-# CUDA in fp32 and bf16, plus the CPU figures on two pinned cores of that quiet machine for reference.
-# Usage there: bash bench/gpu_check.sh  (uses the image's python3; results also under $OUT if set)
+# The checks that need the GPU machine, in one call (see ../shared/ENVIRONMENT.md): the load bench against
+# the real multi-process server on CUDA (the issue's bar: end to end >= 0.5x engine only at batch 32 with
+# 128 clients, K = 1, 4, 8 front ends, bf16 + channels_last), then engine throughput on CUDA in fp32 and
+# bf16, then the CPU figures on two pinned cores of that quiet machine for reference.
+#
+# Here first: `make gpu-wheels` (what that image lacks: fastapi, uvicorn, pydantic, pyzmq..., as wheels for
+# its Python 3.12, at the versions the project's venv tests), then a dry run of the set-up and the load
+# bench on the CPU with the image's Python (DEVICE=cpu WORKERS=1 PY=python3.12 bash bench/gpu_check.sh).
+# There: bash bench/gpu_check.sh, with gpu_wheels carried (the device tool's `carry`); results in $OUT.
+# Every step has a time limit, so one that hangs cannot use up the session's device time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/gpu_check}
+DEVICE=${DEVICE:-cuda}  # cpu: the dry run on a machine without a GPU
+WORKERS=${WORKERS:-1,4,8}
+SITE=${SITE:-/tmp/gpu_check_site}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-"$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
-OMP_NUM_THREADS=2 taskset -c 0,1 "$PY" -m bench.engine --quick --device cpu | tee "$OUT/engine_cpu2.txt"
-"$PY" -m bench.engine --device cuda --dtype fp32 | tee "$OUT/engine_cuda_fp32.txt"
-"$PY" -m bench.engine --device cuda --dtype bf16 | tee "$OUT/engine_cuda_bf16.txt"
-"$PY" -m bench.engine --device cuda --dtype bf16 --channels-last | tee "$OUT/engine_cuda_bf16_cl.txt"
+
+# 1. The missing packages, from the carried wheels (that machine has no network), into a directory of
+# their own: the image's Python may be externally managed, and its torch must stay the one it has.
+if ! PYTHONPATH=$SITE "$PY" -c "import fastapi, uvicorn, httptools, pydantic_settings, multipart, zmq, msgpack" 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --find-links gpu_wheels --target "$SITE" gpu_wheels/*.whl
+fi
+# (the server's processes inherit this)
+export PYTHONPATH=$SITE:$PWD
+"$PY" -c "import sys, torch, torchvision, fastapi, uvicorn, pydantic, zmq
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'torchvision', torchvision.__version__,
+      'fastapi', fastapi.__version__, 'uvicorn', uvicorn.__version__, 'pydantic', pydantic.VERSION,
+      'pyzmq', zmq.__version__, 'cuda', torch.cuda.is_available())" | tee "$OUT/versions.txt"
+if [ "$DEVICE" = cuda ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+    DTYPE=(--dtype bfloat16 --channels-last)
+else
+    DTYPE=()
+fi
+
+# 2. The bar: the real server, K front ends, 128 closed-loop clients, batches of up to 32.
+timeout 420 "$PY" -m bench.serve_load --quick --device "$DEVICE" "${DTYPE[@]}" --workers "$WORKERS" \
+    --clients 128 --batch 32 --skip-memory --cold-domains 1 | tee "$OUT/serve_load.txt"
+[ "$DEVICE" = cuda ] || exit 0
+
+# 3. The engine alone on CUDA, then on two of the machine's cores.
+for dtype in "fp32" "bf16" "bf16 --channels-last"; do
+    # shellcheck disable=SC2086  # the channels_last flag rides along with its dtype
+    timeout 120 "$PY" -m bench.engine --quick --device cuda --dtype $dtype | tee "$OUT/engine_cuda_${dtype// /}.txt"
+done
+OMP_NUM_THREADS=2 timeout 120 taskset -c 0,1 "$PY" -m bench.engine --quick --device cpu | tee "$OUT/engine_cpu2.txt"

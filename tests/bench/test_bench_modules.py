@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,11 @@ def test_the_asgi_cost_bench_times_the_answers_it_names() -> None:
         name: status for name, status, *_ in asgi_cost.ANSWERS
     }
     assert results["healthz"]["over_healthz"] == 1.0
+
+
+def test_the_gpu_check_script_parses() -> None:
+    """bench/gpu_check.sh runs only where a GPU is lent, in one try: a syntax error must show here."""
+    result = subprocess.run(
+        ["bash", "-n", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
