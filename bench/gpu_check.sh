@@ -8,7 +8,8 @@
 # its Python 3.12, at the versions the project's venv tests), then a dry run of the set-up and the load
 # bench on the CPU with the image's Python (DEVICE=cpu WORKERS=1 PY=python3.12 bash bench/gpu_check.sh).
 # There: bash bench/gpu_check.sh, with gpu_wheels carried (the device tool's `carry`); results in $OUT.
-# Every step has a time limit, so one that hangs cannot use up the session's device time.
+# Every step has a time limit, so one that hangs cannot use up the session's device time, and a step that
+# fails is noted in $OUT/failed.txt while the others still run (there is one try).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -38,12 +39,15 @@ fi
 
 # 2. The bar: the real server, K front ends, 128 closed-loop clients, batches of up to 32.
 timeout 420 "$PY" -m bench.serve_load --quick --device "$DEVICE" "${DTYPE[@]}" --workers "$WORKERS" \
-    --clients 128 --batch 32 --skip-memory --cold-domains 1 | tee "$OUT/serve_load.txt"
+    --clients 128 --batch 32 --skip-memory --cold-domains 1 2>&1 | tee "$OUT/serve_load.txt" ||
+    echo "serve_load: rc $?" | tee -a "$OUT/failed.txt"
 [ "$DEVICE" = cuda ] || exit 0
 
 # 3. The engine alone on CUDA, then on two of the machine's cores.
 for dtype in "fp32" "bf16" "bf16 --channels-last"; do
     # shellcheck disable=SC2086  # the channels_last flag rides along with its dtype
-    timeout 120 "$PY" -m bench.engine --quick --device cuda --dtype $dtype | tee "$OUT/engine_cuda_${dtype// /}.txt"
+    timeout 120 "$PY" -m bench.engine --quick --device cuda --dtype $dtype 2>&1 |
+        tee "$OUT/engine_cuda_${dtype// /}.txt" || echo "engine $dtype: rc $?" | tee -a "$OUT/failed.txt"
 done
-OMP_NUM_THREADS=2 timeout 120 taskset -c 0,1 "$PY" -m bench.engine --quick --device cpu | tee "$OUT/engine_cpu2.txt"
+OMP_NUM_THREADS=2 timeout 120 taskset -c 0,1 "$PY" -m bench.engine --quick --device cpu 2>&1 |
+    tee "$OUT/engine_cpu2.txt" || echo "engine cpu: rc $?" | tee -a "$OUT/failed.txt"
