@@ -137,7 +137,11 @@ class ConnectionGuard:
     def _per_address(self, address: str, what: str) -> Refusal | None:
         limit = self.limits.max_connections_per_address
         if self.by_address[address] >= limit:
-            return Refusal(429, "too_many_connections", f"{address} already has {limit} {what} here")
+            return Refusal(
+                429,
+                "too_many_connections",
+                f"{address} already has {limit} {what} here (MD_MAX_CONNECTIONS_PER_ADDRESS, per front end)",
+            )
         return None
 
     # -- body bytes ----------------------------------------------------------------------------------------

@@ -212,6 +212,9 @@ def test_the_per_address_cap_refuses_a_flood_from_one_address_only(capped: str) 
         status, headers, body = parse(read_until_closed(refused))
         assert status == 429 and "retry-after" in headers
         assert body["error"]["code"] == "too_many_connections"  # type: ignore[index]
+        # the limit that refused it, by the name an operator sets it with
+        assert "4 connections" in body["error"]["message"]  # type: ignore[index]
+        assert "MD_MAX_CONNECTIONS_PER_ADDRESS" in body["error"]["message"]  # type: ignore[index]
         assert classify(capped).status_code == 200  # 127.0.0.1 is not refused
 
 
