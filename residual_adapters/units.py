@@ -242,7 +242,11 @@ class DomainUnit(nn.Module):
                 kernels.per_row(bank.series_shift, plan), y, kernels.per_row(bank.series_scale, plan)
             )
             kernels.add_adapter(y, t, bank.series, plan)
-        return torch.addcmul(kernels.per_row(bank.shift, plan), y, kernels.per_row(bank.scale, plan))
+        # The folded BN is written over y where y is this unit's own fresh output (without a conv it may be
+        # x itself): a new tensor per unit is memory fresh from the allocator, whose first touch page-faults
+        # when batch sizes vary (as they do under load; half the engine's faults there).
+        out = y if self.conv is not None and not y.requires_grad else None
+        return torch.addcmul(kernels.per_row(bank.shift, plan), y, kernels.per_row(bank.scale, plan), out=out)
 
     @staticmethod
     def _runs_depthwise_deltas(bank: UnitBank, plan: SlotPlan | MixedPlan) -> bool:

@@ -39,7 +39,7 @@ class BasicBlock(nn.Module):
             shortcut = F.avg_pool2d(shortcut, self.stride)
         if self.pad:
             shortcut = F.pad(shortcut, (0, 0, 0, 0, 0, self.pad))
-        return F.relu(y + shortcut)
+        return (y + shortcut).relu_()  # in place on the fresh sum: no second block-sized tensor
 
 
 class ResNet26(nn.Module):
