@@ -243,8 +243,8 @@ class DomainUnit(nn.Module):
             )
             kernels.add_adapter(y, t, bank.series, plan)
         # The folded BN is written over y where y is this unit's own fresh output (without a conv it may be
-        # x itself): a new tensor per unit is memory fresh from the allocator, whose first touch page-faults
-        # when batch sizes vary (as they do under load; half the engine's faults there).
+        # x itself): a new tensor per unit is memory fresh from the allocator, whose first touch can
+        # page-fault when batch sizes vary (as they do under load).
         out = y if self.conv is not None and not y.requires_grad else None
         return torch.addcmul(kernels.per_row(bank.shift, plan), y, kernels.per_row(bank.scale, plan), out=out)
 
