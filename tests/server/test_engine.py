@@ -297,3 +297,25 @@ def test_a_runner_freed_early_takes_the_queue_without_a_wait_window(store: Local
     finally:
         release.set()
         batcher.stop()
+
+
+def test_a_bank_forward_leaves_every_units_input_as_it_was(store: LocalStore) -> None:
+    """Units write their folded BN over their own conv's fresh output; one without a conv (ResNet-26's
+    end_bn) must not write over its input, which belongs to the layer before it."""
+    engine = Engine(store, EngineConfig(bank_slots=2, merged_cache=0))
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooks = [
+        unit.register_forward_pre_hook(lambda _, args: seen.append((args[0], args[0].clone())))
+        for unit in engine.net.units
+    ]
+    keys = [engine.resolve("birds"), engine.resolve("digits")]
+    spec = DOMAINS["birds"][2].image_spec()
+    pixels = np.stack([prepare(encode(image(seed)), spec, max_pixels=10**7) for seed in (1, 2)])
+    try:
+        engine.infer_pixels(keys, torch.from_numpy(pixels))  # a mixed batch: the bank's path
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert any(unit.conv is None for unit in engine.net.units)
+    assert len(seen) == len(engine.net.units)
+    assert all(torch.equal(x, before) for x, before in seen)
