@@ -21,7 +21,8 @@ mkdir -p "$OUT"
 
 # 1. The missing packages, from the carried wheels (that machine has no network), into a directory of
 # their own: the image's Python may be externally managed, and its torch must stay the one it has.
-if ! PYTHONPATH=$SITE "$PY" -c "import fastapi, uvicorn, httptools, pydantic_settings, multipart, zmq, msgpack" 2>/dev/null; then
+MISSING="import fastapi, uvicorn, httptools, pydantic_settings, multipart, zmq, msgpack"
+if ! PYTHONPATH=$SITE "$PY" -c "$MISSING" 2>/dev/null; then
     "$PY" -m pip install -q --no-index --find-links gpu_wheels --target "$SITE" gpu_wheels/*.whl
 fi
 # (the server's processes inherit this)

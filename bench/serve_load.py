@@ -57,6 +57,7 @@ from bench.harness import (
     zipf_weights,
 )
 from server.engine import Engine, EngineConfig
+from server.settings import Settings
 
 
 # -- engine only -----------------------------------------------------------------------------------
@@ -139,6 +140,9 @@ def bank_loads(store_dir: Path, args: argparse.Namespace) -> dict[str, float]:
 
 
 # -- the server ------------------------------------------------------------------------------------
+_PER_ADDRESS_DEFAULT: int = Settings.model_fields["max_connections_per_address"].default
+
+
 def start_server(
     store_dir: Path, args: argparse.Namespace, workers: int = 1, **env: str
 ) -> SupervisorProcess:
@@ -153,7 +157,7 @@ def start_server(
             "MD_DTYPE": args.dtype,
             "MD_CHANNELS_LAST": str(args.channels_last).lower(),
             # every client, and the bench's metrics client, connects from 127.0.0.1: one address
-            "MD_MAX_CONNECTIONS_PER_ADDRESS": str(max(128, args.clients + 8)),
+            "MD_MAX_CONNECTIONS_PER_ADDRESS": str(max(_PER_ADDRESS_DEFAULT, args.clients + 8)),
             **env,
         },
         workers=workers,

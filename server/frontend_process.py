@@ -59,8 +59,9 @@ def _quiet_garbage_collector() -> None:
 
     A request's objects are freed by reference counting (it leaves no cycles, as
     tests/server/test_lifetime.py checks), so the collector only re-traversed live objects: about 8% of a
-    front end's CPU under the bench's load, in full collections over the ~80,000 objects of FastAPI, pydantic and the routes
-    (~60 ms each) and young ones every ~10 requests over the ~2,000 objects of the requests in flight.
+    front end's CPU under the bench's load, in full collections over the ~80,000 objects of FastAPI,
+    pydantic and the routes (~60 ms each) and young ones every ~10 requests over the ~2,000 objects of
+    the requests in flight.
     Frozen, the imported objects are never traversed again; a real build-up of cycles still crosses the
     higher young threshold and is collected."""
     gc.collect()
