@@ -327,6 +327,17 @@ def centre_offset(full: int, size: int) -> int:
     return (full - size) // 2
 
 
+def crop_window(width: int, height: int, spec: ImageSpec) -> tuple[tuple[int, int], int, int]:
+    """Where ``decode_header``'s crop of a width x height image lies: the (width, height) it is resized to,
+    and the top and left of the ``input_size`` window in that (the centre square, then its centre), for
+    decoders that crop in one step (``server.device_jpeg``)."""
+    resized_w, resized_h = resized_size(width, height, spec.resize)
+    inner = centre_offset(spec.resize, spec.input_size)
+    top = centre_offset(resized_h, spec.resize) + inner
+    left = centre_offset(resized_w, spec.resize) + inner
+    return (resized_w, resized_h), top, left
+
+
 def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
     """(width, height) once the shorter side is ``shorter``; the longer side truncated (torchvision's rule)."""
     if width <= height:

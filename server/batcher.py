@@ -60,8 +60,9 @@ class BatchEvents:
 @dataclass
 class _Item:
     key: DomainKey
-    image: np.ndarray
-    """uint8 [S, S, 3]: possibly a view into a front end's shared-memory slab, read only when batched."""
+    image: np.ndarray | Tensor
+    """uint8 [S, S, 3]: possibly a view into a front end's shared-memory slab, read only when batched, or
+    a crop the engine decoded on its device (`server.device_jpeg`)."""
     top_k: int
     future: Future[Prediction]
     enqueued: float
@@ -148,7 +149,7 @@ class Batcher:
     def submit(
         self,
         key: DomainKey,
-        images: Sequence[np.ndarray] | np.ndarray,
+        images: Sequence[np.ndarray] | np.ndarray | Tensor,
         top_k: int = 5,
         deadline: float | None = None,
     ) -> list[Future[Prediction]]:
@@ -259,8 +260,7 @@ class Batcher:
             x: Tensor | None
             started = time.monotonic()
             try:
-                pixels = torch.from_numpy(np.stack([i.image for i in batch]))  # the one copy out of the slabs
-                x = self.engine.network_input([i.key for i in batch], pixels)
+                x = self.engine.network_input([i.key for i in batch], self._pixels(batch))
             except Exception:  # e.g. a version deleted meanwhile: the runner isolates it per domain
                 x = None
             staging = time.monotonic() - started
@@ -298,11 +298,20 @@ class Batcher:
                     self._cond.notify_all()
             self.events.batch_run(len(batch), len({i.key for i in batch}), seconds)
 
+    def _pixels(self, batch: list[_Item]) -> Tensor:
+        """The batch's crops as one uint8 tensor [B, S, S, 3]: the one copy out of the slabs, or joined
+        on the device where the engine decoded some of them."""
+        images = [i.image for i in batch]
+        if all(isinstance(i, np.ndarray) for i in images):
+            return torch.from_numpy(np.stack(images))  # type: ignore[arg-type]
+        device = self.engine.device
+        return torch.stack([torch.as_tensor(i).to(device, non_blocking=True) for i in images])
+
     def _run_batch(self, batch: list[_Item], x: Tensor | None = None) -> None:
         keys = [i.key for i in batch]
         try:
             if x is None:
-                x = self.engine.network_input(keys, torch.from_numpy(np.stack([i.image for i in batch])))
+                x = self.engine.network_input(keys, self._pixels(batch))
             preds = self.engine.infer(keys, x, [i.top_k for i in batch])
         except NonFiniteOutput as exc:  # those rows fail (a 5xx of their own); the others are answered
             for item, pred in zip(batch, exc.predictions, strict=True):

@@ -290,7 +290,7 @@ class Engine:
         if len(keys) != pixels.shape[0]:
             raise ValueError(f"{len(keys)} keys for {pixels.shape[0]} images")
         # pinned on CUDA, so the copy runs asynchronously with the host's work; uint8: 4x fewer bytes
-        host = pixels.pin_memory() if self.device.type == "cuda" else pixels
+        host = pixels.pin_memory() if self.device.type == "cuda" and pixels.device.type == "cpu" else pixels
         on_device = host.to(self.device, non_blocking=True)
         pre = {key: self.manifest(key).preprocessing for key in set(keys)}
         # the one normalisation, each row with its own domain's mean and std, in one pass: a handful of ops

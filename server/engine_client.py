@@ -1,6 +1,7 @@
 """The front end's one object for talking to engines: `EngineClient` (async), over ZeroMQ or in-process.
 
-Routes call only this: `resolve`, `lease` + `classify`, the domain operations and `metrics_texts`.
+Routes call only this: `resolve`, `lease` + `classify` (or `classify` of `EncodedJpegs`, which the engine
+decodes), the domain operations and `metrics_texts`.
 `RemoteEngines` (this module, no torch) reaches engine processes over ZeroMQ; `server.local_engine`
 runs an engine in this process (tests, `create_app` without a supervisor) behind the same methods.
 
@@ -21,6 +22,7 @@ import asyncio
 import itertools
 import logging
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,6 +54,17 @@ class PixelLease:
         if self.shared is not None:
             self.shared.release()
             self.shared = None
+
+
+@dataclass(frozen=True)
+class EncodedJpegs:
+    """A request's JPEGs as they came, for the engine to decode on its device (`MD_ENGINE_JPEG_DECODE`,
+    `server.device_jpeg`): small next to their crops, so they travel in the message, not in a slab."""
+
+    jpegs: list[bytes]
+
+    def release(self) -> None:
+        """Nothing held."""
 
 
 class EngineClient(ABC):
@@ -88,7 +101,7 @@ class EngineClient(ABC):
     async def classify(
         self,
         resolved: Message,
-        lease: PixelLease,
+        images: PixelLease | EncodedJpegs,
         top_k: int,
         *,
         check: bool = True,
@@ -102,7 +115,7 @@ class EngineClient(ABC):
         engine = self.engine_for(domain)
         try:
             reply = await self._classify(
-                engine, domain, int(resolved["version"]), lease, top_k,
+                engine, domain, int(resolved["version"]), images, top_k,
                 sha256=str(resolved["sha256"]) if check else None, pinned=bool(resolved["pinned"]),
                 deadline_s=deadline_s,
             )  # fmt: skip
@@ -114,7 +127,7 @@ class EngineClient(ABC):
 
     @abstractmethod
     async def _classify(
-        self, engine: int, domain: str, version: int, lease: PixelLease, top_k: int, *,
+        self, engine: int, domain: str, version: int, images: PixelLease | EncodedJpegs, top_k: int, *,
         sha256: str | None, pinned: bool, deadline_s: float | None = None,
     ) -> Message:  # fmt: skip
         """The engine's classify reply: `results`, the `version` served and its queue's state; the engine
@@ -365,12 +378,17 @@ class RemoteEngines(EngineClient):
         return PixelLease(shared.array, shared)
 
     async def _classify(
-        self, engine: int, domain: str, version: int, lease: PixelLease, top_k: int, *,
+        self, engine: int, domain: str, version: int, images: PixelLease | EncodedJpegs, top_k: int, *,
         sha256: str | None, pinned: bool, deadline_s: float | None = None,
     ) -> Message:  # fmt: skip
-        assert lease.shared is not None
+        where: dict[str, Any]
+        if isinstance(images, EncodedJpegs):
+            where = {"jpegs": images.jpegs}
+        else:
+            assert images.shared is not None
+            where = {"slab": self.slab.name, "offset": images.shared.offset, "count": len(images.array),
+                     "side": images.array.shape[1]}  # fmt: skip
         return await self.call(
-            engine, "classify", domain=domain, version=version, slab=self.slab.name,
-            offset=lease.shared.offset, count=len(lease.array), side=lease.array.shape[1], top_k=top_k,
-            sha256=sha256, pinned=pinned, deadline_s=deadline_s,
+            engine, "classify", domain=domain, version=version, top_k=top_k, sha256=sha256, pinned=pinned,
+            deadline_s=deadline_s, **where,
         )  # fmt: skip

@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import zmq
 import zmq.asyncio
 from prometheus_client import disable_created_metrics
@@ -129,15 +131,17 @@ class EngineProcess:
         self,
         domain: str,
         version: int,
-        slab: str,
-        offset: int,
-        count: int,
-        side: int,
         top_k: int,
+        slab: str = "",
+        offset: int = 0,
+        count: int = 0,
+        side: int = 0,
+        jpegs: list[bytes] | None = None,
         sha256: str | None = None,
         pinned: bool = False,
         deadline_s: float | None = None,
     ) -> Message:
+        """Queue a request's crops (in a front end's slab, or `jpegs` to decode here) and answer them."""
         if self.draining:
             raise EngineUnavailable("the engine is shutting down")
         service = self.service
@@ -149,10 +153,16 @@ class EngineProcess:
             check = functools.partial(service.serving_key, domain, version, sha256, pinned)
             key = await loop.run_in_executor(self.pool, contextvars.copy_context().run, check)
         assert key is not None
-        pixels = self.slabs.view(slab, offset, count, side)
+        pixels: np.ndarray | torch.Tensor
+        if jpegs is None:
+            pixels = self.slabs.view(slab, offset, count, side)
+        else:
+            loop = asyncio.get_running_loop()
+            decode = functools.partial(service.decode_jpegs, domain, version, jpegs)
+            pixels = await loop.run_in_executor(self.pool, contextvars.copy_context().run, decode)
         futures = service.submit(domain, version, pixels, top_k, deadline_s)
         predictions = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-        log.debug("classified %d images in %s version %d", count, domain, version)
+        log.debug("classified %d images in %s version %d", len(pixels), domain, version)
         return ok(
             results=[prediction_values(p) for p in predictions], version=version, **service.queue_state()
         )

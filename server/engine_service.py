@@ -26,10 +26,11 @@ from adapters_store.open import open_store
 from adapters_store.store import AdapterStore
 from adapters_store.validation import validate_domain_artifact
 from model_artifacts import adapter_config
+from server import device_jpeg
 from server.batcher import Batcher
 from server.engine import DomainKey, Engine, EngineConfig, Prediction
 from server.engine_metrics import EngineMetrics
-from server.errors import StaleVersion
+from server.errors import BadRequest, StaleVersion
 from server.protocol import affinity
 from server.settings import Settings
 
@@ -144,11 +145,26 @@ class EngineService:
         return key
 
     def submit(
-        self, domain: str, version: int, pixels: np.ndarray, top_k: int, deadline_s: float | None = None
+        self,
+        domain: str,
+        version: int,
+        pixels: np.ndarray | torch.Tensor,
+        top_k: int,
+        deadline_s: float | None = None,
     ) -> list[Future[Prediction]]:
         """Queue a request's crops; those still queued `deadline_s` seconds from now are dropped."""
         deadline = None if deadline_s is None else time.monotonic() + deadline_s
         return self.batcher.submit(DomainKey(domain, version), pixels, top_k, deadline=deadline)
+
+    def decode_jpegs(self, domain: str, version: int, jpegs: list[bytes]) -> torch.Tensor:
+        """A request's JPEGs, handed on by a front end (`MD_ENGINE_JPEG_DECODE`), as crops on the device
+        with the version's preprocessing (`server.device_jpeg`; CorruptImage for undecodable data)."""
+        if not self.settings.engine_jpeg_decode:
+            raise BadRequest("this engine does not decode JPEGs (MD_ENGINE_JPEG_DECODE is off)")
+        if not jpegs or not all(isinstance(j, bytes) for j in jpegs):
+            raise BadRequest("a classify message's jpegs are a non-empty list of bytes")
+        spec = self.engine.manifest(DomainKey(domain, version)).preprocessing.image_spec()
+        return device_jpeg.decode(jpegs, spec, self.engine.device)
 
     # -- domains ----------------------------------------------------------------------------------
     def upload(

@@ -13,8 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
-from server.engine_client import EngineClient, PixelLease
+from server.engine_client import EncodedJpegs, EngineClient, PixelLease
 from server.engine_service import EngineService, prediction_values
 from server.errors import BadRequest
 from server.protocol import Message
@@ -54,15 +55,20 @@ class LocalEngine(EngineClient):
         return PixelLease(np.empty((count, side, side, 3), dtype=np.uint8))
 
     async def _classify(
-        self, engine: int, domain: str, version: int, lease: PixelLease, top_k: int, *,
+        self, engine: int, domain: str, version: int, images: PixelLease | EncodedJpegs, top_k: int, *,
         sha256: str | None, pinned: bool, deadline_s: float | None = None,
     ) -> Message:  # fmt: skip
         service = self.service
         if service.serving_key(domain, version, sha256, pinned, may_block=False) is None:
             await asyncio.to_thread(service.serving_key, domain, version, sha256, pinned)
-        futures = service.submit(domain, version, lease.array, top_k, deadline_s)
+        pixels: np.ndarray | torch.Tensor
+        if isinstance(images, EncodedJpegs):
+            pixels = await asyncio.to_thread(service.decode_jpegs, domain, version, images.jpegs)
+        else:
+            pixels = images.array
+        futures = service.submit(domain, version, pixels, top_k, deadline_s)
         predictions = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-        log.debug("classified %d images in %s version %d", len(lease.array), domain, version)
+        log.debug("classified %d images in %s version %d", len(pixels), domain, version)
         return {"results": [prediction_values(p) for p in predictions], "version": version,
                 **service.queue_state()}  # fmt: skip
 

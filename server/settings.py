@@ -79,6 +79,11 @@ class Settings(BaseSettings, EngineConfig):
     """Requests of at most this many pixels in all, with bodies of at most 16 KiB, have their headers read
     and their images decoded on the event loop rather than in the pools (`server.routes.classify`): for
     such images the two thread hand-offs cost more CPU than the work. 0: every request uses the pools."""
+    engine_jpeg_decode: bool = False
+    """JPEGs decoded by the engine on its device (`server.device_jpeg`: batched nvJPEG on CUDA) instead of
+    by the front ends, which then only read and check the headers: for requests whose images are all
+    YCbCr or grayscale JPEGs, for domains resizing bilinearly (the pixels within one level of the front
+    end's). Off by default: on the CPU the decode would only move from the front ends to the engine's cores."""
     large_decode_nice: int = Field(default=19, ge=0, le=19)
     """OS priority (nice, Linux) of the decode lane for large images (over 1/64 of a front end's pixel
     share): a pool of its own of max(1, `decode_threads` - 1) threads, so a flood of large images yields

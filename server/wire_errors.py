@@ -22,6 +22,7 @@ from adapters_store.errors import (
     StoreUnavailable,
     VersionNotFound,
 )
+from domain_format.preprocess import CorruptImage
 from server import errors
 from server.protocol import Message, failure
 
@@ -38,6 +39,7 @@ _PLAIN: dict[str, type[Exception]] = {
         StoreUnavailable,
         errors.DomainUnavailable,
         errors.EngineError,
+        CorruptImage,  # a JPEG the engine decodes (MD_ENGINE_JPEG_DECODE) whose data is not one
     )
 }
 _SERVER: dict[str, type[errors.ServerError]] = {

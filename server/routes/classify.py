@@ -37,7 +37,8 @@ from domain_format.preprocess import (
 )
 from server.decoding import DecodeStopped
 from server.deps import FrontEndDep, VersionNumber, require_inference
-from server.engine_client import PixelLease
+from server.device_jpeg import engine_decodable
+from server.engine_client import EncodedJpegs, PixelLease
 from server.errors import BadRequest, MissingDomain, QueueFull, StaleVersion, UnsupportedMediaType
 from server.frontend import FrontEnd
 from server.lifetime import RequestLifetime, request_lifetime
@@ -139,6 +140,8 @@ class DecodePlan(NamedTuple):
     """The decode tasks into a lease."""
     inline: bool
     """Cheap enough to decode on the event loop (`DecodeScheduler.run`)."""
+    jpegs: EncodedJpegs | None = None
+    """The images as they came, for the engine to decode instead (`MD_ENGINE_JPEG_DECODE`)."""
 
 
 INLINE_BODY_BYTES = 16 * 1024
@@ -154,7 +157,8 @@ for; in the header pool such bytes held the GIL, and so the loop, as long."""
 
 async def plan_decoding(frontend: FrontEnd, images: list[bytes], spec: ImageSpec) -> DecodePlan:
     """The encoded images' headers read and checked with `spec` (in the header pool, off the event loop
-    and apart from decoding, unless the request is small: `INLINE_BODY_BYTES`), and their decode tasks."""
+    and apart from decoding, unless the request is small: `INLINE_BODY_BYTES`), and their decode tasks;
+    or, with `MD_ENGINE_JPEG_DECODE` and only JPEGs the engine decodes alike, the images to hand on."""
     inline_pixels = frontend.settings.inline_decode_pixels
     small = inline_pixels > 0 and sum(map(len, images)) <= INLINE_BODY_BYTES
     if small:
@@ -163,6 +167,8 @@ async def plan_decoding(frontend: FrontEnd, images: list[bytes], spec: ImageSpec
         loop = asyncio.get_running_loop()
         headers = await loop.run_in_executor(frontend.header_pool, read_headers, frontend, images, spec)
     pixels = sum(h.pixels for h in headers)
+    if frontend.settings.engine_jpeg_decode and all(engine_decodable(h, spec) for h in headers):
+        return DecodePlan(pixels, lambda lease: [], False, EncodedJpegs(images))
     return DecodePlan(
         pixels,
         lambda lease: decode_tasks(headers, spec, lease),
@@ -304,7 +310,8 @@ async def run_images(
 
     Admission is checked where the request's images and pixels start to count, on the event loop with no
     await between: the engine's queue has room for its images and this front end's decode budget for its
-    pixels (429 beyond its share), which are charged until its decoding ends.
+    pixels (429 beyond its share), which are charged until its decoding ends. A plan that hands the
+    images on (`DecodePlan.jpegs`: the engine decodes them) charges no pixels here.
 
     `resolved` may come from this front end's cache: when the engine finds it stale (another version
     activated through another front end, or the domain re-created), the request is resolved afresh and
@@ -314,41 +321,54 @@ async def run_images(
     for attempt in range(_ATTEMPTS):
         pre = Preprocessing.model_validate(resolved["preprocessing"])
         k = top_k if isinstance(top_k, int) else top_k(int(resolved["classes"]))
-        pixels, tasks, inline = await plan(pre.image_spec())
+        pixels, tasks, inline, jpegs = await plan(pre.image_spec())
         check_queue(frontend, resolved, count)
-        if not frontend.pixels_fit(pixels):
+        if jpegs is None and not frontend.pixels_fit(pixels):  # JPEGs handed on are not decoded here
             raise QueueFull(
                 f"this front end is decoding {frontend.pixels_decoding} pixels; the request's {pixels} more "
                 f"would pass its share of {frontend.max_pixels_decoding} (of which a quarter is kept for "
                 f"requests of small images)",
             )
-        lease = frontend.engines.lease(count, pre.input_size)
+        images = jpegs if jpegs is not None else frontend.engines.lease(count, pre.input_size)
         try:
-            frontend.images_preparing += count
-            frontend.pixels_decoding += pixels
-            try:
-                await frontend.decoder.run(tasks(lease), lifetime.should_stop, inline=inline)
-            except DecodeStopped:
-                raise lifetime.stop_reason() from None
-            finally:
-                frontend.images_preparing -= count
-                frontend.pixels_decoding -= pixels
+            if isinstance(images, PixelLease):
+                await decode_into(frontend, lifetime, images, tasks, pixels, inline)
             if lifetime.should_stop():
                 raise lifetime.stop_reason()
             prepared = time.perf_counter()
             try:
                 results = await frontend.engines.classify(
-                    resolved, lease, k, check=attempt < _ATTEMPTS - 1, deadline_s=lifetime.remaining()
+                    resolved, images, k, check=attempt < _ATTEMPTS - 1, deadline_s=lifetime.remaining()
                 )
             except StaleVersion:
                 pinned = int(resolved["version"]) if resolved["pinned"] else None
                 resolved = await frontend.engines.resolve(domain, pinned, fresh=True)
                 continue
         finally:
-            lease.release()  # only after the engine's answer: it reads the pixels in place
+            images.release()  # only after the engine's answer: it reads the pixels in place
         frontend.metrics.images.labels(domain).inc(len(results))
         return results, prepared, resolved
     raise AssertionError("unreachable: the last attempt is not checked")
+
+
+async def decode_into(
+    frontend: FrontEnd,
+    lifetime: RequestLifetime,
+    lease: PixelLease,
+    tasks: Callable[[PixelLease], list[ImageTask]],
+    pixels: int,
+    inline: bool,
+) -> None:
+    """Decode a request's images into its lease, its images and pixels counted as being prepared meanwhile."""
+    frontend.images_preparing += len(lease.array)
+    frontend.pixels_decoding += pixels
+    try:
+        await frontend.decoder.run(tasks(lease), lifetime.should_stop, inline=inline)
+    except DecodeStopped:
+        raise lifetime.stop_reason() from None
+    finally:
+        frontend.images_preparing -= len(lease.array)
+        frontend.pixels_decoding -= pixels
 
 
 TopK = Annotated[int | None, Query(ge=1, description="How many classes to return per image (default 5)")]
