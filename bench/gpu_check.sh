@@ -2,7 +2,8 @@
 # The checks that need the GPU machine, in one call (see ../shared/ENVIRONMENT.md): the load bench against
 # the real multi-process server on CUDA (the bar: end to end >= 0.5x engine only at batch 32 with
 # 128 clients, K = 1, 4, 8 front ends, bf16 + channels_last), then engine throughput on CUDA in fp32 and
-# bf16, then the CPU figures on two pinned cores of that quiet machine for reference.
+# bf16, then the CPU figures on two pinned cores of that quiet machine for reference, then JPEGs decoded by
+# the front ends against the engine on the GPU.
 #
 # Here first: `make gpu-wheels` (what that image lacks: fastapi, uvicorn, pydantic, pyzmq..., as wheels for
 # its Python 3.12, at the versions the project's venv tests), then a dry run of the set-up and the load
@@ -52,3 +53,12 @@ for dtype in "fp32" "bf16" "bf16 --channels-last"; do
 done
 OMP_NUM_THREADS=2 timeout 120 taskset -c 0,1 "$PY" -m bench.engine --quick --device cpu 2>&1 |
     tee "$OUT/engine_cpu2.txt" || echo "engine cpu: rc $?" | tee -a "$OUT/failed.txt"
+
+# 4. Last (what the call's limit may cut): JPEGs at K = 4, decoded by the front ends, then by the engine
+# on the GPU (MD_ENGINE_JPEG_DECODE: batched nvJPEG, server/device_jpeg.py).
+for decoder in "" "--engine-jpeg-decode"; do
+    # shellcheck disable=SC2086  # an empty flag is no flag
+    timeout 150 "$PY" -m bench.serve_load --quick --device "$DEVICE" "${DTYPE[@]}" --workers 4 --clients 128 \
+        --batch 32 --skip-memory --cold-domains 1 --image-format jpeg $decoder 2>&1 |
+        tee "$OUT/serve_load_jpeg${decoder:+_engine}.txt" || echo "jpeg $decoder: rc $?" | tee -a "$OUT/failed.txt"
+done

@@ -412,13 +412,14 @@ def zipf_weights(n: int, s: float) -> list[float]:
     return [x / total for x in w]
 
 
-def png_images(count: int, size: int) -> list[bytes]:
-    """``count`` random RGB PNGs of ``size`` x ``size`` (seeded: the same images every run)."""
+def png_images(count: int, size: int, fmt: str = "PNG") -> list[bytes]:
+    """``count`` random RGB PNGs (or another PIL format: ``fmt``) of ``size`` x ``size`` (seeded: the same
+    images every run)."""
     rng = np.random.default_rng(0)
     out = []
     for _ in range(count):
         buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format=fmt)
         out.append(buf.getvalue())
     return out
 

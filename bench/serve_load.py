@@ -156,6 +156,7 @@ def start_server(
             "MD_ENGINE_STREAMS": str(args.engine_streams),
             "MD_DTYPE": args.dtype,
             "MD_CHANNELS_LAST": str(args.channels_last).lower(),
+            "MD_ENGINE_JPEG_DECODE": str(args.engine_jpeg_decode).lower(),
             # every client, and the bench's metrics client, connects from 127.0.0.1: one address
             "MD_MAX_CONNECTIONS_PER_ADDRESS": str(max(_PER_ADDRESS_DEFAULT, args.clients + 8)),
             **env,
@@ -179,11 +180,12 @@ async def load_phase(
     the server idle), so the ratio of the two compares one machine state; then cold domains."""
     streams = engine.engine.streams  # the engine's busy fraction is of all of them (stream-seconds / S)
     url = server.url
-    images = png_images(64, args.size)
+    images = png_images(64, args.size, args.image_format.upper())
     names = [f"d{i}" for i in range(args.domains)]
+    media = f"image/{args.image_format}"
     # every request the clients send, built once (the lean client: `bench.harness.KeepAliveConnection`)
     requests = {
-        (name, i): http_request("POST", "/v1/classify", {"X-Domain": name, "Content-Type": "image/png"}, body)
+        (name, i): http_request("POST", "/v1/classify", {"X-Domain": name, "Content-Type": media}, body)
         for name in names
         for i, body in enumerate(images)
     }
@@ -427,6 +429,14 @@ def main() -> None:
         help="compute dtype on CUDA, both sides (the CPU always runs float32)",
     )
     p.add_argument("--channels-last", action="store_true", help="channels_last on CUDA, both sides")
+    p.add_argument(
+        "--image-format", choices=["png", "jpeg"], default="png", help="the load's images (--size square)"
+    )
+    p.add_argument(
+        "--engine-jpeg-decode",
+        action="store_true",
+        help="the engine decodes the JPEGs on its device (MD_ENGINE_JPEG_DECODE; with --image-format jpeg)",
+    )
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--domains", type=int, default=10)
     p.add_argument("--cold-domains", type=int, default=5)
@@ -477,6 +487,8 @@ def main() -> None:
         "device": args.device,
         "dtype": args.dtype if args.device == "cuda" else "float32",
         "channels_last": args.channels_last and args.device == "cuda",
+        "image_format": args.image_format,
+        "engine_jpeg_decode": args.engine_jpeg_decode,
         "model": f"resnet26 width {args.width}",
         "size": args.size,
         "clients": args.clients,
