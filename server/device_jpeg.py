@@ -71,11 +71,12 @@ def decode(jpegs: Sequence[bytes], spec: ImageSpec, device: torch.device) -> tor
                 raise CorruptImage(f"image {index}: the JPEG data is corrupt: {reason}") from None
     side = spec.input_size
     crops = torch.empty((len(images), side, side, 3), dtype=torch.uint8, device=device)
+    # PIL's convert("L"): ITU-R 601-2 luma in 16-bit fixed point (exact in float32: sums stay below 2**24)
+    luma = torch.tensor([19595.0, 38470.0, 7471.0], device=device).view(3, 1, 1)
     for row, image in enumerate(images):  # [3, H, W]
         pixels = image.float()
-        if spec.channels == "grayscale":  # PIL's convert("L"): ITU-R 601-2 luma in 16-bit fixed point
-            weights = torch.tensor([19595.0, 38470.0, 7471.0], device=device).view(3, 1, 1)
-            pixels = torch.floor(((pixels * weights).sum(0, keepdim=True) + 32768.0) / 65536.0)
+        if spec.channels == "grayscale":
+            pixels = torch.floor(((pixels * luma).sum(0, keepdim=True) + 32768.0) / 65536.0)
         (width, height), top, left = crop_window(pixels.shape[2], pixels.shape[1], spec)
         if (width, height) != (pixels.shape[2], pixels.shape[1]):
             pixels = interpolate(pixels[None], size=(height, width), mode="bilinear", antialias=True)[0]
