@@ -157,9 +157,7 @@ class EngineProcess:
         if jpegs is None:
             pixels = self.slabs.view(slab, offset, count, side)
         else:
-            loop = asyncio.get_running_loop()
-            decode = functools.partial(service.decode_jpegs, domain, version, jpegs)
-            pixels = await loop.run_in_executor(self.pool, contextvars.copy_context().run, decode)
+            pixels = await asyncio.wrap_future(service.decode_jpegs(domain, version, jpegs))
         futures = service.submit(domain, version, pixels, top_k, deadline_s)
         predictions = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         log.debug("classified %d images in %s version %d", len(pixels), domain, version)

@@ -26,8 +26,8 @@ from adapters_store.open import open_store
 from adapters_store.store import AdapterStore
 from adapters_store.validation import validate_domain_artifact
 from model_artifacts import adapter_config
-from server import device_jpeg
 from server.batcher import Batcher
+from server.device_jpeg import JpegDecoder
 from server.engine import DomainKey, Engine, EngineConfig, Prediction
 from server.engine_metrics import EngineMetrics
 from server.errors import BadRequest, StaleVersion
@@ -76,6 +76,7 @@ class EngineService:
             events=self.metrics,
         )
         self.batcher.start()
+        self.jpeg_decoder = JpegDecoder(self.engine.device) if settings.engine_jpeg_decode else None
 
     # -- serving ----------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -156,15 +157,16 @@ class EngineService:
         deadline = None if deadline_s is None else time.monotonic() + deadline_s
         return self.batcher.submit(DomainKey(domain, version), pixels, top_k, deadline=deadline)
 
-    def decode_jpegs(self, domain: str, version: int, jpegs: list[bytes]) -> torch.Tensor:
+    def decode_jpegs(self, domain: str, version: int, jpegs: list[bytes]) -> Future[torch.Tensor]:
         """A request's JPEGs, handed on by a front end (`MD_ENGINE_JPEG_DECODE`), as crops on the device
-        with the version's preprocessing (`server.device_jpeg`; CorruptImage for undecodable data)."""
-        if not self.settings.engine_jpeg_decode:
+        with the version's preprocessing, decoded with other requests' (`server.device_jpeg`;
+        CorruptImage for undecodable data). Does not block."""
+        if self.jpeg_decoder is None:
             raise BadRequest("this engine does not decode JPEGs (MD_ENGINE_JPEG_DECODE is off)")
         if not jpegs or not all(isinstance(j, bytes) for j in jpegs):
             raise BadRequest("a classify message's jpegs are a non-empty list of bytes")
-        spec = self.engine.manifest(DomainKey(domain, version)).preprocessing.image_spec()
-        return device_jpeg.decode(jpegs, spec, self.engine.device)
+        key = DomainKey(domain, version)
+        return self.jpeg_decoder.submit(jpegs, lambda: self.engine.manifest(key).preprocessing.image_spec())
 
     # -- domains ----------------------------------------------------------------------------------
     def upload(
@@ -257,4 +259,6 @@ class EngineService:
 
     def close(self) -> None:
         """Stop the batcher after the queued images are answered (the drain)."""
+        if self.jpeg_decoder is not None:
+            self.jpeg_decoder.stop()
         self.batcher.stop()

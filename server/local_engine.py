@@ -63,7 +63,7 @@ class LocalEngine(EngineClient):
             await asyncio.to_thread(service.serving_key, domain, version, sha256, pinned)
         pixels: np.ndarray | torch.Tensor
         if isinstance(images, EncodedJpegs):
-            pixels = await asyncio.to_thread(service.decode_jpegs, domain, version, images.jpegs)
+            pixels = await asyncio.wrap_future(service.decode_jpegs(domain, version, images.jpegs))
         else:
             pixels = images.array
         futures = service.submit(domain, version, pixels, top_k, deadline_s)

@@ -9,6 +9,8 @@ once, so the crops differ by at most one level, and not at all where no resize i
 from __future__ import annotations
 
 import io
+import threading
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -19,8 +21,9 @@ from PIL import Image
 
 from adapters_store import LocalStore
 from domain_format.preprocess import CorruptImage, ImageSpec, prepare, read_header
+from server import device_jpeg
 from server.app import create_app
-from server.device_jpeg import decode, engine_decodable
+from server.device_jpeg import JpegDecoder, decode, engine_decodable
 from server.engine_service import EngineService
 from server.errors import BadRequest
 from tests.server.conftest import (
@@ -99,6 +102,82 @@ def test_corrupt_jpeg_data_is_refused_naming_the_image() -> None:
         decode([good, truncated], spec, torch.device("cpu"))
 
 
+# -- across requests: JpegDecoder ------------------------------------------------------------------------
+SPEC = ImageSpec(input_size=64, resize=72, channels="rgb", interpolation="bilinear")
+
+
+Busy = tuple[JpegDecoder, threading.Event, list[int]]
+
+
+@pytest.fixture
+def busy_decoder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Busy]:
+    """A decoder whose first request holds its thread until the event is set (its spec is asked for on
+    that thread), so the requests submitted meanwhile queue up; and the size of every decode_all call."""
+    calls: list[int] = []
+    real = device_jpeg.decode_all
+
+    def counted(jpegs: list[bytes], device: torch.device) -> list[torch.Tensor]:
+        calls.append(len(jpegs))
+        return real(jpegs, device)
+
+    monkeypatch.setattr(device_jpeg, "decode_all", counted)
+    decoder = JpegDecoder(torch.device("cpu"))
+    holding, release = threading.Event(), threading.Event()
+
+    def held_spec() -> ImageSpec:
+        holding.set()
+        release.wait(30)
+        return SPEC
+
+    hold = decoder.submit([CASES["tall"][0]], held_spec)
+    assert holding.wait(30)  # the decoder's thread is in the holding request's round
+    yield decoder, release, calls
+    release.set()
+    hold.result(timeout=30)
+    decoder.stop()
+
+
+def test_requests_queued_meanwhile_share_one_decode_call(busy_decoder: Busy) -> None:
+    decoder, release, calls = busy_decoder
+    requests = [[CASES["tall"][0]], [CASES["upscaled"][0], CASES["progressive"][0]], [CASES["tall"][0]]]
+    futures = [decoder.submit(jpegs, lambda: SPEC) for jpegs in requests]
+    release.set()
+    results = [f.result(timeout=30) for f in futures]
+    assert calls == [1, 4]  # the holding request alone, then the three queued behind it together
+    for jpegs, result in zip(requests, results, strict=True):
+        assert torch.equal(result, decode(jpegs, SPEC, torch.device("cpu")))
+
+
+def test_a_corrupt_image_fails_only_its_own_request(busy_decoder: Busy) -> None:
+    decoder, release, _ = busy_decoder
+    good = CASES["tall"][0]
+    futures = [decoder.submit(j, lambda: SPEC) for j in ([good], [good, good[: len(good) // 2]], [good])]
+    release.set()
+    with pytest.raises(CorruptImage, match=r"^image 1: "):  # its index in its own request
+        futures[1].result(timeout=30)
+    for future in (futures[0], futures[2]):
+        assert torch.equal(future.result(timeout=30), decode([good], SPEC, torch.device("cpu")))
+
+
+def test_a_cancelled_request_is_not_decoded(busy_decoder: Busy) -> None:
+    decoder, release, calls = busy_decoder
+    gone = decoder.submit([CASES["tall"][0]], lambda: SPEC)
+    kept = decoder.submit([CASES["upscaled"][0]], lambda: SPEC)
+    assert gone.cancel()
+    release.set()
+    assert kept.result(timeout=30).shape == (1, 64, 64, 3)
+    assert calls == [1, 1]  # the holding request, then only the one still wanted
+
+
+def test_a_stopped_decoder_finishes_its_queue_and_takes_no_more() -> None:
+    decoder = JpegDecoder(torch.device("cpu"))
+    queued = [decoder.submit([CASES["tall"][0]], lambda: SPEC) for _ in range(3)]
+    decoder.stop()
+    assert all(f.done() and f.result().shape == (1, 64, 64, 3) for f in queued)
+    with pytest.raises(RuntimeError, match="stopped"):
+        decoder.submit([CASES["tall"][0]], lambda: SPEC)
+
+
 # -- through the multi-process server ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def served(world: TinyWorld, tmp_path_factory: pytest.TempPathFactory) -> Processes:
@@ -172,6 +251,6 @@ def test_an_engine_with_the_setting_off_refuses_jpegs(store: LocalStore) -> None
     service = EngineService(settings_for(store, warmup=False))
     try:
         with pytest.raises(BadRequest, match="MD_ENGINE_JPEG_DECODE is off"):
-            service.decode_jpegs("birds", 1, [CASES["tall"][0]])
+            service.decode_jpegs("birds", 1, [CASES["tall"][0]]).result(timeout=30)
     finally:
         service.close()
