@@ -23,6 +23,9 @@ Streams: on the CPU the engine runs `streams` forwards at once (`engine_streams`
 the engine may use, each forward then on one intra-op thread), since independent single-thread forwards
 have no per-op barrier: a core taken by a front end pauses one stream, not all of them. A CUDA device
 queue serialises kernels anyway, so there it runs one. `Batcher` runs one runner thread per stream.
+Split forwards (`forward_split`, CPU): each forward's batch is cut into parts run at once on threads of
+their own, each on its share of the stream's intra-op threads; the parts wait for each other once, at
+the end of the batch, instead of at every op's barrier.
 
 Thread safety: residency changes (`ensure`, `load`, `evict`, `trial`) hold the bank lock; a forward
 runs outside it, on the slots it pinned under it. A pinned slot (a count per slot: every forward running
@@ -40,6 +43,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -122,6 +126,8 @@ class Engine:
         """Slot -> forwards running on it now (guarded by `_bank_lock`): never evicted or overwritten."""
         self.streams, self.stream_threads = _streams(self.device, self.config.engine_streams)
         """Forwards run at once, and the intra-op threads each runs with (`enter_stream`)."""
+        self._parts = _ForwardParts.for_engine(self.device, self.streams, self.stream_threads, self.config)
+        """None, or the threads a forward's parts run on at once (`forward_split`)."""
         self.versions = ActiveVersions(store, self.config.revision_poll_s)
         self.residency = Residency(
             store, self.net, slots=self.config.bank_slots, merged_cache=self.config.merged_cache,
@@ -344,13 +350,22 @@ class Engine:
         """Logits of a batch whose slots are pinned, in micro-batches: one domain on its merged weights
         (`merged`: the residency keeps them) or its bank slot, several through the bank."""
         step = self.micro_batch(x.shape[-1]) or x.shape[0]
+        index = torch.tensor([slots[k] for k in keys], device=self.device)
         if len(slots) == 1:
             slot = slots[keys[0]]
             forward = self.net.forward_merged if merged else self.net.forward_slot
-            chunks = [forward(c, slot) for c in x.split(step)]
+
+            def run(part: Tensor, rows: Tensor) -> list[Tensor]:
+                return [forward(c, slot) for c in part.split(step)]
         else:
-            index = torch.tensor([slots[k] for k in keys], device=self.device)
-            chunks = [self.net(c, i) for c, i in zip(x.split(step), index.split(step), strict=True)]
+
+            def run(part: Tensor, rows: Tensor) -> list[Tensor]:
+                return [self.net(c, i) for c, i in zip(part.split(step), rows.split(step), strict=True)]
+
+        if self._parts is None:
+            chunks = run(x, index)
+        else:
+            chunks = self._parts.run(run, x, index)
         if len(chunks) == 1:
             return chunks[0]
         # A mixed batch's logits are padded to the widest head resident at the time: another stream's
@@ -434,6 +449,40 @@ class Engine:
         if self.device.type == "cuda":
             return int(torch.cuda.memory_allocated(self.device))
         return process_rss_bytes()
+
+
+class _ForwardParts:
+    """A forward split along the batch into `count` parts run at once, each on a thread of this pool with
+    `threads` intra-op threads (`forward_split`): the caller waits, so the cores run the parts only."""
+
+    def __init__(self, count: int, workers: int, threads: int) -> None:
+        self.count = count
+        self._pool = ThreadPoolExecutor(
+            workers, thread_name_prefix="forward-part", initializer=torch.set_num_threads, initargs=(threads,)
+        )
+
+    @classmethod
+    def for_engine(
+        cls, device: torch.device, streams: int, stream_threads: int, config: EngineConfig
+    ) -> _ForwardParts | None:
+        split = min(config.forward_split, stream_threads)  # at least one intra-op thread per part
+        if device.type != "cpu" or split < 2:
+            return None
+        return cls(split, streams * split, stream_threads // split)  # every stream's parts at once
+
+    def run(self, run: Callable[[Tensor, Tensor], list[Tensor]], x: Tensor, index: Tensor) -> list[Tensor]:
+        """`run`'s chunks of every part, in row order."""
+
+        def part(xs: Tensor, rows: Tensor) -> list[Tensor]:
+            with torch.inference_mode():  # per thread: the caller's does not carry over
+                return run(xs, rows)
+
+        parts = [
+            self._pool.submit(part, xs, rows)
+            for xs, rows in zip(x.tensor_split(self.count), index.tensor_split(self.count), strict=True)
+            if len(xs)
+        ]
+        return [chunk for future in parts for chunk in future.result()]
 
 
 def _streams(device: torch.device, configured: int) -> tuple[int, int]:
