@@ -72,7 +72,7 @@ class EngineOnly:
     def __init__(self, store_dir: Path, args: argparse.Namespace, weights: list[float]) -> None:
         config = EngineConfig(
             device=args.device, bank_slots=args.bank_slots, merged_cache=4, engine_streams=args.engine_streams,
-            dtype=args.dtype, channels_last=args.channels_last,
+            forward_split=args.forward_split, dtype=args.dtype, channels_last=args.channels_last,
         )  # fmt: skip
         self.engine = Engine(LocalStore(store_dir), config)
         self.keys = [self.engine.resolve(f"d{i}") for i in range(args.domains)]
@@ -154,6 +154,7 @@ def start_server(
             "MD_MAX_WAIT_MS": str(args.max_wait_ms),
             "MD_DEVICE": args.device,
             "MD_ENGINE_STREAMS": str(args.engine_streams),
+            "MD_FORWARD_SPLIT": str(args.forward_split),
             "MD_DTYPE": args.dtype,
             "MD_CHANNELS_LAST": str(args.channels_last).lower(),
             "MD_ENGINE_JPEG_DECODE": str(args.engine_jpeg_decode).lower(),
@@ -453,6 +454,12 @@ def main() -> None:
         default=EngineConfig.model_fields["engine_streams"].default,
         help="the engine's streams, both sides (default: the server's; 0: one per CPU thread)",
     )
+    p.add_argument(
+        "--forward-split",
+        type=int,
+        default=EngineConfig.model_fields["forward_split"].default,
+        help="parts each forward runs in at once, both sides (default: the server's)",
+    )
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load per K, in --rounds slices")
     p.add_argument("--warmup-seconds", type=float, default=5.0)
     p.add_argument(
@@ -487,6 +494,7 @@ def main() -> None:
         "device": args.device,
         "dtype": args.dtype if args.device == "cuda" else "float32",
         "channels_last": args.channels_last and args.device == "cuda",
+        "forward_split": args.forward_split,
         "image_format": args.image_format,
         "engine_jpeg_decode": args.engine_jpeg_decode,
         "model": f"resnet26 width {args.width}",
