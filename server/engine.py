@@ -43,7 +43,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -452,11 +452,13 @@ class Engine:
 
 
 class _ForwardParts:
-    """A forward split along the batch into `count` parts run at once, each on a thread of this pool with
-    `threads` intra-op threads (`forward_split`): the caller waits, so the cores run the parts only."""
+    """A forward split along the batch into `count` parts run at once (`forward_split`), each on `threads`
+    intra-op threads: the first on the caller's thread, the others on this pool's, so every part has a
+    thread of its own at once (a shared pool's idle thread could take two parts one after the other)."""
 
     def __init__(self, count: int, workers: int, threads: int) -> None:
         self.count = count
+        self.threads = threads
         self._pool = ThreadPoolExecutor(
             workers, thread_name_prefix="forward-part", initializer=torch.set_num_threads, initargs=(threads,)
         )
@@ -468,21 +470,29 @@ class _ForwardParts:
         split = min(config.forward_split, stream_threads)  # at least one intra-op thread per part
         if device.type != "cpu" or split < 2:
             return None
-        return cls(split, streams * split, stream_threads // split)  # every stream's parts at once
+        return cls(split, streams * (split - 1), stream_threads // split)  # every stream's parts at once
 
     def run(self, run: Callable[[Tensor, Tensor], list[Tensor]], x: Tensor, index: Tensor) -> list[Tensor]:
         """`run`'s chunks of every part, in row order."""
 
         def part(xs: Tensor, rows: Tensor) -> list[Tensor]:
-            with torch.inference_mode():  # per thread: the caller's does not carry over
+            with torch.inference_mode():  # per thread: the caller's does not carry over to the pool's
                 return run(xs, rows)
 
-        parts = [
-            self._pool.submit(part, xs, rows)
+        pieces = [
+            (xs, rows)
             for xs, rows in zip(x.tensor_split(self.count), index.tensor_split(self.count), strict=True)
             if len(xs)
         ]
-        return [chunk for future in parts for chunk in future.result()]
+        others = [self._pool.submit(part, xs, rows) for xs, rows in pieces[1:]]
+        caller_threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # per thread: the pool's parts keep theirs
+        try:
+            first = part(*pieces[0])
+        finally:
+            torch.set_num_threads(caller_threads)
+            wait(others)  # every part ended before any error leaves: the caller unpins the slots they read
+        return first + [chunk for future in others for chunk in future.result()]
 
 
 def _streams(device: torch.device, configured: int) -> tuple[int, int]:

@@ -8,7 +8,9 @@ agree within `TOL` (tests/numerics.py: two float32 paths through the world's net
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,8 +73,9 @@ def test_a_split_forward_answers_as_one_forward(store: LocalStore, two_threads: 
     for g, e in zip(got, expected, strict=True):
         assert g.key == e.key and [s.index for s in g.top] == [s.index for s in e.top]
         assert [s.probability for s in g.top] == pytest.approx([s.probability for s in e.top], abs=TOL)
-    threads = {name for name, _ in seen}
-    assert len(threads) == min(2, len(names)) and all(t.startswith("forward-part") for t in threads)
+    threads = {name for name, _ in seen}  # the first part on the caller's thread, the other on a part thread
+    assert len(threads) == min(2, len(names))
+    assert sum(t.startswith("forward-part") for t in threads) == len(threads) - 1
     step = micro or len(names)
     halves = [len(names) - len(names) // 2, len(names) // 2]  # torch.tensor_split's part sizes
     assert sorted(rows for _, rows in seen) == sorted(
@@ -93,3 +96,64 @@ def test_with_one_thread_the_forward_is_not_split(store: LocalStore) -> None:
     finally:
         handle.remove()
     assert seen == [(threading.current_thread().name, 4)]  # one forward, on the caller's thread
+
+
+def _in_wait(thread: threading.Thread) -> bool:
+    """Whether `thread` is inside concurrent.futures.wait now."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == "wait" and "concurrent" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_a_failing_part_leaves_only_once_the_other_part_has_ended(
+    store: LocalStore, two_threads: None
+) -> None:
+    # The caller unpins the batch's slots when the forward leaves: a part still running then would read
+    # slots a load may overwrite. The caller's own part fails; the part thread's holds until the caller
+    # is waiting for it (or, were it not waiting, has left), then looks at the pins.
+    engine = Engine(store, EngineConfig(bank_slots=4, merged_cache=0, forward_split=2))
+    names = ["birds", "digits", "textures", "birds"]
+    keys = [engine.resolve(n) for n in names]
+    x = torch.stack(
+        [preprocess(encode(image(i)), DOMAINS[n][2], max_pixels=10**7) for i, n in enumerate(names)]
+    )
+    slots = {engine.load(k) for k in keys}  # resident: the forward below only reads these
+    holding, release, looked = threading.Event(), threading.Event(), threading.Event()
+    pins_seen: list[dict[int, int]] = []
+
+    def hook(module: Any, args: Any) -> None:
+        if not threading.current_thread().name.startswith("forward-part"):
+            raise RuntimeError("this part fails")
+        holding.set()
+        assert release.wait(60)
+        pins_seen.append(dict(engine._pins))
+        looked.set()
+
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            engine.infer(keys, x, top_k=1)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    handle = engine.net.units[0].register_forward_pre_hook(hook)
+    caller = threading.Thread(target=call)
+    try:
+        caller.start()
+        assert holding.wait(60)
+        deadline = time.monotonic() + 60  # a bound on the wait, not a timing assertion
+        while caller.is_alive() and not _in_wait(caller) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release.set()
+        assert looked.wait(60)
+        caller.join(60)
+    finally:
+        release.set()
+        handle.remove()
+    assert len(outcome) == 1 and "this part fails" in str(outcome[0])
+    assert pins_seen and all(pins_seen[0].get(slot, 0) > 0 for slot in slots)
+    assert not any(engine._pins.values())  # and unpinned once it left
