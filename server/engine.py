@@ -39,6 +39,7 @@ batches, so a runner only copies it in.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from collections import Counter
@@ -453,15 +454,27 @@ class Engine:
 
 class _ForwardParts:
     """A forward split along the batch into `count` parts run at once (`forward_split`), each on `threads`
-    intra-op threads: the first on the caller's thread, the others on this pool's, so every part has a
-    thread of its own at once (a shared pool's idle thread could take two parts one after the other)."""
+    intra-op threads: the first on the caller's thread, part i on the i-th thread of a set of its own,
+    one set per stream (taken for the forward), so two parts never share a thread and run in turn.
 
-    def __init__(self, count: int, workers: int, threads: int) -> None:
-        self.count = count
-        self.threads = threads
-        self._pool = ThreadPoolExecutor(
-            workers, thread_name_prefix="forward-part", initializer=torch.set_num_threads, initargs=(threads,)
-        )
+    torch keeps its thread count per thread, and also as a process default that threads starting later
+    adopt; setting a count sets both. So the parts' threads are all started here and the default put
+    back; the caller's count is set for its part and put back after it."""
+
+    def __init__(self, count: int, sets: int, threads: int) -> None:
+        default = torch.get_num_threads()
+        self.count, self.threads = count, threads
+        self._sets: queue.SimpleQueue[list[ThreadPoolExecutor]] = queue.SimpleQueue()
+        for s in range(sets):
+            helpers = [
+                ThreadPoolExecutor(
+                    1, f"forward-part-{s}.{i}", initializer=torch.set_num_threads, initargs=(threads,)
+                )
+                for i in range(1, count)
+            ]
+            wait([h.submit(lambda: None) for h in helpers])  # each thread started, its count set
+            self._sets.put(helpers)
+        torch.set_num_threads(default)
 
     @classmethod
     def for_engine(
@@ -470,13 +483,13 @@ class _ForwardParts:
         split = min(config.forward_split, stream_threads)  # at least one intra-op thread per part
         if device.type != "cpu" or split < 2:
             return None
-        return cls(split, streams * (split - 1), stream_threads // split)  # every stream's parts at once
+        return cls(split, streams, stream_threads // split)
 
     def run(self, run: Callable[[Tensor, Tensor], list[Tensor]], x: Tensor, index: Tensor) -> list[Tensor]:
         """`run`'s chunks of every part, in row order."""
 
         def part(xs: Tensor, rows: Tensor) -> list[Tensor]:
-            with torch.inference_mode():  # per thread: the caller's does not carry over to the pool's
+            with torch.inference_mode():  # per thread: the caller's does not carry over to the helpers
                 return run(xs, rows)
 
         pieces = [
@@ -484,14 +497,19 @@ class _ForwardParts:
             for xs, rows in zip(x.tensor_split(self.count), index.tensor_split(self.count), strict=True)
             if len(xs)
         ]
-        others = [self._pool.submit(part, xs, rows) for xs, rows in pieces[1:]]
-        caller_threads = torch.get_num_threads()
-        torch.set_num_threads(self.threads)  # per thread: the pool's parts keep theirs
+        helpers = self._sets.get()  # one set per stream: one is free for every forward running
         try:
-            first = part(*pieces[0])
+            others = [h.submit(part, xs, rows) for h, (xs, rows) in zip(helpers, pieces[1:], strict=False)]
+            caller_threads = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+            try:
+                first = part(*pieces[0])
+            finally:
+                torch.set_num_threads(caller_threads)
+                # every part ended before any error leaves: the caller unpins the slots they read
+                wait(others)
         finally:
-            torch.set_num_threads(caller_threads)
-            wait(others)  # every part ended before any error leaves: the caller unpins the slots they read
+            self._sets.put(helpers)
         return first + [chunk for future in others for chunk in future.result()]
 
 

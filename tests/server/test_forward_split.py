@@ -73,7 +73,7 @@ def test_a_split_forward_answers_as_one_forward(store: LocalStore, two_threads: 
     for g, e in zip(got, expected, strict=True):
         assert g.key == e.key and [s.index for s in g.top] == [s.index for s in e.top]
         assert [s.probability for s in g.top] == pytest.approx([s.probability for s in e.top], abs=TOL)
-    threads = {name for name, _ in seen}  # the first part on the caller's thread, the other on a part thread
+    threads = {name for name, _ in seen}  # the first part on the caller's thread, the second on a helper
     assert len(threads) == min(2, len(names))
     assert sum(t.startswith("forward-part") for t in threads) == len(threads) - 1
     step = micro or len(names)
@@ -112,8 +112,8 @@ def test_a_failing_part_leaves_only_once_the_other_part_has_ended(
     store: LocalStore, two_threads: None
 ) -> None:
     # The caller unpins the batch's slots when the forward leaves: a part still running then would read
-    # slots a load may overwrite. The caller's own part fails; the part thread's holds until the caller
-    # is waiting for it (or, were it not waiting, has left), then looks at the pins.
+    # slots a load may overwrite. The caller's own part fails; the helper's holds until the caller is
+    # waiting for it (or, were it not waiting, has left), then looks at the pins.
     engine = Engine(store, EngineConfig(bank_slots=4, merged_cache=0, forward_split=2))
     names = ["birds", "digits", "textures", "birds"]
     keys = [engine.resolve(n) for n in names]
@@ -125,7 +125,7 @@ def test_a_failing_part_leaves_only_once_the_other_part_has_ended(
     pins_seen: list[dict[int, int]] = []
 
     def hook(module: Any, args: Any) -> None:
-        if not threading.current_thread().name.startswith("forward-part"):
+        if not threading.current_thread().name.startswith("forward-part"):  # the caller's part
             raise RuntimeError("this part fails")
         holding.set()
         assert release.wait(60)
@@ -157,3 +157,22 @@ def test_a_failing_part_leaves_only_once_the_other_part_has_ended(
     assert len(outcome) == 1 and "this part fails" in str(outcome[0])
     assert pins_seen and all(pins_seen[0].get(slot, 0) > 0 for slot in slots)
     assert not any(engine._pins.values())  # and unpinned once it left
+
+
+def test_the_part_threads_leave_the_default_thread_count_as_it_was(
+    store: LocalStore, two_threads: None
+) -> None:
+    # torch's count is per thread, and also a process default that threads starting later adopt: setting
+    # the part threads' one count must not leave every later thread (a stager, a pool) on it
+    later: list[int] = []
+
+    def a_later_thread() -> None:
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+
+    engine = Engine(store, EngineConfig(bank_slots=4, forward_split=2))  # the part threads started
+    a_later_thread()
+    engine.infer([engine.resolve("birds")] * 4, torch.zeros(4, 3, 24, 24), top_k=1)  # and a split forward
+    a_later_thread()
+    assert later == [2, 2] and torch.get_num_threads() == 2
