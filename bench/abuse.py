@@ -48,7 +48,7 @@ import numpy as np
 from PIL import Image
 
 from adapters_store.limits import MiB
-from bench.harness import SupervisorProcess, build_store, cpu_seconds, pct, png_images
+from bench.harness import SupervisorProcess, build_store, cpu_seconds, pct, random_images
 from domain_format.preprocess import DEFAULT_MAX_PIXELS
 from server.settings import Settings
 
@@ -311,7 +311,7 @@ async def run_phase(
 
 
 async def measure(args: argparse.Namespace, server: SupervisorProcess) -> dict[str, object]:
-    images = png_images(16, args.size)
+    images = random_images(16, args.size)
     domains = [f"d{i}" for i in range(args.domains)]
     async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
         for d in domains:  # every domain resident before timing

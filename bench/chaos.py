@@ -47,7 +47,7 @@ from bench.harness import (
     ServerProcess,
     build_store,
     free_port,
-    png_images,
+    random_images,
     spread_domain_artifact,
     zipf_weights,
 )
@@ -114,7 +114,7 @@ class Chaos:
         self.url = f"http://127.0.0.1:{self.port}"
         self.domains = [f"d{i}" for i in range(args.domains)]
         self.weights = zipf_weights(args.domains, 1.1)
-        self.images = png_images(16, args.size)
+        self.images = random_images(16, args.size)
         self.record = Record()
         self.seed = 10_000
         self.stop_at = 0.0

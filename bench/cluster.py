@@ -43,7 +43,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from adapters_store import LocalStore, manifest_to_json
 from bench.chaos import CLASSES, Answer, Record, recompute
-from bench.harness import build_store, pct, png_images, zipf_weights
+from bench.harness import build_store, pct, random_images, zipf_weights
 from deploy.cluster import REPLICAS, Cluster, ClusterConfig
 from server.engine_config import EngineConfig
 from server.eviction import EvictionPolicy, eviction_policy
@@ -156,7 +156,7 @@ async def run_policy(policy: str, store_dir: Path, work: Path, args: argparse.Na
     )
     domains = [f"d{i}" for i in range(args.domains)]
     weights = zipf_weights(args.domains, args.zipf)
-    images = png_images(16, args.size)
+    images = random_images(16, args.size)
     run = Run()
     with Cluster(config) as cluster:
         tasks = [
@@ -386,7 +386,7 @@ def main() -> None:
         for policy in ("affine", "roundrobin"):
             result = asyncio.run(run_policy(policy, store_dir, Path(tmp), args))
             answers = result.pop("_answers")
-            result.update(check_answers(store_dir, answers, png_images(16, args.size), args.tolerance))
+            result.update(check_answers(store_dir, answers, random_images(16, args.size), args.tolerance))
             results[policy] = result
             print(json.dumps(result), flush=True)
     affine, rr = results["affine"], results["roundrobin"]

@@ -412,9 +412,9 @@ def zipf_weights(n: int, s: float) -> list[float]:
     return [x / total for x in w]
 
 
-def png_images(count: int, size: int, fmt: str = "PNG") -> list[bytes]:
-    """``count`` random RGB PNGs (or another PIL format: ``fmt``) of ``size`` x ``size`` (seeded: the same
-    images every run)."""
+def random_images(count: int, size: int, fmt: str = "PNG") -> list[bytes]:
+    """``count`` random RGB images of ``size`` x ``size`` in PIL's ``fmt`` (seeded: the same images every
+    run)."""
     rng = np.random.default_rng(0)
     out = []
     for _ in range(count):

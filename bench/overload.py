@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 
 from adapters_store.limits import MiB
-from bench.harness import ServerProcess, build_store, pct, png_images
+from bench.harness import ServerProcess, build_store, pct, random_images
 
 
 def queue_depth(metrics_text: str) -> float:
@@ -39,7 +39,7 @@ def queue_depth(metrics_text: str) -> float:
 
 async def run(args: argparse.Namespace, server: ServerProcess) -> dict[str, object]:
     url = server.url
-    images = [base64.b64encode(b).decode() for b in png_images(args.images, args.size)]
+    images = [base64.b64encode(b).decode() for b in random_images(args.images, args.size)]
     body = json.dumps({"images": images, "top_k": 3}).encode()
     domains = [f"d{i}" for i in range(args.domains)]
     headers = {"Content-Type": "application/json"}

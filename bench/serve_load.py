@@ -51,8 +51,8 @@ from bench.harness import (
     cpu_seconds,
     http_request,
     pct,
-    png_images,
     pss_bytes,
+    random_images,
     rss_bytes,
     zipf_weights,
 )
@@ -181,7 +181,7 @@ async def load_phase(
     the server idle), so the ratio of the two compares one machine state; then cold domains."""
     streams = engine.engine.streams  # the engine's busy fraction is of all of them (stream-seconds / S)
     url = server.url
-    images = png_images(64, args.size, args.image_format.upper())
+    images = random_images(64, args.size, args.image_format.upper())
     names = [f"d{i}" for i in range(args.domains)]
     media = f"image/{args.image_format}"
     # every request the clients send, built once (the lean client: `bench.harness.KeepAliveConnection`)
@@ -326,7 +326,7 @@ def _batches(metrics_text: str) -> tuple[float, float]:
 def memory_phase(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     """Server RSS with 1, 10, 100 registered domains; 1 resident, then 10 resident (merged cache off)."""
     out: dict[str, float] = {}
-    image = png_images(1, args.size)[0]
+    image = random_images(1, args.size)[0]
     store_dir = tmp / "memstore"
     net = build_store(store_dir, args.width, args.size, 0, args.classes)  # the domains come in steps below
     store = LocalStore(store_dir)

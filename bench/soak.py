@@ -26,7 +26,7 @@ import torch
 
 from adapters_store import LocalStore, validate_domain_artifact
 from adapters_store.limits import MiB
-from bench.harness import build_store, png_images, rss_bytes, spread_domain_artifact
+from bench.harness import build_store, random_images, rss_bytes, spread_domain_artifact
 from domain_format.preprocess import DEFAULT_MAX_PIXELS
 from model_artifacts import spec_for
 from server.engine import Engine, EngineConfig
@@ -66,7 +66,7 @@ def main() -> None:
             store, EngineConfig(device="cpu", bank_slots=args.bank_slots, merged_cache=2, revision_poll_s=0)
         )
         engine.warm_up()
-        images = png_images(4, args.size)
+        images = random_images(4, args.size)
         domains = store.list_domains()
         # One domain's tensors: what a leak-on-unload would add to RSS per load.
         artifact_bytes = len(store.get(domains[0]).read_tensor_bytes(verify=True))

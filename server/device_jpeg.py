@@ -48,6 +48,10 @@ def engine_decodable(header: ImageHeader, spec: ImageSpec) -> bool:
     return image.format == "JPEG" and image.mode in MODES and spec.interpolation in INTERPOLATIONS
 
 
+# torchvision 0.29 deprecates its image codecs for TorchCodec, which has no batched nvJPEG decode; set once
+# here, not per call: every change to the filters resets every module's record of warnings already shown
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
+
 _SOURCE = re.compile(r"^\w+, \S+:\d+, ")
 """The `function, file:line, ` torchvision puts before libjpeg's message."""
 
@@ -65,8 +69,6 @@ def decode_all(jpegs: Sequence[bytes], device: torch.device) -> list[torch.Tenso
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    # torchvision 0.29 deprecates its image codecs for TorchCodec, which has no batched nvJPEG decode
-    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
     data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]  # bytearray: writable
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)  # type: ignore[no-any-return]
@@ -88,8 +90,8 @@ def crops(images: Sequence[torch.Tensor], spec: ImageSpec, device: torch.device)
 
     side = spec.input_size
     out = torch.empty((len(images), side, side, 3), dtype=torch.uint8, device=device)
-    # PIL's convert("L"): ITU-R 601-2 luma in 16-bit fixed point (exact in float32: sums stay below 2**24)
-    luma = torch.tensor([19595.0, 38470.0, 7471.0], device=device).view(3, 1, 1)
+    if spec.channels == "grayscale":  # PIL's convert("L"): ITU-R 601-2 luma in 16-bit fixed point
+        luma = torch.tensor([19595.0, 38470.0, 7471.0], device=device).view(3, 1, 1)  # exact: sums < 2**24
     for row, image in enumerate(images):
         pixels = image.float()
         if spec.channels == "grayscale":
