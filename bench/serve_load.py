@@ -429,7 +429,12 @@ def main() -> None:
         default="float32",
         help="compute dtype on CUDA, both sides (the CPU always runs float32)",
     )
-    p.add_argument("--channels-last", action="store_true", help="channels_last on CUDA, both sides")
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=EngineConfig.model_fields["channels_last"].default,
+        help="channels_last memory format, both sides (MD_CHANNELS_LAST; default: the engine's)",
+    )
     p.add_argument(
         "--image-format", choices=["png", "jpeg"], default="png", help="the load's images (--size square)"
     )
@@ -493,7 +498,7 @@ def main() -> None:
         "bench": "serve_load",
         "device": args.device,
         "dtype": args.dtype if args.device == "cuda" else "float32",
-        "channels_last": args.channels_last and args.device == "cuda",
+        "channels_last": args.channels_last,
         "forward_split": args.forward_split,
         "image_format": args.image_format,
         "engine_jpeg_decode": args.engine_jpeg_decode,

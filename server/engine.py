@@ -112,9 +112,7 @@ class Engine:
         self.device = pick_device(self.config.device)
         on_cuda = self.device.type == "cuda"
         self.dtype = _DTYPES[self.config.dtype] if on_cuda else torch.float32
-        self.memory_format = (
-            torch.channels_last if on_cuda and self.config.channels_last else torch.contiguous_format
-        )
+        self.memory_format = torch.channels_last if self.config.channels_last else torch.contiguous_format
         self.net, self.backbone_name = self._load_backbone()
         self.fingerprint = self.net.fingerprint()
         # One slot more than the residency uses: the scratch slot an upload is tried in.
