@@ -18,9 +18,9 @@ class EngineConfig(BaseModel):
     """Compute dtype on CUDA (the CPU always runs float32)."""
     channels_last: bool = True
     """channels_last memory format of the backbone and its inputs, on every device (false: contiguous).
-    The bank's kernels work on channels-last activations, and oneDNN's and cuDNN's convolutions run
-    fastest in it: on the 2-core CPU MobileNetV2 at 224 px ran 1.4x faster, ResNet-26 at 64 px 3-6%
-    (server/README.md, "Memory format")."""
+    The bank's kernels work on channels-last activations, and oneDNN's convolutions ran faster in it:
+    on the 2-core CPU MobileNetV2 at 224 px 1.4x, ResNet-26 at 64 px 3-6% (server/README.md, "Memory
+    format"). cuDNN's tensor-core convolutions prefer it too; float32 on CUDA was not measured."""
     bank_slots: int = Field(default=16, ge=1, le=4096)
     """Resident domains (adapter bank slots); `bank_eviction` picks which one leaves for a new one. The
     bank holds one slot more, the scratch slot an upload is tried in."""
