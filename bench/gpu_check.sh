@@ -2,7 +2,7 @@
 # The checks that need the GPU machine, in one call (see ../shared/ENVIRONMENT.md): the load bench against
 # the real multi-process server on CUDA (the bar: end to end >= 0.5x engine only at batch 32 with
 # 128 clients, K = 1, 4, 8 front ends, bf16 + channels_last), then engine throughput on CUDA in fp32 and
-# bf16, then the CPU figures on two pinned cores of that quiet machine for reference, then JPEGs decoded by
+# bf16, each contiguous and channels_last (the engine's default now; fp32 with it never measured), then the CPU figures on two pinned cores of that quiet machine for reference, then JPEGs decoded by
 # the front ends against the engine on the GPU.
 #
 # Here first: `make gpu-wheels` (what that image lacks: fastapi, uvicorn, pydantic, pyzmq..., as wheels for
@@ -46,7 +46,7 @@ timeout 420 "$PY" -m bench.serve_load --quick --device "$DEVICE" "${DTYPE[@]}" -
 [ "$DEVICE" = cuda ] || exit 0
 
 # 3. The engine alone on CUDA, then on two of the machine's cores.
-for dtype in "fp32" "bf16" "bf16 --channels-last"; do
+for dtype in "fp32" "fp32 --channels-last" "bf16" "bf16 --channels-last"; do
     # shellcheck disable=SC2086  # the channels_last flag rides along with its dtype
     timeout 120 "$PY" -m bench.engine --quick --device cuda --dtype $dtype 2>&1 |
         tee "$OUT/engine_cuda_${dtype// /}.txt" || echo "engine $dtype: rc $?" | tee -a "$OUT/failed.txt"
